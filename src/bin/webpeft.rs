@@ -1,0 +1,365 @@
+//! The native command line: `webpeft logits | train | generate | bench`.
+//! Every subcommand exits non-zero with a one-line reason on bad input.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use web_time::Instant;
+
+use webpeft::device::{self, DeviceChoice};
+use webpeft::error::{Error, ErrorCode, Result};
+use webpeft::generate::GenerateOptions;
+use webpeft::io::safetensors::{self as st, OutTensor};
+use webpeft::io::source::ModelFiles;
+use webpeft::peft::lora::{LoraConfig, InitLora};
+use webpeft::peft::targets::Targets;
+use webpeft::session::{Session, TrainOptions};
+use webpeft::tensor::block_on;
+use webpeft::train::Schedule;
+use webpeft::train::data::{Batch, Tokenized, parse_examples};
+
+#[derive(Parser)]
+#[command(name = "webpeft", version, about = "Parameter-efficient fine-tuning on WebGPU (natively: wgpu or CPU)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// A Hugging Face folder (config.json, model.safetensors, tokenizer.json) or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// gpu | cpu | auto (auto: the GPU when wgpu finds one, else Burn's CPU backend).
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Args, Clone)]
+struct LoraArgs {
+    /// PEFT method (this build: lora).
+    #[arg(long, default_value = "lora")]
+    method: String,
+    #[arg(long, default_value_t = 8)]
+    r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
+    /// Comma-separated module names, a regex, or all-linear.
+    #[arg(long, default_value = "q_proj,v_proj")]
+    target: String,
+    #[arg(long)]
+    rslora: bool,
+    /// true | false | gaussian
+    #[arg(long, default_value = "true")]
+    init: String,
+}
+
+impl LoraArgs {
+    fn config(&self, model: &Path) -> Result<LoraConfig> {
+        if self.method != "lora" {
+            return Err(Error::new(ErrorCode::Unsupported, format!("--method {}: this build supports lora", self.method)));
+        }
+        Ok(LoraConfig {
+            r: self.r,
+            lora_alpha: self.alpha,
+            lora_dropout: self.dropout,
+            target_modules: Targets::from_cli(&self.target),
+            use_rslora: self.rslora,
+            init_lora_weights: match self.init.as_str() {
+                "true" => InitLora::Default,
+                "false" => InitLora::Off,
+                "gaussian" => InitLora::Gaussian,
+                o => return Err(Error::new(ErrorCode::Config, format!("--init {o}: expected true, false or gaussian"))),
+            },
+            base_model_name_or_path: Some(model.display().to_string()),
+            ..Default::default()
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write input_ids and logits of a text to a safetensors file.
+    Logits {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        text: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Train an adapter and write it as a PEFT folder.
+    Train {
+        #[command(flatten)]
+        common: Common,
+        /// Plain text (one example per line) or JSONL ({"text"} or {"prompt","completion"}).
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Continue from a saved PEFT adapter.
+        #[arg(long)]
+        init_adapter: Option<PathBuf>,
+        #[command(flatten)]
+        lora: LoraArgs,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 2e-4)]
+        lr: f64,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 1)]
+        grad_accum: usize,
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
+        #[arg(long, default_value = "constant")]
+        schedule: String,
+        #[arg(long, default_value_t = 0.0)]
+        weight_decay: f64,
+        /// Clip gradients to this global norm (0 = off).
+        #[arg(long, default_value_t = 1.0)]
+        max_grad_norm: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Append EOS to plain-text examples.
+        #[arg(long)]
+        append_eos: bool,
+    },
+    /// Generate text (greedy when --temperature 0), with the KV cache.
+    Generate {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Wrap the prompt in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+    },
+    /// Time training, forward and generation; print one JSON object.
+    Bench {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        lora: LoraArgs,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long, default_value_t = 16)]
+        gen_tokens: usize,
+    },
+}
+
+fn open(common: &Common) -> Result<Session> {
+    let files = ModelFiles::from_path(&common.model)?;
+    let compute = device::select(DeviceChoice::parse(&common.device)?)?;
+    eprintln!("device: {}", compute.name);
+    Session::load(&files, compute)
+}
+
+fn read_text(p: &Path) -> Result<String> {
+    std::fs::read_to_string(p).map_err(|e| Error::new(ErrorCode::Io, format!("{}: {e}", p.display())))
+}
+
+fn load_adapter_dir(s: &mut Session, name: &str, dir: &Path) -> Result<()> {
+    let cfg = read_text(&dir.join("adapter_config.json"))?;
+    let w = std::fs::read(dir.join("adapter_model.safetensors")).map_err(|e| Error::new(ErrorCode::Io, format!("{}/adapter_model.safetensors: {e}", dir.display())))?;
+    s.load_adapter(name, &cfg, &w).map_err(|e| e.context(dir.display()))
+}
+
+fn write_adapter_dir(s: &Session, name: &str, dir: &Path) -> Result<()> {
+    let (cfg, w) = block_on(s.save_adapter(name))?;
+    std::fs::create_dir_all(dir)?;
+    // Write-then-rename so an interrupted save never leaves a half-written adapter.
+    for (file, bytes) in [("adapter_config.json", cfg.into_bytes()), ("adapter_model.safetensors", w)] {
+        let tmp = dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, dir.join(file))?;
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Logits { common, adapter, text, out } => {
+            let mut s = open(&common)?;
+            let name = adapter.as_ref().map(|d| load_adapter_dir(&mut s, "default", d).map(|_| "default")).transpose()?;
+            let ids = s.tokenizer.encode(&text)?;
+            let logits = block_on(s.logits(&ids, name))?;
+            let mut m = BTreeMap::new();
+            m.insert("input_ids".to_string(), OutTensor::I64(vec![1, ids.len()], ids.iter().map(|&i| i as i64).collect()));
+            m.insert("logits".to_string(), OutTensor::F32(logits));
+            std::fs::write(&out, st::write(&m, None)?)?;
+            eprintln!("wrote {} tokens of logits to {}", ids.len(), out.display());
+        }
+        Cmd::Train { common, data, out, init_adapter, lora, steps, lr, batch, seq_len, grad_accum, warmup, schedule, weight_decay, max_grad_norm, seed, append_eos } => {
+            let examples = parse_examples(&read_text(&data)?).map_err(|e| e.context(data.display()))?;
+            let opts = TrainOptions {
+                steps,
+                batch,
+                seq_len,
+                grad_accum,
+                lr,
+                warmup,
+                schedule: Schedule::parse(&schedule)?,
+                weight_decay,
+                max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
+                seed,
+                append_eos,
+            };
+            let mut s = open(&common)?;
+            block_on(device::self_check(&s.compute.device))?;
+            match &init_adapter {
+                Some(d) => load_adapter_dir(&mut s, "default", d)?,
+                None => s.add_adapter("default", lora.config(&common.model)?, seed)?,
+            }
+            let a = &s.adapters["default"];
+            eprintln!(
+                "training {} LoRA parameters on {} examples ({} base parameters frozen)",
+                a.num_parameters(),
+                examples.len(),
+                s.model.num_parameters()
+            );
+            let t0 = Instant::now();
+            block_on(s.train("default", &examples, &opts, |r| {
+                println!(
+                    "step {:>4}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  {:.0} tok/s  {:.0} ms{}",
+                    r.stats.step,
+                    r.stats.loss,
+                    r.stats.lr,
+                    r.stats.grad_norm,
+                    r.tokens_per_second,
+                    r.seconds * 1e3,
+                    if r.stats.skipped { "  (skipped: non-finite)" } else { "" }
+                );
+                true
+            }))?;
+            write_adapter_dir(&s, "default", &out)?;
+            eprintln!("trained {steps} steps in {:.1} s; adapter written to {}", t0.elapsed().as_secs_f64(), out.display());
+        }
+        Cmd::Generate { common, adapter, prompt, max_new_tokens, temperature, top_p, seed, chat } => {
+            let mut s = open(&common)?;
+            let name = adapter.as_ref().map(|d| load_adapter_dir(&mut s, "default", d).map(|_| "default")).transpose()?;
+            let opts = GenerateOptions { max_new_tokens, temperature, top_p, seed, stop: None };
+            let text = block_on(s.generate(&prompt, chat, &opts, name, |_| {}))?;
+            println!("{text}");
+        }
+        Cmd::Bench { common, lora, batch, seq_len, steps, gen_tokens } => {
+            let mut s = open(&common)?;
+            let report = bench(&mut s, &lora.config(&common.model)?, batch, seq_len, steps, gen_tokens)?;
+            println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+        }
+    }
+    Ok(())
+}
+
+/// Training, forward and generation timings on synthetic tokens.
+fn bench(s: &mut Session, cfg: &LoraConfig, batch: usize, seq_len: usize, steps: usize, gen_tokens: usize) -> Result<serde_json::Value> {
+    use webpeft::train::{AdamWConfig, TrainConfig, Trainer};
+    if batch == 0 || seq_len < 2 || steps == 0 {
+        return Err(Error::new(ErrorCode::Config, "batch, steps >= 1 and seq-len >= 2"));
+    }
+    s.add_adapter("bench", cfg.clone(), 0)?;
+    let v = s.model.config.vocab_size as u32;
+    let rows: Vec<Tokenized> = (0..batch)
+        .map(|b| {
+            let ids: Vec<u32> = (0..seq_len).map(|i| ((b * 7919 + i * 104729) as u32 % (v - 10)) + 5).collect();
+            Tokenized { labels: ids.iter().map(|&x| x as i64).collect(), ids }
+        })
+        .collect();
+    let batch_data = Batch::new(&rows, 0)?;
+    let tokens = batch * seq_len;
+    let mut trainer = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-4, ..Default::default() }, total_steps: steps + 1, max_grad_norm: Some(1.0), ..Default::default() });
+    let dev = s.compute.device.clone();
+    let mut peak = 0u64;
+    let sample_mem = |peak: &mut u64| {
+        if let Some((used, _)) = device::memory_usage(&dev) {
+            *peak = (*peak).max(used);
+        }
+    };
+    let adapter = s.adapters.get_mut("bench").expect("just added");
+    adapter.set_trainable(true);
+    let t_warm = Instant::now();
+    block_on(trainer.step(&s.model, adapter, std::slice::from_ref(&batch_data)))?;
+    let warmup_s = t_warm.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        block_on(trainer.step(&s.model, adapter, std::slice::from_ref(&batch_data)))?;
+        sample_mem(&mut peak);
+    }
+    let step_s = t0.elapsed().as_secs_f64() / steps as f64;
+    adapter.set_trainable(false);
+    // Forward only (logits of every position), warm once, then timed.
+    let ids: Vec<u32> = rows.iter().flat_map(|r| r.ids.clone()).collect();
+    let fwd = |s: &Session| -> Result<()> {
+        let inputs = webpeft::models::llama::Inputs { ids: webpeft::tensor::ints(ids.iter().map(|&i| i as i64).collect(), [batch, seq_len], &s.model.device), attention_mask: None };
+        let l = s.model.forward(&inputs, s.hook(Some("bench"))?, None)?;
+        block_on(webpeft::tensor::read(l.narrow(1, 0, 1).reshape([batch, s.model.config.vocab_size])))?;
+        Ok(())
+    };
+    fwd(s)?;
+    let t1 = Instant::now();
+    for _ in 0..steps {
+        fwd(s)?;
+        sample_mem(&mut peak);
+    }
+    let fwd_s = t1.elapsed().as_secs_f64() / steps as f64;
+    // Generation: 32-token prompt, greedy, KV cache.
+    let prompt: Vec<u32> = rows[0].ids.iter().copied().cycle().take(32).collect();
+    let gen_opts = GenerateOptions { max_new_tokens: gen_tokens, ..Default::default() };
+    let t2 = Instant::now();
+    let out = block_on(webpeft::generate::generate(&s.model, s.hook(Some("bench"))?, &prompt, &gen_opts, |_| {}))?;
+    let gen_s = t2.elapsed().as_secs_f64();
+    sample_mem(&mut peak);
+    let reserved = device::memory_usage(&s.compute.device).map(|m| m.1);
+    Ok(serde_json::json!({
+        "device": s.compute.name,
+        "model_parameters": s.model.num_parameters(),
+        "method": "lora",
+        "r": cfg.r,
+        "target_modules": cfg.target_modules.to_json(),
+        "trainable_parameters": s.adapters["bench"].num_parameters(),
+        "batch": batch,
+        "seq_len": seq_len,
+        "steps": steps,
+        "first_step_s": warmup_s,
+        "train_ms_per_step": step_s * 1e3,
+        "train_tokens_per_s": tokens as f64 / step_s,
+        "forward_tokens_per_s": tokens as f64 / fwd_s,
+        "generate_tokens_per_s": out.len() as f64 / gen_s,
+        "generated_tokens": out.len(),
+        "peak_memory_in_use_bytes": if peak > 0 { Some(peak) } else { None },
+        "memory_reserved_bytes": reserved,
+    }))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("webpeft: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Choosing the compute device (WebGPU/wgpu or Burn's CPU backend) and checking, before any
+//! training, that it computes correctly: a broken shader on some WebGPU stacks returns stale
+//! or wrong data without an error, so a device that fails the check refuses to train.
+
+use burn::tensor::activation::silu;
+use burn::tensor::Device;
+
+use crate::error::{Result, bail, err};
+use crate::tensor::{floats, read};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Gpu,
+    Cpu,
+    Auto,
+}
+
+impl DeviceChoice {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "gpu" => DeviceChoice::Gpu,
+            "cpu" => DeviceChoice::Cpu,
+            "auto" => DeviceChoice::Auto,
+            other => bail!(Config, "unknown device {other:?} (gpu, cpu, auto)"),
+        })
+    }
+}
+
+/// A device and a human-readable name for reports.
+#[derive(Clone)]
+pub struct Compute {
+    pub device: Device,
+    pub name: String,
+    pub is_gpu: bool,
+}
+
+/// Native device selection. `Auto` takes the GPU when wgpu finds an adapter.
+#[cfg(not(target_family = "wasm"))]
+pub fn select(choice: DeviceChoice) -> Result<Compute> {
+    let cpu = || Compute { device: Device::flex(), name: "cpu (burn flex)".into(), is_gpu: false };
+    if choice == DeviceChoice::Cpu {
+        return Ok(cpu());
+    }
+    // Burn's wgpu runtime can be initialised once per process: keep the result.
+    static GPU: std::sync::OnceLock<std::result::Result<Compute, String>> = std::sync::OnceLock::new();
+    let gpu = GPU.get_or_init(|| {
+        let name = adapter_name().ok_or_else(|| "no WebGPU/wgpu adapter found (on Linux without a GPU install mesa-vulkan-drivers for lavapipe, or use --device cpu)".to_string())?;
+        let device = Device::wgpu_options().init().map_err(|e| format!("wgpu init: {e:?}"))?;
+        Ok(Compute { device, name, is_gpu: true })
+    });
+    match gpu {
+        Ok(c) => Ok(c.clone()),
+        Err(_) if choice == DeviceChoice::Auto => Ok(cpu()),
+        Err(e) => bail!(Device, "{e}"),
+    }
+}
+
+/// The name of the adapter wgpu would pick, if any.
+#[cfg(not(target_family = "wasm"))]
+fn adapter_name() -> Option<String> {
+    use burn::tensor::wgpu::wgpu;
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::HighPerformance,
+        ..Default::default()
+    }))
+    .ok()?;
+    let info = adapter.get_info();
+    Some(format!("{} ({:?}, {})", info.name, info.backend, info.driver))
+}
+
+/// Browser: acquire WebGPU (once per page).
+#[cfg(target_family = "wasm")]
+pub async fn init_webgpu() -> Result<Compute> {
+    let device = Device::wgpu_options().init_async().await.map_err(|e| err!(Device, "WebGPU is not available: {e:?}"))?;
+    Ok(Compute { device, name: "webgpu".into(), is_gpu: true })
+}
+
+/// Forward and backward of a small `sum(c * silu(x @ W))` against an f64 host reference.
+pub async fn self_check(device: &Device) -> Result<()> {
+    let (n, k, m) = (5usize, 7usize, 3usize);
+    let x: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
+    let w: Vec<f32> = (0..k * m).map(|i| ((i * 11 % 13) as f32 - 6.0) / 10.0).collect();
+    let c: Vec<f32> = (0..n * m).map(|i| (i % 5) as f32 - 2.0).collect();
+    let xt = floats(x.clone(), [n, k], device);
+    let wt = floats(w.clone(), [k, m], device).autodiff().require_grad();
+    let ct = floats(c.clone(), [n, m], device);
+    let y = (silu(xt.matmul(wt.clone())) * ct).sum();
+    let grads = y.backward();
+    let g = wt.grad(&grads).ok_or_else(|| err!(Device, "self-check: no gradient"))?;
+    let got_y = read(y.without_autodiff()).await?.data[0] as f64;
+    let got_g = read(g).await?.data;
+    // Host reference.
+    let mut want_y = 0.0f64;
+    let mut want_g = vec![0.0f64; k * m];
+    for i in 0..n {
+        for j in 0..m {
+            let z: f64 = (0..k).map(|t| x[i * k + t] as f64 * w[t * m + j] as f64).sum();
+            let s = 1.0 / (1.0 + (-z).exp());
+            want_y += c[i * m + j] as f64 * z * s;
+            let dz = c[i * m + j] as f64 * (s + z * s * (1.0 - s));
+            for t in 0..k {
+                want_g[t * m + j] += x[i * k + t] as f64 * dz;
+            }
+        }
+    }
+    let err_y = (got_y - want_y).abs();
+    let err_g = got_g.iter().zip(&want_g).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+    if !(err_y < 1e-3 && err_g < 1e-3) {
+        bail!(Device, "device self-check failed (|dy| = {err_y:e}, |dgrad| = {err_g:e}): this GPU/driver computes wrong results; refusing to train (try --device cpu)");
+    }
+    Ok(())
+}
+
+/// Bytes in use / reserved by the device's memory pools, when the backend reports them.
+pub fn memory_usage(device: &Device) -> Option<(u64, u64)> {
+    device.memory_pool_usage().map(|u| (u.bytes_in_use, u.bytes_reserved))
+}

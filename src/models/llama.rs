@@ -1,0 +1,298 @@
+//! The Llama architecture (SmolLM2, TinyLlama, Mistral-style, Qwen2-style): RMSNorm,
+//! RoPE (rotate_half convention, optional scaling), grouped-query attention, SiLU-gated
+//! MLP, tied or untied embeddings, optional q/k/v(/o) biases. Weights are frozen: they
+//! are plain (non-autodiff) tensors, so autodiff never computes their gradients; adapters
+//! enter through [`LinearHook`].
+
+use std::collections::BTreeMap;
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::error::{Result, bail, err};
+use crate::io::safetensors::HostTensor;
+use crate::io::source::LoadedWeights;
+use crate::models::config::LlamaConfig;
+use crate::models::hooks::{LinearHook, Proj, Site};
+use crate::tensor::{floats, upload};
+
+/// A frozen linear layer, weight stored as [in, out] so that `y = x @ W (+ b)`.
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Tensor<2>,
+    pub bias: Option<Tensor<1>>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor<2>) -> Tensor<2> {
+        let y = x.clone().matmul(self.weight.clone());
+        match &self.bias {
+            Some(b) => y + b.clone().unsqueeze(),
+            None => y,
+        }
+    }
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+}
+
+#[derive(Clone)]
+pub struct Block {
+    pub input_norm: Tensor<1>,
+    pub post_attn_norm: Tensor<1>,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Block {
+    pub fn linear(&self, p: Proj) -> &Linear {
+        match p {
+            Proj::Q => &self.q,
+            Proj::K => &self.k,
+            Proj::V => &self.v,
+            Proj::O => &self.o,
+            Proj::Gate => &self.gate,
+            Proj::Up => &self.up,
+            Proj::Down => &self.down,
+        }
+    }
+}
+
+/// Keys and values of earlier positions, per layer: [B, n_kv_heads, S, head_dim].
+#[derive(Default, Clone)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    pub len: usize,
+}
+
+/// Per-call inputs besides the token ids.
+pub struct Inputs {
+    pub ids: Tensor<2, Int>,
+    /// 1 for real tokens, 0 for padding, [B, T]; None = all real.
+    pub attention_mask: Option<Vec<i64>>,
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub embed: Tensor<2>,
+    pub blocks: Vec<Block>,
+    pub norm: Tensor<1>,
+    /// [hidden, vocab]; None = tied to `embed`.
+    pub lm_head: Option<Tensor<2>>,
+    inv_freq: Vec<f32>,
+    pub device: Device,
+}
+
+fn take(t: &mut BTreeMap<String, HostTensor>, name: &str, shape: &[usize]) -> Result<HostTensor> {
+    let h = t.remove(name).ok_or_else(|| err!(Format, "missing tensor {name}"))?;
+    if h.shape != shape {
+        bail!(Shape, "tensor {name}: shape {:?}, expected {shape:?}", h.shape);
+    }
+    Ok(h)
+}
+
+impl Llama {
+    /// Upload weights (HF names) to `device`. Checks every shape; refuses leftovers that
+    /// would mean an unsupported architecture variant.
+    pub fn from_weights(w: LoadedWeights, device: &Device) -> Result<Self> {
+        let LoadedWeights { config: c, mut tensors } = w;
+        let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (qd, kvd) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let t = &mut tensors;
+        let lin = |t: &mut BTreeMap<String, HostTensor>, name: &str, inp: usize, out: usize, bias: bool| -> Result<Linear> {
+            let w = take(t, &format!("{name}.weight"), &[out, inp])?;
+            let bias = if bias { Some(upload(&take(t, &format!("{name}.bias"), &[out])?, device)?) } else { None };
+            Ok(Linear { weight: upload(&w.transposed(), device)?, bias })
+        };
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            blocks.push(Block {
+                input_norm: upload(&take(t, &format!("{p}.input_layernorm.weight"), &[h])?, device)?,
+                post_attn_norm: upload(&take(t, &format!("{p}.post_attention_layernorm.weight"), &[h])?, device)?,
+                q: lin(t, &format!("{p}.self_attn.q_proj"), h, qd, c.qkv_bias)?,
+                k: lin(t, &format!("{p}.self_attn.k_proj"), h, kvd, c.qkv_bias)?,
+                v: lin(t, &format!("{p}.self_attn.v_proj"), h, kvd, c.qkv_bias)?,
+                o: lin(t, &format!("{p}.self_attn.o_proj"), qd, h, c.o_bias)?,
+                gate: lin(t, &format!("{p}.mlp.gate_proj"), h, i, c.mlp_bias)?,
+                up: lin(t, &format!("{p}.mlp.up_proj"), h, i, c.mlp_bias)?,
+                down: lin(t, &format!("{p}.mlp.down_proj"), i, h, c.mlp_bias)?,
+            });
+        }
+        let embed_h = take(&mut tensors, "model.embed_tokens.weight", &[v, h])?;
+        let embed = upload(&embed_h, device)?;
+        let norm = upload(&take(&mut tensors, "model.norm.weight", &[h])?, device)?;
+        let lm_head = match tensors.remove("lm_head.weight") {
+            // transformers ties lm_head to the embeddings whenever the config says so.
+            Some(_) if c.tie_word_embeddings => None,
+            Some(t) => {
+                if t.shape != [v, h] {
+                    bail!(Shape, "tensor lm_head.weight: shape {:?}, expected [{v}, {h}]", t.shape);
+                }
+                Some(upload(&t.transposed(), device)?)
+            }
+            None if c.tie_word_embeddings => None,
+            None => bail!(Format, "missing tensor lm_head.weight (config says embeddings are not tied)"),
+        };
+        tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
+        if let Some(k) = tensors.keys().next() {
+            bail!(Unsupported, "unexpected tensor {k} ({} unused): not a plain Llama checkpoint", tensors.len());
+        }
+        let inv_freq = c.rope_inv_freq();
+        Ok(Llama { config: c, embed, blocks, norm, lm_head, inv_freq, device: device.clone() })
+    }
+
+    fn rms_norm(&self, x: Tensor<2>, w: &Tensor<1>) -> Tensor<2> {
+        let var = x.clone().square().mean_dim(1);
+        let x = x * (var + self.config.rms_norm_eps).sqrt().recip();
+        x * w.clone().unsqueeze()
+    }
+
+    /// cos/sin tables for positions `start..start+t`, [1, 1, t, head_dim], computed on the
+    /// host in f32 as transformers does (freqs = inv_freq * pos; emb = cat(freqs, freqs)).
+    fn rope_tables(&self, start: usize, t: usize) -> (Tensor<4>, Tensor<4>) {
+        let d = self.config.head_dim;
+        let mut cos = Vec::with_capacity(t * d);
+        let mut sin = Vec::with_capacity(t * d);
+        for p in start..start + t {
+            for _half in 0..2 {
+                for &f in &self.inv_freq {
+                    let a = f * p as f32;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        (floats(cos, [1, 1, t, d], &self.device), floats(sin, [1, 1, t, d], &self.device))
+    }
+
+    fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+        let d = x.dims()[3];
+        let x1 = x.clone().narrow(3, 0, d / 2);
+        let x2 = x.clone().narrow(3, d / 2, d / 2);
+        let rot = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos.clone() + rot * sin.clone()
+    }
+
+    /// Additive attention mask [B, 1, T, S] (0 or -1e30): causal, plus padding of keys.
+    fn attn_mask(&self, b: usize, t: usize, past: usize, pad: Option<&[i64]>) -> Tensor<4> {
+        let s = past + t;
+        let mut m = vec![0f32; b * t * s];
+        for bi in 0..b {
+            for qi in 0..t {
+                for ki in 0..s {
+                    let causal = ki > past + qi;
+                    // `pad` covers all S key positions of the row.
+                    let padded = pad.is_some_and(|p| p[bi * s + ki] == 0);
+                    if causal || padded {
+                        m[(bi * t + qi) * s + ki] = -1e30;
+                    }
+                }
+            }
+        }
+        floats(m, [b, 1, t, s], &self.device)
+    }
+
+    /// Hidden states after the final norm, [B*T, hidden].
+    pub fn hidden(&self, inp: &Inputs, hook: &dyn LinearHook, mut cache: Option<&mut KvCache>) -> Result<Tensor<2>> {
+        let c = &self.config;
+        let [b, t] = inp.ids.dims();
+        if t == 0 {
+            bail!(Shape, "empty input");
+        }
+        let past = cache.as_ref().map_or(0, |k| k.len);
+        if let Some(m) = &inp.attention_mask
+            && m.len() != b * (past + t)
+        {
+            bail!(Shape, "attention_mask has {} values, expected {}x{}", m.len(), b, past + t);
+        }
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let ids = inp.ids.clone().reshape([b * t]);
+        let mut x = self.embed.clone().select(0, ids);
+        let (cos, sin) = self.rope_tables(past, t);
+        let mask = self.attn_mask(b, t, past, inp.attention_mask.as_deref());
+        let scale = 1.0 / (hd as f64).sqrt();
+        if let Some(k) = cache.as_deref_mut()
+            && k.layers.len() != self.blocks.len()
+        {
+            k.layers = vec![None; self.blocks.len()];
+        }
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let lin = |p: Proj, x: &Tensor<2>| hook.linear(Site { layer: l, proj: p }, x, blk.linear(p).forward(x));
+            let hx = self.rms_norm(x.clone(), &blk.input_norm);
+            let q = lin(Proj::Q, &hx).reshape([b, t, nh, hd]).swap_dims(1, 2);
+            let k = lin(Proj::K, &hx).reshape([b, t, nkv, hd]).swap_dims(1, 2);
+            let v = lin(Proj::V, &hx).reshape([b, t, nkv, hd]).swap_dims(1, 2);
+            let q = Self::rope(q, &cos, &sin);
+            let mut k = Self::rope(k, &cos, &sin);
+            let mut v = v;
+            if let Some(kc) = cache.as_deref_mut() {
+                if let Some((pk, pv)) = kc.layers[l].take() {
+                    k = Tensor::cat(vec![pk, k], 2);
+                    v = Tensor::cat(vec![pv, v], 2);
+                }
+                kc.layers[l] = Some((k.clone(), v.clone()));
+            }
+            let s = past + t;
+            let (k, v) = if nkv != nh {
+                let rep = nh / nkv;
+                let e = |x: Tensor<4>| x.reshape([b, nkv, 1, s, hd]).repeat_dim(2, rep).reshape([b, nh, s, hd]);
+                (e(k), e(v))
+            } else {
+                (k, v)
+            };
+            let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + mask.clone();
+            let att = softmax(scores, 3).matmul(v);
+            let att = att.swap_dims(1, 2).reshape([b * t, nh * hd]);
+            x = x + lin(Proj::O, &att);
+            let hx = self.rms_norm(x.clone(), &blk.post_attn_norm);
+            let g = lin(Proj::Gate, &hx);
+            let u = lin(Proj::Up, &hx);
+            x = x + lin(Proj::Down, &(silu(g) * u));
+        }
+        if let Some(k) = cache {
+            k.len += t;
+        }
+        Ok(self.rms_norm(x, &self.norm))
+    }
+
+    /// Project hidden states [N, hidden] to logits [N, vocab].
+    pub fn logits_of(&self, h: Tensor<2>) -> Tensor<2> {
+        match &self.lm_head {
+            Some(w) => h.matmul(w.clone()),
+            None => h.matmul(self.embed.clone().transpose()),
+        }
+    }
+
+    /// Logits [B, T, vocab].
+    pub fn forward(&self, inp: &Inputs, hook: &dyn LinearHook, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+        let [b, t] = inp.ids.dims();
+        let h = self.hidden(inp, hook, cache)?;
+        Ok(self.logits_of(h).reshape([b, t, self.config.vocab_size]))
+    }
+
+    /// All linear sites of the model.
+    pub fn sites(&self) -> Vec<Site> {
+        (0..self.blocks.len()).flat_map(|layer| Proj::ALL.iter().map(move |&proj| Site { layer, proj })).collect()
+    }
+
+    pub fn linear(&self, s: Site) -> &Linear {
+        self.blocks[s.layer].linear(s.proj)
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        let c = &self.config;
+        let per = self.blocks.first().map_or(0, |b| {
+            Proj::ALL.iter().map(|&p| b.linear(p).in_features() * b.linear(p).out_features() + b.linear(p).bias.as_ref().map_or(0, |x| x.dims()[0])).sum::<usize>() + 2 * c.hidden_size
+        });
+        c.vocab_size * c.hidden_size * if self.lm_head.is_some() { 2 } else { 1 } + per * self.blocks.len() + c.hidden_size
+    }
+}

@@ -1,0 +1,10 @@
+//! LoRA (Hu et al. 2021) with peft's semantics: `y = x W + s * (dropout(x) A) B`, computed
+//! without materialising `W + s A B`, so autodiff only ever sees rank-r tensors.
+
+pub mod config;
+pub mod layer;
+pub mod model;
+
+pub use config::{InitLora, LoraConfig};
+pub use layer::LoraLayer;
+pub use model::LoraAdapter;

@@ -1,0 +1,180 @@
+//! The high-level API shared by the CLI and the JavaScript bindings: a loaded model with its
+//! tokenizer, named adapters over it, and logits / training / generation calls.
+
+use std::collections::BTreeMap;
+
+use web_time::Instant;
+
+use crate::device::{Compute, memory_usage};
+use crate::error::{Result, bail, err};
+use crate::generate::{GenerateOptions, generate};
+use crate::io::gguf::Gguf;
+use crate::io::safetensors::HostTensor;
+use crate::io::source::ModelFiles;
+use crate::models::hooks::{LinearHook, NoHook};
+use crate::models::llama::{Inputs, Llama};
+use crate::peft::lora::{LoraAdapter, LoraConfig};
+use crate::tensor::{ints, read};
+use crate::tokenizer::Tokenizer;
+use crate::train::data::{Batcher, Example, tokenize};
+use crate::train::{AdamWConfig, Schedule, StepStats, TrainConfig, Trainer};
+
+pub struct Session {
+    pub compute: Compute,
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub adapters: BTreeMap<String, LoraAdapter>,
+}
+
+/// Options of a training run (the CLI's flags).
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub steps: usize,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub warmup: usize,
+    pub schedule: Schedule,
+    pub weight_decay: f64,
+    pub max_grad_norm: Option<f64>,
+    pub seed: u64,
+    pub append_eos: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions { steps: 10, batch: 1, seq_len: 128, grad_accum: 1, lr: 2e-4, warmup: 0, schedule: Schedule::Constant, weight_decay: 0.0, max_grad_norm: Some(1.0), seed: 0, append_eos: false }
+    }
+}
+
+/// One step's report for progress displays.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub stats: StepStats,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+    pub epoch: usize,
+    /// Device memory in use after the step (bytes), when the backend reports it.
+    pub memory_in_use: Option<u64>,
+}
+
+impl Session {
+    /// Upload a model's weights and build its tokenizer.
+    pub fn load(files: &ModelFiles, compute: Compute) -> Result<Self> {
+        let weights = files.load_weights()?;
+        let tokenizer = match files {
+            ModelFiles::HfFolder { tokenizer: Some(t), .. } => Tokenizer::from_json(t, None, weights.config.bos_token_id, weights.config.eos_token_id)?,
+            ModelFiles::HfFolder { tokenizer: None, .. } => bail!(Io, "tokenizer.json missing from the model folder"),
+            ModelFiles::Gguf { bytes, .. } => Tokenizer::from_gguf(&Gguf::parse(bytes)?)?,
+        };
+        if tokenizer.vocab_size() > weights.config.vocab_size {
+            bail!(Config, "tokenizer has {} tokens but the model only {}", tokenizer.vocab_size(), weights.config.vocab_size);
+        }
+        let model = Llama::from_weights(weights, &compute.device)?;
+        Ok(Session { compute, model, tokenizer, adapters: BTreeMap::new() })
+    }
+
+    fn adapter(&self, name: &str) -> Result<&LoraAdapter> {
+        self.adapters.get(name).ok_or_else(|| err!(Config, "no adapter named {name:?}"))
+    }
+
+    /// The hook for an optional adapter name.
+    pub fn hook(&self, adapter: Option<&str>) -> Result<&dyn LinearHook> {
+        Ok(match adapter {
+            Some(n) => self.adapter(n)?,
+            None => &NoHook,
+        })
+    }
+
+    pub fn add_adapter(&mut self, name: &str, config: LoraConfig, seed: u64) -> Result<()> {
+        let a = LoraAdapter::new(config, &self.model, seed)?;
+        self.adapters.insert(name.to_string(), a);
+        Ok(())
+    }
+
+    pub fn load_adapter(&mut self, name: &str, config_json: &str, weights: &[u8]) -> Result<()> {
+        let a = LoraAdapter::from_peft(config_json, weights, &self.model)?;
+        self.adapters.insert(name.to_string(), a);
+        Ok(())
+    }
+
+    pub async fn save_adapter(&self, name: &str) -> Result<(String, Vec<u8>)> {
+        self.adapter(name)?.to_peft().await
+    }
+
+    /// Logits [1, T, vocab] for token ids.
+    pub async fn logits(&self, ids: &[u32], adapter: Option<&str>) -> Result<HostTensor> {
+        if ids.is_empty() {
+            bail!(Data, "no tokens");
+        }
+        let v = self.model.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= v) {
+            bail!(Data, "token id {bad} is outside the vocabulary ({v})");
+        }
+        let inputs = Inputs { ids: ints(ids.iter().map(|&i| i as i64).collect(), [1, ids.len()], &self.model.device), attention_mask: None };
+        read(self.model.forward(&inputs, self.hook(adapter)?, None)?).await
+    }
+
+    pub async fn generate(&self, prompt: &str, chat: bool, opts: &GenerateOptions, adapter: Option<&str>, on_token: impl FnMut(u32)) -> Result<String> {
+        let text = if chat { self.tokenizer.apply_chat_template(&[("user".into(), prompt.into())], true)? } else { prompt.to_string() };
+        let ids = self.tokenizer.encode(&text)?;
+        let mut opts = opts.clone();
+        if opts.stop.is_none() {
+            opts.stop = self.tokenizer.eos_id;
+        }
+        let out = generate(&self.model, self.hook(adapter)?, &ids, &opts, on_token).await?;
+        self.tokenizer.decode(&out, true)
+    }
+
+    /// Train adapter `name` on `examples`; `on_step` gets a report after every step and may
+    /// return false to stop early.
+    pub async fn train(&mut self, name: &str, examples: &[Example], o: &TrainOptions, mut on_step: impl FnMut(&StepReport) -> bool) -> Result<Vec<StepReport>> {
+        if o.steps == 0 || o.batch == 0 || o.grad_accum == 0 || o.seq_len < 2 {
+            bail!(Config, "steps, batch and grad-accum must be >= 1 and seq-len >= 2");
+        }
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            bail!(Config, "lr must be a positive number");
+        }
+        let rows = examples.iter().map(|e| tokenize(&self.tokenizer, e, o.append_eos, o.seq_len)).collect::<Result<Vec<_>>>()?;
+        let pad = self.tokenizer.eos_id.unwrap_or(0);
+        let mut batcher = Batcher::new(rows, o.batch, pad, o.seed)?;
+        self.compute.device.seed(o.seed);
+        let config = TrainConfig {
+            optim: AdamWConfig { lr: o.lr, weight_decay: o.weight_decay, ..Default::default() },
+            schedule: o.schedule,
+            warmup: o.warmup,
+            total_steps: o.steps,
+            max_grad_norm: o.max_grad_norm,
+            ..Default::default()
+        };
+        let mut trainer = Trainer::new(config);
+        let adapter = self.adapters.get_mut(name).ok_or_else(|| err!(Config, "no adapter named {name:?}"))?;
+        adapter.set_trainable(true);
+        let mut reports = Vec::new();
+        let result = async {
+            for _ in 0..o.steps {
+                let micro = (0..o.grad_accum).map(|_| batcher.next_batch()).collect::<Result<Vec<_>>>()?;
+                let t0 = Instant::now();
+                let stats = trainer.step(&self.model, adapter, &micro).await?;
+                let seconds = t0.elapsed().as_secs_f64();
+                let r = StepReport {
+                    tokens_per_second: stats.tokens as f64 / seconds.max(1e-9),
+                    stats,
+                    seconds,
+                    epoch: batcher.epoch,
+                    memory_in_use: memory_usage(&self.compute.device).map(|m| m.0),
+                };
+                let go_on = on_step(&r);
+                reports.push(r);
+                if !go_on {
+                    break;
+                }
+            }
+            Ok::<(), crate::Error>(())
+        }
+        .await;
+        adapter.set_trainable(false);
+        result.map(|_| reports)
+    }
+}

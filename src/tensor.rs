@@ -1,0 +1,41 @@
+//! Small helpers between host data and device tensors. Reads are async so the same code
+//! runs in the browser (where WebGPU cannot block); native code wraps them in `block_on`.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::error::{Result, err};
+use crate::io::safetensors::HostTensor;
+
+pub fn upload<const D: usize>(t: &HostTensor, device: &Device) -> Result<Tensor<D>> {
+    if t.shape.len() != D {
+        return Err(err!(Shape, "expected a {D}-D tensor, got shape {:?}", t.shape));
+    }
+    Ok(Tensor::from_data(TensorData::new(t.data.clone(), t.shape.clone()), device))
+}
+
+pub fn floats<const D: usize>(data: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+pub fn ints<const D: usize>(data: Vec<i64>, shape: [usize; D], device: &Device) -> Tensor<D, Int> {
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+/// Read a float tensor back to the host.
+pub async fn read<const D: usize>(t: Tensor<D>) -> Result<HostTensor> {
+    let shape = t.dims().to_vec();
+    let data = t.into_data_async().await?;
+    let data = data.convert::<f32>().try_to_vec::<f32>().map_err(|e| err!(Device, "read back: {e:?}"))?;
+    Ok(HostTensor::new(shape, data))
+}
+
+/// Read a scalar (a 1-element tensor).
+pub async fn read_scalar(t: Tensor<1>) -> Result<f32> {
+    Ok(read(t).await?.data[0])
+}
+
+/// Run an async computation to completion on native targets.
+#[cfg(not(target_family = "wasm"))]
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    pollster::block_on(f)
+}

@@ -1,0 +1,186 @@
+//! Examples, their tokenisation (with loss masks) and padded batches.
+
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+
+use crate::error::{Result, bail, err};
+use crate::tokenizer::Tokenizer;
+
+/// Label value the loss ignores (as in PyTorch / transformers).
+pub const IGNORE: i64 = -100;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
+    /// Every token is trained on.
+    Text(String),
+    /// Only the completion's tokens count in the loss.
+    PromptCompletion { prompt: String, completion: String },
+}
+
+/// Parse a data file: JSONL (`{"text": ...}` or `{"prompt": ..., "completion": ...}` per
+/// line) when every non-empty line is a JSON object, else plain text, one example per line.
+pub fn parse_examples(text: &str) -> Result<Vec<Example>> {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        bail!(Data, "the data has no examples (empty file)");
+    }
+    let jsonl = lines.iter().all(|l| l.trim_start().starts_with('{'));
+    if !jsonl {
+        return Ok(lines.iter().map(|l| Example::Text(l.to_string())).collect());
+    }
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let v: serde_json::Value = serde_json::from_str(l).map_err(|e| err!(Data, "line {}: invalid JSON: {e}", i + 1))?;
+            let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+            match (s("text"), s("prompt"), s("completion")) {
+                (Some(t), None, None) => Ok(Example::Text(t)),
+                (None, Some(prompt), Some(completion)) => Ok(Example::PromptCompletion { prompt, completion }),
+                _ => Err(err!(Data, "line {}: expected {{\"text\": ...}} or {{\"prompt\": ..., \"completion\": ...}} with string values", i + 1)),
+            }
+        })
+        .collect()
+}
+
+/// Token ids and per-token labels (IGNORE where the loss must not look).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tokenized {
+    pub ids: Vec<u32>,
+    pub labels: Vec<i64>,
+}
+
+/// Tokenise one example. Text: exactly the tokenizer's default encoding (plus EOS only when
+/// `append_eos`). Prompt/completion: prompt encoded with default special tokens, then the
+/// completion without them, then EOS; prompt tokens are masked out of the loss.
+pub fn tokenize(tok: &Tokenizer, ex: &Example, append_eos: bool, max_len: usize) -> Result<Tokenized> {
+    let eos = || tok.eos_id.ok_or_else(|| err!(Config, "the tokenizer has no EOS token"));
+    let (mut ids, mut labels) = match ex {
+        Example::Text(t) => {
+            let mut ids = tok.encode(t)?;
+            if append_eos {
+                ids.push(eos()?);
+            }
+            let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+            (ids, labels)
+        }
+        Example::PromptCompletion { prompt, completion } => {
+            let p = tok.encode(prompt)?;
+            let mut c = tok.encode_opts(completion, false)?;
+            c.push(eos()?);
+            let labels = p.iter().map(|_| IGNORE).chain(c.iter().map(|&i| i as i64)).collect();
+            (p.into_iter().chain(c).collect(), labels)
+        }
+    };
+    ids.truncate(max_len);
+    labels.truncate(max_len);
+    if ids.len() < 2 {
+        bail!(Data, "an example has fewer than 2 tokens: nothing to predict");
+    }
+    Ok(Tokenized { ids, labels })
+}
+
+/// A right-padded batch, row-major [B, T].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub batch: usize,
+    pub len: usize,
+    pub input_ids: Vec<i64>,
+    pub attention_mask: Vec<i64>,
+    pub labels: Vec<i64>,
+}
+
+impl Batch {
+    pub fn new(rows: &[Tokenized], pad_id: u32) -> Result<Self> {
+        let len = rows.iter().map(|r| r.ids.len()).max().ok_or_else(|| err!(Data, "empty batch"))?;
+        let mut b = Batch { batch: rows.len(), len, input_ids: vec![], attention_mask: vec![], labels: vec![] };
+        for r in rows {
+            let pad = len - r.ids.len();
+            b.input_ids.extend(r.ids.iter().map(|&i| i as i64).chain(std::iter::repeat_n(pad_id as i64, pad)));
+            b.attention_mask.extend(std::iter::repeat_n(1, r.ids.len()).chain(std::iter::repeat_n(0, pad)));
+            b.labels.extend(r.labels.iter().copied().chain(std::iter::repeat_n(IGNORE, pad)));
+        }
+        Ok(b)
+    }
+
+    /// Labels shifted left by one (the target at each position), IGNORE at the end of rows.
+    pub fn shifted_targets(&self) -> Vec<i64> {
+        let mut t = vec![IGNORE; self.batch * self.len];
+        for b in 0..self.batch {
+            for i in 0..self.len - 1 {
+                t[b * self.len + i] = self.labels[b * self.len + i + 1];
+            }
+        }
+        t
+    }
+
+    /// Number of positions the loss counts.
+    pub fn num_targets(&self) -> usize {
+        self.shifted_targets().iter().filter(|&&x| x != IGNORE).count()
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.attention_mask.iter().filter(|&&m| m != 0).count()
+    }
+}
+
+/// An endless, seeded, epoch-wise shuffled stream of batches.
+pub struct Batcher {
+    rows: Vec<Tokenized>,
+    order: Vec<usize>,
+    pos: usize,
+    rng: SmallRng,
+    batch: usize,
+    pad_id: u32,
+    pub epoch: usize,
+}
+
+impl Batcher {
+    pub fn new(rows: Vec<Tokenized>, batch: usize, pad_id: u32, seed: u64) -> Result<Self> {
+        if rows.is_empty() || batch == 0 {
+            bail!(Data, "no examples or batch size 0");
+        }
+        let mut b = Batcher { order: (0..rows.len()).collect(), rows, pos: 0, rng: SmallRng::seed_from_u64(seed), batch, pad_id, epoch: 0 };
+        b.order.shuffle(&mut b.rng);
+        Ok(b)
+    }
+
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        let mut picked = Vec::with_capacity(self.batch);
+        while picked.len() < self.batch {
+            if self.pos == self.order.len() {
+                self.order.shuffle(&mut self.rng);
+                self.pos = 0;
+                self.epoch += 1;
+            }
+            picked.push(self.rows[self.order[self.pos]].clone());
+            self.pos += 1;
+        }
+        Batch::new(&picked, self.pad_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_formats() {
+        assert_eq!(parse_examples("a\n\nb\n").unwrap(), vec![Example::Text("a".into()), Example::Text("b".into())]);
+        let j = "{\"prompt\": \"p\", \"completion\": \"c\"}\n{\"text\": \"t\"}";
+        assert_eq!(parse_examples(j).unwrap()[1], Example::Text("t".into()));
+        assert!(parse_examples("{\"foo\": 1}").is_err());
+        assert!(parse_examples("\n\n").is_err());
+    }
+
+    #[test]
+    fn padding_and_shift() {
+        let rows = vec![Tokenized { ids: vec![5, 6, 7], labels: vec![IGNORE, 6, 7] }, Tokenized { ids: vec![8, 9], labels: vec![8, 9] }];
+        let b = Batch::new(&rows, 0).unwrap();
+        assert_eq!(b.input_ids, vec![5, 6, 7, 8, 9, 0]);
+        assert_eq!(b.attention_mask, vec![1, 1, 1, 1, 1, 0]);
+        assert_eq!(b.shifted_targets(), vec![6, 7, IGNORE, 9, IGNORE, IGNORE]);
+        assert_eq!(b.num_targets(), 3);
+    }
+}

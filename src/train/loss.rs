@@ -1,0 +1,36 @@
+//! The causal-LM loss with transformers' semantics: position t predicts label t+1, labels
+//! equal to -100 are ignored, and the loss is the mean over counted positions (or the sum
+//! divided by a given count, for gradient accumulation as transformers' Trainer does).
+
+use burn::tensor::Tensor;
+use burn::tensor::activation::log_softmax;
+
+use crate::error::{Result, bail};
+use crate::models::hooks::LinearHook;
+use crate::models::llama::{Inputs, Llama};
+use crate::tensor::ints;
+use crate::train::data::{Batch, IGNORE};
+
+/// Sum of the negative log-likelihoods of the batch's targets divided by `denominator`
+/// (pass `batch.num_targets()` for the plain mean). Logits are computed only at the
+/// positions that count, so prompt and padding positions cost no vocabulary projection.
+pub fn causal_lm_loss(model: &Llama, hook: &dyn LinearHook, batch: &Batch, denominator: usize) -> Result<Tensor<1>> {
+    let dev = &model.device;
+    let targets = batch.shifted_targets();
+    let rows: Vec<i64> = targets.iter().enumerate().filter(|(_, t)| **t != IGNORE).map(|(i, _)| i as i64).collect();
+    if rows.is_empty() || denominator == 0 {
+        bail!(Data, "the batch has no position to predict (all labels are -100)");
+    }
+    let vocab = model.config.vocab_size as i64;
+    if let Some(bad) = targets.iter().find(|&&t| t != IGNORE && !(0..vocab).contains(&t)) {
+        bail!(Data, "label {bad} is outside the vocabulary (size {vocab})");
+    }
+    let inputs = Inputs { ids: ints(batch.input_ids.clone(), [batch.batch, batch.len], dev), attention_mask: Some(batch.attention_mask.clone()) };
+    let hidden = model.hidden(&inputs, hook, None)?;
+    let m = rows.len();
+    let hidden = hidden.select(0, ints(rows.clone(), [m], dev));
+    let logits = model.logits_of(hidden);
+    let tgt: Vec<i64> = rows.iter().map(|&r| targets[r as usize]).collect();
+    let logp = log_softmax(logits, 1).gather(1, ints(tgt, [m, 1], dev));
+    Ok(logp.sum().neg().div_scalar(denominator as f64))
+}

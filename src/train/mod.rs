@@ -1,0 +1,13 @@
+//! Training: data to batches, the causal-LM loss, AdamW with torch's semantics, learning
+//! rate schedules with transformers' semantics, and the step loop (accumulation, clipping).
+
+pub mod data;
+pub mod loss;
+pub mod optim;
+pub mod schedule;
+pub mod trainer;
+
+pub use data::{Batch, Example, Tokenized};
+pub use optim::{AdamW, AdamWConfig};
+pub use schedule::Schedule;
+pub use trainer::{StepStats, TrainConfig, Trainer};

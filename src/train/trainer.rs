@@ -1,0 +1,117 @@
+//! The training step: micro-batches with gradient accumulation, global-norm clipping, the
+//! LR schedule and AdamW; non-finite losses skip the update and, repeated, stop training.
+
+use burn::tensor::Tensor;
+
+use crate::error::{Result, bail};
+use crate::models::llama::Llama;
+use crate::peft::lora::LoraAdapter;
+use crate::tensor::read;
+use crate::train::data::Batch;
+use crate::train::loss::causal_lm_loss;
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::schedule::Schedule;
+
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub optim: AdamWConfig,
+    pub schedule: Schedule,
+    pub warmup: usize,
+    pub total_steps: usize,
+    pub max_grad_norm: Option<f64>,
+    /// Consecutive non-finite steps tolerated before training stops with an error.
+    pub max_nonfinite: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig { optim: AdamWConfig::default(), schedule: Schedule::Constant, warmup: 0, total_steps: 1, max_grad_norm: None, max_nonfinite: 5 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StepStats {
+    /// 1-based number of this optimizer step.
+    pub step: usize,
+    pub loss: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    pub lr: f64,
+    /// Real (non-padding) tokens processed.
+    pub tokens: usize,
+    /// True when the loss or gradients were not finite and the update was skipped.
+    pub skipped: bool,
+}
+
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub opt: AdamW,
+    nonfinite: usize,
+}
+
+impl Trainer {
+    pub fn new(config: TrainConfig) -> Self {
+        Trainer { opt: AdamW::new(config.optim), config, nonfinite: 0 }
+    }
+
+    /// Learning rate of the next optimizer step.
+    pub fn lr(&self) -> f64 {
+        self.config.optim.lr * self.config.schedule.factor(self.opt.step, self.config.warmup, self.config.total_steps)
+    }
+
+    /// One optimizer step over `micro` batches (gradient accumulation: the loss is the sum
+    /// over all micro-batches divided by their total number of targets, as transformers'
+    /// Trainer computes it). The adapter must be trainable (`set_trainable(true)`).
+    pub async fn step(&mut self, model: &Llama, adapter: &mut LoraAdapter, micro: &[Batch]) -> Result<StepStats> {
+        let total: usize = micro.iter().map(Batch::num_targets).sum();
+        let tokens = micro.iter().map(Batch::num_tokens).sum();
+        let mut loss_sum: Option<Tensor<1>> = None;
+        let mut acc: Vec<Option<Tensor<2>>> = Vec::new();
+        for mb in micro {
+            let loss = causal_lm_loss(model, adapter, mb, total)?;
+            let grads = loss.backward();
+            let params = adapter.params_mut();
+            acc.resize_with(params.len(), || None);
+            for (a, p) in acc.iter_mut().zip(params.iter()) {
+                let g = p.tensor.grad(&grads).unwrap_or_else(|| p.tensor.clone().without_autodiff().zeros_like());
+                *a = Some(match a.take() {
+                    Some(prev) => prev + g,
+                    None => g,
+                });
+            }
+            let l = loss.without_autodiff();
+            loss_sum = Some(match loss_sum {
+                Some(s) => s + l,
+                None => l,
+            });
+        }
+        let Some(loss) = loss_sum else { bail!(Data, "no micro-batch") };
+        let mut grads: Vec<Tensor<2>> = acc.into_iter().flatten().collect();
+        let sq: Vec<Tensor<1>> = grads.iter().map(|g| g.clone().square().sum()).collect();
+        let norm = Tensor::cat(sq, 0).sum().sqrt();
+        if let Some(max) = self.config.max_grad_norm {
+            // torch.nn.utils.clip_grad_norm_: coef = min(max / (norm + 1e-6), 1)
+            let coef = norm.clone().add_scalar(1e-6).recip().mul_scalar(max).clamp_max(1.0);
+            let coef: Tensor<2> = coef.unsqueeze();
+            grads = grads.into_iter().map(|g| g * coef.clone()).collect();
+        }
+        let both = read(Tensor::cat(vec![loss, norm], 0)).await?;
+        let (loss, grad_norm) = (both.data[0], both.data[1]);
+        let lr = self.lr();
+        let mut stats = StepStats { step: self.opt.step + 1, loss, grad_norm, lr, tokens, skipped: false };
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            self.nonfinite += 1;
+            stats.skipped = true;
+            if self.nonfinite >= self.config.max_nonfinite {
+                bail!(Numeric, "loss or gradients were not finite for {} steps in a row (last loss {loss}); stopped, the adapter keeps its last good weights. Lower --lr or check the data", self.nonfinite);
+            }
+            log::warn!("step {}: non-finite loss/gradient ({loss}, {grad_norm}); update skipped", stats.step);
+            return Ok(stats);
+        }
+        self.nonfinite = 0;
+        let mut params = adapter.params_mut();
+        let mut refs: Vec<&mut Tensor<2>> = params.iter_mut().map(|p| &mut *p.tensor).collect();
+        self.opt.update(&mut refs, grads, lr);
+        Ok(stats)
+    }
+}

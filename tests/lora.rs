@@ -1,0 +1,180 @@
+//! LoRA against peft: adapters saved by peft load here with peft's logits; adapters saved
+//! here round-trip; training steps equal PyTorch's AdamW updates.
+
+mod common;
+
+use common::*;
+use webpeft::io::safetensors::read_all_f32;
+use webpeft::io::source::ModelFiles;
+use webpeft::models::llama::Inputs;
+use webpeft::peft::lora::{LoraAdapter, LoraConfig};
+use webpeft::session::Session;
+use webpeft::tensor::{block_on, ints, read};
+use webpeft::train::data::Batch;
+use webpeft::train::{AdamWConfig, Schedule, TrainConfig, Trainer};
+
+fn tiny() -> Session {
+    Session::load(&ModelFiles::from_path(&fixture("tiny-llama")).unwrap(), compute()).unwrap()
+}
+
+fn load_dir(s: &mut Session, name: &str, dir: &str) {
+    let d = fixture(dir);
+    let cfg = std::fs::read_to_string(d.join("adapter_config.json")).unwrap();
+    let w = std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    s.load_adapter(name, &cfg, &w).unwrap();
+}
+
+fn logits_with(s: &Session, adapter: &dyn webpeft::models::hooks::LinearHook) -> Vec<f32> {
+    let fx = load("tiny-logits.safetensors");
+    let (shape, ids) = &fx.i64["tiny.input_ids"];
+    let inputs = Inputs { ids: ints(ids.clone(), [shape[0], shape[1]], &s.model.device), attention_mask: None };
+    block_on(read(s.model.forward(&inputs, adapter, None).unwrap())).unwrap().data
+}
+
+#[test]
+fn peft_adapters_load_with_peft_logits() {
+    let mut s = tiny();
+    for dir in ["qv", "all_rslora", "regex_layers"] {
+        load_dir(&mut s, dir, &format!("tiny-adapters/{dir}"));
+        let want = load(&format!("tiny-adapters/{dir}/expected.safetensors"));
+        let base = logits_with(&s, &webpeft::models::hooks::NoHook);
+        let got = logits_with(&s, &s.adapters[dir]);
+        assert!(max_abs_diff(&base, &want.f32["logits"].data) > 0.1, "{dir}: the adapter must change the logits");
+        assert_close(&format!("peft adapter {dir}"), &got, &want.f32["logits"].data, 1e-4);
+    }
+    // The second adapter of a multi-adapter save (peft's subfolder), with layers_to_transform.
+    load_dir(&mut s, "upgate", "tiny-adapters/regex_layers/upgate");
+    let want = load("tiny-adapters/regex_layers/expected.safetensors");
+    assert_close("peft adapter upgate", &logits_with(&s, &s.adapters["upgate"]), &want.f32["logits_upgate"].data, 1e-4);
+    assert_eq!(s.adapters["upgate"].layers.len(), 2, "layers_to_transform [1]: only layer 1's up/gate");
+}
+
+#[test]
+fn adapter_round_trip_is_exact_and_keys_match_peft() {
+    let mut s = tiny();
+    load_dir(&mut s, "a", "tiny-adapters/all_rslora");
+    let (cfg, bytes) = block_on(s.save_adapter("a")).unwrap();
+    s.load_adapter("b", &cfg, &bytes).unwrap();
+    let (a, b) = (logits_with(&s, &s.adapters["a"]), logits_with(&s, &s.adapters["b"]));
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    let ours = read_all_f32(&bytes).unwrap();
+    let theirs = read_all_f32(&std::fs::read(fixture("tiny-adapters/all_rslora/adapter_model.safetensors")).unwrap()).unwrap();
+    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
+    for (k, t) in &theirs {
+        assert_eq!(ours[k], *t, "{k} bit-exact");
+    }
+    let c = LoraConfig::from_json(&cfg).unwrap();
+    assert!(c.use_rslora && c.r == 8 && c.lora_alpha == 16.0);
+}
+
+#[test]
+fn new_adapter_follows_peft_init() {
+    let s = tiny();
+    let peft_cfg = std::fs::read_to_string(fixture("tiny-adapters/qv_init/adapter_config.json")).unwrap();
+    let a = LoraAdapter::new(LoraConfig::from_json(&peft_cfg).unwrap(), &s.model, 0).unwrap();
+    assert_eq!(a.layers.len(), 4);
+    for l in a.layers.values() {
+        let av = block_on(read(l.a.clone())).unwrap().data;
+        let bv = block_on(read(l.b.clone())).unwrap().data;
+        let bound = 1.0 / (64f32).sqrt();
+        assert!(av.iter().all(|x| x.abs() <= bound) && av.iter().any(|x| x.abs() > bound * 0.5), "kaiming-uniform A");
+        assert!(bv.iter().all(|&x| x == 0.0), "zero B");
+    }
+    // A fresh adapter is a no-op.
+    let base = logits_with(&s, &webpeft::models::hooks::NoHook);
+    assert_eq!(max_abs_diff(&base, &logits_with(&s, &a)), 0.0);
+}
+
+#[test]
+fn bad_adapters_are_refused_clearly() {
+    let mut s = tiny();
+    let d = fixture("tiny-adapters/qv");
+    let cfg = std::fs::read_to_string(d.join("adapter_config.json")).unwrap();
+    let w = std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    let e = s.load_adapter("x", &cfg.replace("\"use_dora\": false", "\"use_dora\": true"), &w).unwrap_err();
+    assert!(e.message.contains("DoRA"), "{e}");
+    let e = s.load_adapter("x", &cfg.replace("\"r\": 4", "\"r\": 8"), &w).unwrap_err();
+    assert!(e.message.contains("shape"), "{e}");
+    let e = s.load_adapter("x", &cfg, &w[..w.len() - 7]).unwrap_err();
+    assert!(e.message.contains("safetensors"), "{e}");
+    let e = s.load_adapter("x", "{\"peft_type\": \"LORA\"", &w).unwrap_err();
+    assert!(e.message.contains("adapter_config.json"), "{e}");
+    let e = s.load_adapter("x", &cfg.replace("\"LORA\"", "\"FOO\""), &w).unwrap_err();
+    assert!(e.message.contains("FOO"), "{e}");
+    let e = s.load_adapter("x", &cfg.replace("\"v_proj\"", "\"nope_proj\""), &w).unwrap_err();
+    assert!(e.message.contains("does not belong") || e.message.contains("missing"), "{e}");
+}
+
+/// The fixture batch, and the trainer over the `qv` starting adapter.
+fn train_setup(steps: usize, clip: Option<f64>, schedule: Schedule, warmup: usize) -> (Session, Batch, Trainer) {
+    let mut s = tiny();
+    load_dir(&mut s, "qv", "tiny-adapters/qv");
+    let fx = load("tiny-train.safetensors");
+    let (shape, ids) = &fx.i64["input_ids"];
+    let batch = Batch { batch: shape[0], len: shape[1], input_ids: ids.clone(), attention_mask: fx.i64["attention_mask"].1.clone(), labels: fx.i64["labels"].1.clone() };
+    let cfg = TrainConfig {
+        optim: AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+        schedule,
+        warmup,
+        total_steps: steps,
+        max_grad_norm: clip,
+        ..Default::default()
+    };
+    s.adapters.get_mut("qv").unwrap().set_trainable(true);
+    (s, batch, Trainer::new(cfg))
+}
+
+fn compare_weights(s: &Session, prefix: &str, tol: f32) {
+    let fx = load("tiny-train.safetensors");
+    let (_, bytes) = block_on(s.save_adapter("qv")).unwrap();
+    let ours = read_all_f32(&bytes).unwrap();
+    for (k, t) in &ours {
+        assert_close(&format!("{prefix} {k}"), &t.data, &fx.f32[&format!("{prefix}.{k}")].data, tol);
+    }
+}
+
+#[test]
+fn one_adamw_step_matches_pytorch() {
+    let (mut s, batch, mut tr) = train_setup(1, None, Schedule::Constant, 0);
+    let fx = load("tiny-train.safetensors");
+    let a = s.adapters.get_mut("qv").unwrap();
+    let st = block_on(tr.step(&s.model, a, std::slice::from_ref(&batch))).unwrap();
+    let want_loss = fx.f32["loss_step0"].data[0];
+    eprintln!("loss {} vs {want_loss}; grad norm {}", st.loss, st.grad_norm);
+    assert!((st.loss - want_loss).abs() < 1e-5, "loss {} vs {want_loss}", st.loss);
+    assert!((st.grad_norm - 2.7853563).abs() < 1e-4, "grad norm {}", st.grad_norm);
+    compare_weights(&s, "step1", 5e-5);
+}
+
+#[test]
+fn five_steps_with_clipping_and_cosine_warmup_match_pytorch() {
+    let (mut s, batch, mut tr) = train_setup(5, Some(0.5), Schedule::Cosine, 2);
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("tiny-train.json")).unwrap()).unwrap();
+    let losses: Vec<f64> = j["run5"]["losses"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let lrs: Vec<f64> = j["run5"]["lrs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    for k in 0..5 {
+        let a = s.adapters.get_mut("qv").unwrap();
+        let st = block_on(tr.step(&s.model, a, std::slice::from_ref(&batch))).unwrap();
+        eprintln!("step {k}: loss {} (torch {}), lr {} (torch {})", st.loss, losses[k], st.lr, lrs[k]);
+        assert!((st.loss as f64 - losses[k]).abs() < 1e-4, "loss at step {k}");
+        assert!((st.lr - lrs[k]).abs() < 1e-12, "lr at step {k}");
+    }
+    compare_weights(&s, "step5", 1e-4);
+}
+
+#[test]
+fn gradient_accumulation_equals_the_full_batch() {
+    let (mut s, batch, mut tr) = train_setup(1, None, Schedule::Constant, 0);
+    let row = |b: usize| Batch {
+        batch: 1,
+        len: batch.len,
+        input_ids: batch.input_ids[b * batch.len..(b + 1) * batch.len].to_vec(),
+        attention_mask: batch.attention_mask[b * batch.len..(b + 1) * batch.len].to_vec(),
+        labels: batch.labels[b * batch.len..(b + 1) * batch.len].to_vec(),
+    };
+    let a = s.adapters.get_mut("qv").unwrap();
+    let st = block_on(tr.step(&s.model, a, &[row(0), row(1)])).unwrap();
+    let fx = load("tiny-train.safetensors");
+    assert!((st.loss - fx.f32["loss_step0"].data[0]).abs() < 1e-5);
+    compare_weights(&s, "step1", 5e-5);
+}

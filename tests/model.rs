@@ -1,0 +1,132 @@
+//! Forward pass, loaders and tokenizer against transformers (fixtures from
+//! scripts/fixtures/make_fixtures.py).
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use webpeft::io::source::ModelFiles;
+use webpeft::models::hooks::NoHook;
+use webpeft::models::llama::{Inputs, Llama};
+use webpeft::session::Session;
+use webpeft::tensor::{block_on, ints, read};
+
+fn tiny(name: &str) -> Session {
+    Session::load(&ModelFiles::from_path(&fixture(name)).unwrap(), compute()).unwrap()
+}
+
+fn logits(model: &Llama, ids: &(Vec<usize>, Vec<i64>), mask: Option<&(Vec<usize>, Vec<i64>)>) -> Vec<f32> {
+    let inputs = Inputs { ids: ints(ids.1.clone(), [ids.0[0], ids.0[1]], &model.device), attention_mask: mask.map(|m| m.1.clone()) };
+    block_on(read(model.forward(&inputs, &NoHook, None).unwrap())).unwrap().data
+}
+
+#[test]
+fn tiny_llama_logits_match_transformers() {
+    let fx = load("tiny-logits.safetensors");
+    for (dir, key) in [("tiny-llama", "tiny"), ("tiny-llama-bias", "bias")] {
+        let s = tiny(dir);
+        let got = logits(&s.model, &fx.i64[&format!("{key}.input_ids")], None);
+        assert_close(&format!("{dir} logits"), &got, &fx.f32[&format!("{key}.logits")].data, 1e-4);
+        // Right padding: compare only the real (unpadded) positions.
+        let mask = &fx.i64[&format!("{key}.attention_mask")];
+        let got = logits(&s.model, &fx.i64[&format!("{key}.masked_input_ids")], Some(mask));
+        let want = &fx.f32[&format!("{key}.masked_logits")].data;
+        let v = s.model.config.vocab_size;
+        let keep = |x: &[f32]| -> Vec<f32> { x.chunks(v).zip(&mask.1).filter(|(_, m)| **m == 1).flat_map(|(c, _)| c.to_vec()).collect() };
+        assert_close(&format!("{dir} padded logits"), &keep(&got), &keep(want), 1e-4);
+    }
+}
+
+#[test]
+fn tiny_gguf_all_types_match_transformers() {
+    let fx = load("tiny-gguf/logits.safetensors");
+    let ids = &fx.i64["input_ids"];
+    for ty in ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"] {
+        let s = Session::load(&ModelFiles::from_path(&fixture(&format!("tiny-gguf/tiny-{ty}.gguf"))).unwrap(), compute()).unwrap();
+        assert_close(&format!("gguf {ty}"), &logits(&s.model, ids, None), &fx.f32[ty].data, 1e-4);
+    }
+}
+
+#[test]
+fn in_memory_files_equal_folder() {
+    let dir = fixture("tiny-llama");
+    let mut files = BTreeMap::new();
+    for n in ["config.json", "model.safetensors", "tokenizer.json"] {
+        files.insert(format!("some/prefix/{n}"), std::fs::read(dir.join(n)).unwrap());
+    }
+    let a = Session::load(&ModelFiles::from_named(files).unwrap(), compute()).unwrap();
+    let fx = load("tiny-logits.safetensors");
+    assert_close("from bytes", &logits(&a.model, &fx.i64["tiny.input_ids"], None), &fx.f32["tiny.logits"].data, 1e-4);
+}
+
+#[test]
+fn tiny_tokenizer_matches_transformers() {
+    let s = tiny("tiny-llama");
+    check_tokenizer(&s, "tiny-tokenizer.json");
+}
+
+fn check_tokenizer(s: &Session, file: &str) {
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(fixture(file)).unwrap()).unwrap();
+    assert!(cases.len() >= 10);
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(s.tokenizer.encode(text).unwrap(), want, "text {text:?}");
+    }
+}
+
+#[test]
+fn smollm2_tokenizer_logits_and_greedy_generation() {
+    let Some(path) = smollm2_path() else { return };
+    let s = Session::load(&ModelFiles::from_path(&path).unwrap(), compute()).unwrap();
+    check_tokenizer(&s, "smollm2-tokenizer.json");
+    let fx = load("smollm2-logits.safetensors");
+    for p in ["p0", "p1", "p2"] {
+        assert_close(&format!("smollm2 {p}"), &logits(&s.model, &fx.i64[&format!("{p}.input_ids")], None), &fx.f32[&format!("{p}.logits")].data, 1e-3);
+    }
+    let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("smollm2-generate.json")).unwrap()).unwrap();
+    let prompt: Vec<u32> = g["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let want: Vec<u32> = g["new_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let opts = webpeft::generate::GenerateOptions { max_new_tokens: want.len(), ..Default::default() };
+    let got = block_on(webpeft::generate::generate(&s.model, &NoHook, &prompt, &opts, |_| {})).unwrap();
+    assert_eq!(got, want, "greedy continuation");
+    // The chat template renders as transformers' apply_chat_template.
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(fixture("smollm2-tokenizer.json")).unwrap()).unwrap();
+    if let Some(chat) = cases.iter().find(|c| c.get("chat_messages").is_some()) {
+        let msgs: Vec<(String, String)> = chat["chat_messages"].as_array().unwrap().iter().map(|m| (m["role"].as_str().unwrap().into(), m["content"].as_str().unwrap().into())).collect();
+        assert_eq!(s.tokenizer.apply_chat_template(&msgs, true).unwrap(), chat["text"].as_str().unwrap());
+    }
+}
+
+#[test]
+fn bad_model_files_give_clear_errors() {
+    let dir = fixture("tiny-llama");
+    let cfg = std::fs::read(dir.join("config.json")).unwrap();
+    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let tok = std::fs::read(dir.join("tokenizer.json")).unwrap();
+    let load_named = |files: Vec<(&str, Vec<u8>)>| {
+        let m: BTreeMap<String, Vec<u8>> = files.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        ModelFiles::from_named(m).and_then(|f| Session::load(&f, compute()).map(|_| ()))
+    };
+    // Truncated weights.
+    let e = load_named(vec![("config.json", cfg.clone()), ("model.safetensors", weights[..weights.len() / 2].to_vec()), ("tokenizer.json", tok.clone())]).unwrap_err();
+    assert!(e.message.contains("safetensors"), "{e}");
+    // Unknown architecture.
+    let bad = String::from_utf8(cfg.clone()).unwrap().replace("\"llama\"", "\"bert\"");
+    let e = load_named(vec![("config.json", bad.into_bytes()), ("model.safetensors", weights.clone()), ("tokenizer.json", tok.clone())]).unwrap_err();
+    assert!(e.message.contains("not supported"), "{e}");
+    // Wrong shape: claim a bigger hidden size.
+    let bad = String::from_utf8(cfg.clone()).unwrap().replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
+    let e = load_named(vec![("config.json", bad.into_bytes()), ("model.safetensors", weights.clone()), ("tokenizer.json", tok.clone())]).unwrap_err();
+    assert!(e.message.contains("shape"), "{e}");
+    // Missing config.
+    let e = load_named(vec![("model.safetensors", weights)]).unwrap_err();
+    assert!(e.message.contains("config.json"), "{e}");
+    // Truncated GGUF.
+    let g = std::fs::read(fixture("tiny-gguf/tiny-q4_1.gguf")).unwrap();
+    for cut in [10, 200, g.len() / 2, g.len() - 1] {
+        let e = load_named(vec![("m.gguf", g[..cut].to_vec())]).unwrap_err();
+        assert!(e.message.contains("GGUF") || e.message.contains("truncated"), "cut {cut}: {e}");
+    }
+}
