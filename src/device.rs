@@ -34,7 +34,10 @@ pub struct Compute {
     pub is_gpu: bool,
 }
 
-/// Native device selection. `Auto` takes the GPU when wgpu finds an adapter.
+/// Native device selection. `Auto` takes the GPU when wgpu finds a hardware adapter; a
+/// software rasteriser (lavapipe/llvmpipe, SwiftShader: wgpu reports them as CPU devices)
+/// is slower than Burn's CPU backend, so `Auto` then uses the CPU backend. `Gpu` takes any
+/// wgpu adapter, software ones included (that is how GPU code is tested without a GPU).
 #[cfg(not(target_family = "wasm"))]
 pub fn select(choice: DeviceChoice) -> Result<Compute> {
     let cpu = || Compute { device: Device::flex(), name: "cpu (burn flex)".into(), is_gpu: false };
@@ -43,8 +46,15 @@ pub fn select(choice: DeviceChoice) -> Result<Compute> {
     }
     // Burn's wgpu runtime can be initialised once per process: keep the result.
     static GPU: std::sync::OnceLock<std::result::Result<Compute, String>> = std::sync::OnceLock::new();
+    static SOFTWARE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if choice == DeviceChoice::Auto && GPU.get().is_none() {
+        let software = *SOFTWARE.get_or_init(|| adapter_info().is_none_or(|(_, sw)| sw));
+        if software {
+            return Ok(cpu());
+        }
+    }
     let gpu = GPU.get_or_init(|| {
-        let name = adapter_name().ok_or_else(|| "no WebGPU/wgpu adapter found (on Linux without a GPU install mesa-vulkan-drivers for lavapipe, or use --device cpu)".to_string())?;
+        let (name, _) = adapter_info().ok_or_else(|| "no WebGPU/wgpu adapter found (on Linux without a GPU install mesa-vulkan-drivers for lavapipe, or use --device cpu)".to_string())?;
         let device = Device::wgpu_options().init().map_err(|e| format!("wgpu init: {e:?}"))?;
         Ok(Compute { device, name, is_gpu: true })
     });
@@ -55,9 +65,9 @@ pub fn select(choice: DeviceChoice) -> Result<Compute> {
     }
 }
 
-/// The name of the adapter wgpu would pick, if any.
+/// The name of the adapter wgpu would pick, if any, and whether it is a software one.
 #[cfg(not(target_family = "wasm"))]
-fn adapter_name() -> Option<String> {
+fn adapter_info() -> Option<(String, bool)> {
     use burn::tensor::wgpu::wgpu;
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
@@ -66,7 +76,7 @@ fn adapter_name() -> Option<String> {
     }))
     .ok()?;
     let info = adapter.get_info();
-    Some(format!("{} ({:?}, {})", info.name, info.backend, info.driver))
+    Some((format!("{} ({:?}, {})", info.name, info.backend, info.driver), info.device_type == wgpu::DeviceType::Cpu))
 }
 
 /// Browser: acquire WebGPU (once per page).

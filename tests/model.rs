@@ -130,3 +130,16 @@ fn bad_model_files_give_clear_errors() {
         assert!(e.message.contains("GGUF") || e.message.contains("truncated"), "cut {cut}: {e}");
     }
 }
+
+#[test]
+fn smollm2_peft_adapter_matches_peft() {
+    let Some(path) = smollm2_path() else { return };
+    let mut s = Session::load(&ModelFiles::from_path(&path).unwrap(), compute()).unwrap();
+    let d = fixture("smollm2-adapter");
+    let cfg = std::fs::read_to_string(d.join("adapter_config.json")).unwrap();
+    s.load_adapter("a", &cfg, &std::fs::read(d.join("adapter_model.safetensors")).unwrap()).unwrap();
+    let fx = load("smollm2-adapter/expected.safetensors");
+    let ids: Vec<u32> = fx.i64["input_ids"].1.iter().map(|&i| i as u32).collect();
+    let got = block_on(s.logits(&ids, Some("a"))).unwrap();
+    assert_close("smollm2 + peft LoRA", &got.data, &fx.f32["logits"].data, 1e-3);
+}

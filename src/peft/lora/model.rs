@@ -14,7 +14,7 @@ use crate::models::hooks::{LinearHook, Site};
 use crate::models::llama::Llama;
 use crate::peft::NamedParam;
 use crate::peft::lora::{InitLora, LoraConfig, LoraLayer};
-use crate::peft::targets::Matcher;
+use crate::peft::targets::{Matcher, Targets};
 use crate::tensor::{read, upload};
 
 pub struct LoraAdapter {
@@ -40,7 +40,8 @@ impl LoraAdapter {
     /// The sites of `model` this config targets, with their (rank, scaling).
     pub fn resolve_sites(config: &LoraConfig, model: &Llama) -> Result<Vec<(Site, usize, f64)>> {
         let m = Matcher::new(config.target_modules.clone(), config.exclude_modules.clone(), config.layers_to_transform.clone(), config.layers_pattern.as_deref())?;
-        if m.matches("lm_head", true) || m.matches("model.embed_tokens", false) {
+        let embed_hit = config.target_modules != Targets::AllLinear && m.matches("model.embed_tokens", false);
+        if m.matches("lm_head", true) || embed_hit {
             bail!(Unsupported, "LoRA on lm_head / embed_tokens is not supported yet");
         }
         let sites: Vec<_> = model

@@ -1,0 +1,90 @@
+//! The `webpeft` command line, end to end on the tiny model: train, save, reload, logits,
+//! generate, bench, and one-line errors on bad input.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use webpeft::io::safetensors::{parse, view_to_f32};
+
+fn webpeft(args: &[&str]) -> (bool, String, String) {
+    let dev = std::env::var("WEBPEFT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let out = Command::new(env!("CARGO_BIN_EXE_webpeft")).args(args).args(["--device", &dev]).output().expect("run webpeft");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn train_then_use_the_adapter() {
+    let tmp = std::env::temp_dir().join(format!("webpeft-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let data = tmp.join("data.txt");
+    std::fs::write(&data, "Beautiful is better than ugly.\nExplicit is better than implicit.\nSimple is better than complex.\n").unwrap();
+    let model = fixture("tiny-llama");
+    let (m, d, out) = (model.to_str().unwrap(), data.to_str().unwrap(), tmp.join("adapter"));
+    let (ok, stdout, stderr) = webpeft(&[
+        "train", "--model", m, "--data", d, "--out", out.to_str().unwrap(), "--r", "4", "--alpha", "8", "--target", "all-linear",
+        "--steps", "8", "--lr", "1e-2", "--batch", "3", "--seq-len", "32", "--schedule", "cosine", "--warmup", "1", "--seed", "1",
+    ]);
+    assert!(ok, "train failed: {stderr}");
+    let losses: Vec<f32> = stdout.lines().filter_map(|l| l.split_whitespace().skip_while(|w| *w != "loss").nth(1)).map(|x| x.parse().unwrap()).collect();
+    assert_eq!(losses.len(), 8, "{stdout}");
+    assert!(losses[7] < losses[0] - 0.5, "loss must fall on 3 memorised lines: {losses:?}");
+    assert!(out.join("adapter_config.json").exists() && out.join("adapter_model.safetensors").exists());
+
+    // Logits with and without the adapter differ; with it, the trained text is more likely.
+    let f0 = tmp.join("base.safetensors");
+    let f1 = tmp.join("tuned.safetensors");
+    let text = "Simple is better than complex.";
+    assert!(webpeft(&["logits", "--model", m, "--text", text, "--out", f0.to_str().unwrap()]).0);
+    let (ok, _, e) = webpeft(&["logits", "--model", m, "--adapter", out.to_str().unwrap(), "--text", text, "--out", f1.to_str().unwrap()]);
+    assert!(ok, "{e}");
+    let read = |p: &std::path::Path| {
+        let b = std::fs::read(p).unwrap();
+        let st = parse(&b).unwrap();
+        view_to_f32("logits", &st.tensor("logits").unwrap()).unwrap()
+    };
+    let (a, b) = (read(&f0), read(&f1));
+    assert_eq!(a.shape, b.shape);
+    assert!(max_abs_diff(&a.data, &b.data) > 0.1);
+
+    // Continue training from the saved adapter.
+    let out2 = tmp.join("adapter2");
+    let (ok, stdout2, e) = webpeft(&["train", "--model", m, "--data", d, "--out", out2.to_str().unwrap(), "--init-adapter", out.to_str().unwrap(), "--steps", "2", "--lr", "1e-3", "--batch", "3", "--seq-len", "32"]);
+    assert!(ok, "{e}");
+    let first: f32 = stdout2.lines().next().unwrap().split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(first < losses[0] - 0.5, "resumed training starts from the trained adapter: {first} vs {}", losses[0]);
+
+    let (ok, text_out, e) = webpeft(&["generate", "--model", m, "--adapter", out.to_str().unwrap(), "--prompt", "Simple is", "--max-new-tokens", "6"]);
+    assert!(ok, "{e}");
+    assert!(!text_out.trim().is_empty());
+
+    let (ok, json, e) = webpeft(&["bench", "--model", m, "--batch", "2", "--seq-len", "16", "--steps", "2", "--gen-tokens", "4"]);
+    assert!(ok, "{e}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for k in ["train_tokens_per_s", "train_ms_per_step", "forward_tokens_per_s", "generate_tokens_per_s"] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {json}");
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+#[test]
+fn bad_input_exits_with_one_line() {
+    let m = fixture("tiny-llama");
+    let m = m.to_str().unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["logits", "--model", "/nonexistent/model", "--text", "x", "--out", "/tmp/x.st"],
+        vec!["train", "--model", m, "--data", "/nonexistent.txt", "--out", "/tmp/webpeft-x"],
+        vec!["train", "--model", m, "--data", "Cargo.toml", "--out", "/tmp/webpeft-x", "--target", "nope_proj"],
+        vec!["train", "--model", m, "--data", "Cargo.toml", "--out", "/tmp/webpeft-x", "--method", "dora"],
+        vec!["train", "--model", m, "--data", "Cargo.toml", "--out", "/tmp/webpeft-x", "--schedule", "weird"],
+        vec!["generate", "--model", m, "--adapter", "/nonexistent", "--prompt", "x"],
+    ];
+    for c in cases {
+        let (ok, _, stderr) = webpeft(&c);
+        assert!(!ok, "{c:?} should fail");
+        let last = stderr.lines().last().unwrap_or("");
+        assert!(last.starts_with("webpeft: "), "{c:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{c:?}: {stderr}");
+    }
+}
