@@ -1,3 +1,4 @@
+#![cfg(not(target_family = "wasm"))]
 //! The `webpeft` command line, end to end on the tiny model: train, save, reload, logits,
 //! generate, bench, and one-line errors on bad input.
 

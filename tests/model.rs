@@ -1,3 +1,4 @@
+#![cfg(not(target_family = "wasm"))]
 //! Forward pass, loaders and tokenizer against transformers (fixtures from
 //! scripts/fixtures/make_fixtures.py).
 
@@ -142,4 +143,31 @@ fn smollm2_peft_adapter_matches_peft() {
     let ids: Vec<u32> = fx.i64["input_ids"].1.iter().map(|&i| i as u32).collect();
     let got = block_on(s.logits(&ids, Some("a"))).unwrap();
     assert_close("smollm2 + peft LoRA", &got.data, &fx.f32["logits"].data, 1e-3);
+}
+
+#[test]
+fn sharded_safetensors_folder_loads() {
+    use webpeft::io::safetensors::{OutTensor, read_all_f32, write};
+    let dir = fixture("tiny-llama");
+    let all = read_all_f32(&std::fs::read(dir.join("model.safetensors")).unwrap()).unwrap();
+    let tmp = std::env::temp_dir().join(format!("webpeft-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut shards = [BTreeMap::new(), BTreeMap::new()];
+    let mut weight_map = serde_json::Map::new();
+    for (i, (k, v)) in all.into_iter().enumerate() {
+        let name = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+        weight_map.insert(k.clone(), name.into());
+        shards[i % 2].insert(k, OutTensor::F32(v));
+    }
+    for (i, s) in shards.iter().enumerate() {
+        std::fs::write(tmp.join(format!("model-0000{}-of-00002.safetensors", i + 1)), write(s, None).unwrap()).unwrap();
+    }
+    std::fs::write(tmp.join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string()).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(dir.join(f), tmp.join(f)).unwrap();
+    }
+    let s = Session::load(&ModelFiles::from_path(&tmp).unwrap(), compute()).unwrap();
+    let fx = load("tiny-logits.safetensors");
+    assert_close("sharded", &logits(&s.model, &fx.i64["tiny.input_ids"], None), &fx.f32["tiny.logits"].data, 1e-4);
+    std::fs::remove_dir_all(&tmp).ok();
 }

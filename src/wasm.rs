@@ -1,0 +1,403 @@
+//! The JavaScript boundary (wasm-bindgen). Every call returns a Promise that rejects with an
+//! `Error` carrying `code` (see [`crate::error::ErrorCode`]); bad input never reaches tensor
+//! code. A `log` bridge forwards Rust logs to the console and treats any error logged by the
+//! GPU stack (a shader that failed to compile, an uncaptured WebGPU error) as fatal for the
+//! call in flight, because on the web such errors are only logged while results go wrong.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
+use serde::Deserialize;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::future_to_promise;
+
+use crate::device::{Compute, init_webgpu, self_check};
+use crate::error::{Error, ErrorCode, Result, err};
+use crate::generate::GenerateOptions;
+use crate::io::source::ModelFiles;
+use crate::peft::lora::LoraConfig;
+use crate::session::{Session, TrainOptions};
+use crate::train::Schedule;
+use crate::train::data::Example;
+
+thread_local! {
+    static COMPUTE: RefCell<Option<Compute>> = const { RefCell::new(None) };
+    /// First GPU-stack error logged since the flag was last cleared.
+    static FAULT: RefCell<Option<String>> = const { RefCell::new(None) };
+    static PANICKED: Cell<bool> = const { Cell::new(false) };
+    /// Called with a message when the module panics (the JS wrapper rejects pending calls).
+    static ON_FATAL: RefCell<Option<Function>> = const { RefCell::new(None) };
+}
+
+/// Register `callback(message)` to hear about a crash of the module: after a panic a pending
+/// promise would never settle, so the JS wrapper uses this to reject it.
+#[wasm_bindgen(js_name = onFatal)]
+pub fn on_fatal(callback: Function) {
+    ON_FATAL.with(|f| *f.borrow_mut() = Some(callback));
+}
+
+fn js_error(e: &Error) -> JsValue {
+    let je = js_sys::Error::new(&e.to_string());
+    let _ = Reflect::set(&je, &"code".into(), &e.code.as_str().into());
+    je.into()
+}
+
+struct ConsoleLog;
+
+impl log::Log for ConsoleLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let msg = format!("[{}] {}", r.target(), r.args());
+        if r.level() == log::Level::Error {
+            web_sys::console::error_1(&msg.clone().into());
+            FAULT.with(|f| f.borrow_mut().get_or_insert(msg));
+        } else {
+            web_sys::console::warn_1(&msg.into());
+        }
+    }
+    fn flush(&self) {}
+}
+
+static LOGGER: ConsoleLog = ConsoleLog;
+
+fn install_hooks() {
+    let _ = log::set_logger(&LOGGER).map(|_| log::set_max_level(log::LevelFilter::Warn));
+    std::panic::set_hook(Box::new(|info| {
+        PANICKED.with(|p| p.set(true));
+        console_error_panic_hook::hook(info);
+        let msg = JsValue::from(info.to_string());
+        ON_FATAL.with(|f| f.borrow().as_ref().map(|f| f.call1(&JsValue::NULL, &msg)));
+    }));
+}
+
+/// Run `f`, failing if the module already panicked or the GPU stack logged an error meanwhile.
+async fn guarded<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    if PANICKED.with(|p| p.get()) {
+        return Err(err!(Device, "the webpeft module crashed earlier; reload the page"));
+    }
+    FAULT.with(|f| f.borrow_mut().take());
+    let out = f.await?;
+    if let Some(msg) = FAULT.with(|f| f.borrow_mut().take()) {
+        return Err(err!(Device, "the GPU reported an error, results discarded: {msg}"));
+    }
+    Ok(out)
+}
+
+fn promise<T: Into<JsValue>>(f: impl std::future::Future<Output = Result<T>> + 'static) -> Promise {
+    future_to_promise(async move { guarded(f).await.map(Into::into).map_err(|e| js_error(&e)) })
+}
+
+fn compute() -> Result<Compute> {
+    COMPUTE.with(|c| c.borrow().clone()).ok_or_else(|| err!(Device, "call init() first"))
+}
+
+/// Acquire the WebGPU device (once per page) and check that it computes correctly.
+/// Resolves to `{ device }`; rejects with code "device" when WebGPU is missing or wrong.
+#[wasm_bindgen]
+pub fn init() -> Promise {
+    install_hooks();
+    promise(async {
+        let c = match COMPUTE.with(|c| c.borrow().clone()) {
+            Some(c) => c,
+            None => {
+                let c = init_webgpu().await?;
+                COMPUTE.with(|slot| *slot.borrow_mut() = Some(c.clone()));
+                c
+            }
+        };
+        self_check(&c.device).await?;
+        let o = Object::new();
+        let _ = Reflect::set(&o, &"device".into(), &c.name.into());
+        Ok(JsValue::from(o))
+    })
+}
+
+fn bytes_of(v: &JsValue, name: &str) -> Result<Vec<u8>> {
+    if let Some(s) = v.as_string() {
+        return Ok(s.into_bytes());
+    }
+    if v.is_instance_of::<Uint8Array>() || v.is_instance_of::<js_sys::ArrayBuffer>() {
+        return Ok(Uint8Array::new(v).to_vec());
+    }
+    Err(err!(Data, "file {name}: expected a string, Uint8Array or ArrayBuffer"))
+}
+
+/// `{ name: bytes | string }` to a map.
+fn files_of(files: &JsValue) -> Result<BTreeMap<String, Vec<u8>>> {
+    if !files.is_object() {
+        return Err(err!(Data, "expected an object mapping file names to contents"));
+    }
+    let entries = Object::entries(&Object::from(files.clone()));
+    let mut m = BTreeMap::new();
+    for e in entries.iter() {
+        let pair = Array::from(&e);
+        let name = pair.get(0).as_string().unwrap_or_default();
+        m.insert(name.clone(), bytes_of(&pair.get(1), &name)?);
+    }
+    Ok(m)
+}
+
+fn from_js<T: for<'de> Deserialize<'de>>(v: JsValue, what: &str) -> Result<T> {
+    if v.is_undefined() || v.is_null() {
+        return serde_json::from_str("{}").map_err(|e| err!(Config, "{what}: {e}"));
+    }
+    serde_wasm_bindgen::from_value(v).map_err(|e| err!(Config, "{what}: {e}"))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+struct JsTrainOptions {
+    adapter: Option<String>,
+    steps: Option<usize>,
+    batch: Option<usize>,
+    seq_len: Option<usize>,
+    grad_accum: Option<usize>,
+    lr: Option<f64>,
+    warmup: Option<usize>,
+    schedule: Option<String>,
+    weight_decay: Option<f64>,
+    max_grad_norm: Option<f64>,
+    seed: Option<u64>,
+    append_eos: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+struct JsGenerateOptions {
+    adapter: Option<String>,
+    max_new_tokens: Option<usize>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<u64>,
+    chat: Option<bool>,
+}
+
+fn examples_of(v: JsValue) -> Result<Vec<Example>> {
+    let vals: Vec<serde_json::Value> = serde_wasm_bindgen::from_value(v).map_err(|e| err!(Data, "examples: {e}"))?;
+    if vals.is_empty() {
+        return Err(err!(Data, "examples: empty"));
+    }
+    vals.into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+            match (&v, s("text"), s("prompt"), s("completion")) {
+                (serde_json::Value::String(t), ..) => Ok(Example::Text(t.clone())),
+                (_, Some(t), None, None) => Ok(Example::Text(t)),
+                (_, None, Some(prompt), Some(completion)) => Ok(Example::PromptCompletion { prompt, completion }),
+                _ => Err(err!(Data, "example {i}: expected a string, {{text}} or {{prompt, completion}}")),
+            }
+        })
+        .collect()
+}
+
+fn set(o: &Object, k: &str, v: impl Into<JsValue>) {
+    let _ = Reflect::set(o, &k.into(), &v.into());
+}
+
+/// A loaded model with its adapters.
+#[wasm_bindgen]
+pub struct Model {
+    inner: Rc<RefCell<Session>>,
+}
+
+impl Model {
+    fn session(&self) -> Rc<RefCell<Session>> {
+        self.inner.clone()
+    }
+}
+
+fn busy() -> Error {
+    err!(Config, "the model is busy with another call; await it first")
+}
+
+#[wasm_bindgen]
+impl Model {
+    /// Load from `{ "config.json", "model.safetensors" | shards + index, "tokenizer.json" }` or
+    /// `{ "name.gguf": bytes }`. Resolves to a Model.
+    #[wasm_bindgen(js_name = fromFiles)]
+    pub fn from_files(files: JsValue) -> Promise {
+        promise(async move {
+            let files = ModelFiles::from_named(files_of(&files)?)?;
+            let s = Session::load(&files, compute()?)?;
+            Ok(Model { inner: Rc::new(RefCell::new(s)) })
+        })
+    }
+
+    /// Model facts: `{ vocabSize, hiddenSize, layers, parameters, device }`.
+    pub fn info(&self) -> JsValue {
+        let s = self.inner.borrow();
+        let c = &s.model.config;
+        let o = Object::new();
+        set(&o, "modelType", c.model_type.clone());
+        set(&o, "vocabSize", c.vocab_size as u32);
+        set(&o, "hiddenSize", c.hidden_size as u32);
+        set(&o, "layers", c.num_hidden_layers as u32);
+        set(&o, "parameters", s.model.num_parameters() as f64);
+        set(&o, "device", s.compute.name.clone());
+        o.into()
+    }
+
+    /// Token ids of `text` (the tokenizer's default special tokens).
+    pub fn tokenize(&self, text: &str) -> std::result::Result<Vec<u32>, JsValue> {
+        self.inner.borrow().tokenizer.encode(text).map_err(|e| js_error(&e))
+    }
+
+    /// Add a new LoRA adapter from a peft `LoraConfig` (JSON string or object).
+    #[wasm_bindgen(js_name = addAdapter)]
+    pub fn add_adapter(&self, name: String, config: JsValue, seed: Option<u64>) -> Promise {
+        let s = self.session();
+        promise(async move {
+            let json = match config.as_string() {
+                Some(t) => t,
+                None => js_sys::JSON::stringify(&config).map(String::from).map_err(|_| err!(Config, "config is not JSON"))?,
+            };
+            let mut v: serde_json::Value = serde_json::from_str(&json).map_err(|e| err!(Config, "config: {e}"))?;
+            if let Some(o) = v.as_object_mut() {
+                o.entry("peft_type").or_insert_with(|| "LORA".into());
+            }
+            let cfg = LoraConfig::from_value(&v)?;
+            s.try_borrow_mut().map_err(|_| busy())?.add_adapter(&name, cfg, seed.unwrap_or(0))?;
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// Load a PEFT adapter from `{ "adapter_config.json", "adapter_model.safetensors" }`.
+    #[wasm_bindgen(js_name = loadAdapter)]
+    pub fn load_adapter(&self, name: String, files: JsValue) -> Promise {
+        let s = self.session();
+        promise(async move {
+            let f = files_of(&files)?;
+            let cfg = f.get("adapter_config.json").ok_or_else(|| err!(Io, "adapter_config.json missing"))?;
+            let w = f.get("adapter_model.safetensors").ok_or_else(|| err!(Io, "adapter_model.safetensors missing"))?;
+            let cfg = String::from_utf8(cfg.clone()).map_err(|_| err!(Format, "adapter_config.json is not UTF-8"))?;
+            s.try_borrow_mut().map_err(|_| busy())?.load_adapter(&name, &cfg, w)?;
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// The two PEFT files of an adapter.
+    #[wasm_bindgen(js_name = saveAdapter)]
+    pub fn save_adapter(&self, name: String) -> Promise {
+        let s = self.session();
+        promise(async move {
+            let (cfg, w) = {
+                let sess = s.try_borrow().map_err(|_| busy())?;
+                sess.save_adapter(&name).await?
+            };
+            let o = Object::new();
+            set(&o, "adapter_config.json", cfg);
+            set(&o, "adapter_model.safetensors", Uint8Array::from(&w[..]));
+            Ok(JsValue::from(o))
+        })
+    }
+
+    /// Train adapter `options.adapter` (default "default") on `examples` (strings,
+    /// `{text}` or `{prompt, completion}`). `onStep(report)` is called after each step; it may
+    /// return `false` to stop. Resolves to the list of reports.
+    pub fn train(&self, examples: JsValue, options: JsValue, on_step: Option<Function>) -> Promise {
+        let s = self.session();
+        promise(async move {
+            let ex = examples_of(examples)?;
+            let o: JsTrainOptions = from_js(options, "train options")?;
+            let d = TrainOptions::default();
+            let opts = TrainOptions {
+                steps: o.steps.unwrap_or(d.steps),
+                batch: o.batch.unwrap_or(d.batch),
+                seq_len: o.seq_len.unwrap_or(d.seq_len),
+                grad_accum: o.grad_accum.unwrap_or(d.grad_accum),
+                lr: o.lr.unwrap_or(d.lr),
+                warmup: o.warmup.unwrap_or(d.warmup),
+                schedule: o.schedule.as_deref().map(Schedule::parse).transpose()?.unwrap_or(d.schedule),
+                weight_decay: o.weight_decay.unwrap_or(d.weight_decay),
+                max_grad_norm: match o.max_grad_norm {
+                    Some(x) if x <= 0.0 => None,
+                    Some(x) => Some(x),
+                    None => d.max_grad_norm,
+                },
+                seed: o.seed.unwrap_or(d.seed),
+                append_eos: o.append_eos.unwrap_or(d.append_eos),
+            };
+            let name = o.adapter.unwrap_or_else(|| "default".into());
+            let mut sess = s.try_borrow_mut().map_err(|_| busy())?;
+            let all = Array::new();
+            let reports = sess
+                .train(&name, &ex, &opts, |r| {
+                    let j = Object::new();
+                    set(&j, "step", r.stats.step as u32);
+                    set(&j, "loss", r.stats.loss);
+                    set(&j, "lr", r.stats.lr);
+                    set(&j, "gradNorm", r.stats.grad_norm);
+                    set(&j, "tokens", r.stats.tokens as u32);
+                    set(&j, "tokensPerSecond", r.tokens_per_second);
+                    set(&j, "seconds", r.seconds);
+                    set(&j, "epoch", r.epoch as u32);
+                    set(&j, "skipped", r.stats.skipped);
+                    if let Some(m) = r.memory_in_use {
+                        set(&j, "memoryInUse", m as f64);
+                    }
+                    all.push(&j);
+                    on_step.as_ref().is_none_or(|f| f.call1(&JsValue::NULL, &j).map(|v| v != JsValue::FALSE).unwrap_or(true))
+                })
+                .await?;
+            drop(reports);
+            Ok(JsValue::from(all))
+        })
+    }
+
+    /// Generate text after `prompt`. Options: adapter, maxNewTokens, temperature (0 =
+    /// greedy), topP, seed, chat (wrap in the chat template). `onToken(id)` streams tokens.
+    pub fn generate(&self, prompt: String, options: JsValue, on_token: Option<Function>) -> Promise {
+        let s = self.session();
+        promise(async move {
+            let o: JsGenerateOptions = from_js(options, "generate options")?;
+            let d = GenerateOptions::default();
+            let g = GenerateOptions {
+                max_new_tokens: o.max_new_tokens.unwrap_or(d.max_new_tokens),
+                temperature: o.temperature.unwrap_or(d.temperature),
+                top_p: o.top_p.unwrap_or(d.top_p),
+                seed: o.seed.unwrap_or(d.seed),
+                stop: None,
+            };
+            let sess = s.try_borrow().map_err(|_| busy())?;
+            let text = sess
+                .generate(&prompt, o.chat.unwrap_or(false), &g, o.adapter.as_deref(), |t| {
+                    if let Some(f) = &on_token {
+                        let _ = f.call1(&JsValue::NULL, &t.into());
+                    }
+                })
+                .await?;
+            Ok(JsValue::from(text))
+        })
+    }
+
+    /// Logits of token ids: resolves to `{ shape: [1, T, V], data: Float32Array }`.
+    pub fn logits(&self, ids: Vec<u32>, adapter: Option<String>) -> Promise {
+        let s = self.session();
+        promise(async move {
+            let sess = s.try_borrow().map_err(|_| busy())?;
+            let t = sess.logits(&ids, adapter.as_deref()).await?;
+            let o = Object::new();
+            let shape = Array::new();
+            t.shape.iter().for_each(|&d| {
+                shape.push(&(d as u32).into());
+            });
+            set(&o, "shape", shape);
+            set(&o, "data", js_sys::Float32Array::from(&t.data[..]));
+            Ok(JsValue::from(o))
+        })
+    }
+}
+
+impl From<ErrorCode> for JsValue {
+    fn from(c: ErrorCode) -> Self {
+        c.as_str().into()
+    }
+}

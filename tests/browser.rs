@@ -1,0 +1,113 @@
+//! The same numeric checks inside headless Chromium (WebGPU on SwiftShader): a broken shader
+//! on wasm returns stale or wrong data without an error, so these compare numbers against
+//! the PyTorch fixtures. Run by scripts/test-browser (`cargo test --target wasm32-unknown-unknown`).
+#![cfg(target_family = "wasm")]
+
+use std::collections::BTreeMap;
+
+use wasm_bindgen_test::*;
+use webpeft::device::{Compute, init_webgpu, self_check};
+use webpeft::io::safetensors::{HostTensor, read_all_f32};
+use webpeft::io::source::ModelFiles;
+use webpeft::session::Session;
+use webpeft::train::data::Batch;
+use webpeft::train::{AdamWConfig, TrainConfig, Trainer};
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+macro_rules! fx {
+    ($p:literal) => {
+        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/", $p)).as_slice()
+    };
+}
+
+thread_local! {
+    static GPU: std::cell::RefCell<Option<Compute>> = const { std::cell::RefCell::new(None) };
+}
+
+/// One WebGPU device per page (Burn cannot initialise it twice).
+async fn gpu() -> Compute {
+    if let Some(c) = GPU.with(|g| g.borrow().clone()) {
+        return c;
+    }
+    let c = init_webgpu().await.expect("WebGPU available (Chromium with --enable-unsafe-webgpu)");
+    GPU.with(|g| *g.borrow_mut() = Some(c.clone()));
+    c
+}
+
+async fn tiny() -> Session {
+    let mut files = BTreeMap::new();
+    files.insert("config.json".to_string(), fx!("tiny-llama/config.json").to_vec());
+    files.insert("model.safetensors".to_string(), fx!("tiny-llama/model.safetensors").to_vec());
+    files.insert("tokenizer.json".to_string(), fx!("tiny-llama/tokenizer.json").to_vec());
+    Session::load(&ModelFiles::from_named(files).unwrap(), gpu().await).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn ids_of(bytes: &[u8], key: &str) -> (Vec<usize>, Vec<i64>) {
+    let st = webpeft::io::safetensors::parse(bytes).unwrap();
+    webpeft::io::safetensors::view_to_i64(key, &st.tensor(key).unwrap()).unwrap()
+}
+
+fn f32_of(bytes: &[u8], key: &str) -> HostTensor {
+    read_all_f32(bytes).unwrap().remove(key).unwrap()
+}
+
+#[wasm_bindgen_test]
+async fn device_self_check_passes() {
+    self_check(&gpu().await.device).await.expect("self-check");
+}
+
+#[wasm_bindgen_test]
+async fn tiny_logits_and_peft_adapter_match_pytorch() {
+    let mut s = tiny().await;
+    let logits_fx = fx!("tiny-logits.safetensors");
+    let (_, ids) = ids_of(logits_fx, "tiny.input_ids");
+    // Row 0 of the fixture batch.
+    let row: Vec<u32> = ids[..12].iter().map(|&i| i as u32).collect();
+    let got = s.logits(&row, None).await.unwrap();
+    let want = f32_of(logits_fx, "tiny.logits");
+    let d = max_abs_diff(&got.data, &want.data[..got.data.len()]);
+    web_sys_log(&format!("browser tiny logits max |d| = {d:e}"));
+    assert!(d < 1e-4, "tiny logits |d| = {d}");
+
+    s.load_adapter("qv", std::str::from_utf8(fx!("tiny-adapters/qv/adapter_config.json")).unwrap(), fx!("tiny-adapters/qv/adapter_model.safetensors")).unwrap();
+    let got = s.logits(&row, Some("qv")).await.unwrap();
+    let want = f32_of(fx!("tiny-adapters/qv/expected.safetensors"), "logits");
+    let d = max_abs_diff(&got.data, &want.data[..got.data.len()]);
+    web_sys_log(&format!("browser peft adapter logits max |d| = {d:e}"));
+    assert!(d < 1e-4, "adapter logits |d| = {d}");
+}
+
+#[wasm_bindgen_test]
+async fn one_training_step_matches_pytorch() {
+    let mut s = tiny().await;
+    s.load_adapter("qv", std::str::from_utf8(fx!("tiny-adapters/qv/adapter_config.json")).unwrap(), fx!("tiny-adapters/qv/adapter_model.safetensors")).unwrap();
+    let t = fx!("tiny-train.safetensors");
+    let (shape, input_ids) = ids_of(t, "input_ids");
+    let batch = Batch { batch: shape[0], len: shape[1], input_ids, attention_mask: ids_of(t, "attention_mask").1, labels: ids_of(t, "labels").1 };
+    let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() }, ..Default::default() });
+    let a = s.adapters.get_mut("qv").unwrap();
+    a.set_trainable(true);
+    let st = tr.step(&s.model, a, std::slice::from_ref(&batch)).await.unwrap();
+    let want_loss = f32_of(t, "loss_step0").data[0];
+    web_sys_log(&format!("browser loss {} vs torch {want_loss}", st.loss));
+    assert!((st.loss - want_loss).abs() < 1e-5);
+    a.set_trainable(false);
+    let (_, bytes) = s.save_adapter("qv").await.unwrap();
+    let all = read_all_f32(t).unwrap();
+    let mut worst = 0f32;
+    for (k, v) in read_all_f32(&bytes).unwrap() {
+        worst = worst.max(max_abs_diff(&v.data, &all[&format!("step1.{k}")].data));
+    }
+    web_sys_log(&format!("browser one-step weights max |d| = {worst:e}"));
+    assert!(worst < 5e-5, "weights after one step |d| = {worst}");
+}
+
+fn web_sys_log(s: &str) {
+    wasm_bindgen_test::console_log!("{s}");
+}
