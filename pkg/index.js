@@ -84,14 +84,15 @@ async function filesFromUrl(url, onProgress) {
   const base = url.endsWith('/') ? url : `${url}/`;
   const files = {};
   for (const f of ['config.json', 'tokenizer.json']) files[f] = await fetchWithProgress(base + f, f, onProgress);
-  let index = null;
-  try { index = await fetchWithProgress(base + 'model.safetensors.index.json', 'model.safetensors.index.json'); } catch { index = null; }
-  if (index) {
+  try {
+    files['model.safetensors'] = await fetchWithProgress(base + 'model.safetensors', 'model.safetensors', onProgress);
+  } catch (e) {
+    // A sharded checkpoint: model.safetensors.index.json names the shards.
+    let index;
+    try { index = await fetchWithProgress(base + 'model.safetensors.index.json', 'model.safetensors.index.json'); } catch { throw e; }
     files['model.safetensors.index.json'] = index;
     const map = JSON.parse(new TextDecoder().decode(index)).weight_map ?? {};
     for (const shard of [...new Set(Object.values(map))]) files[shard] = await fetchWithProgress(base + shard, shard, onProgress);
-  } else {
-    files['model.safetensors'] = await fetchWithProgress(base + 'model.safetensors', 'model.safetensors', onProgress);
   }
   return files;
 }

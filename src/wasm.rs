@@ -57,7 +57,9 @@ impl log::Log for ConsoleLog {
         let msg = format!("[{}] {}", r.target(), r.args());
         if r.level() == log::Level::Error {
             web_sys::console::error_1(&msg.clone().into());
-            FAULT.with(|f| f.borrow_mut().get_or_insert(msg));
+            FAULT.with(|f| {
+                f.borrow_mut().get_or_insert(msg);
+            });
         } else {
             web_sys::console::warn_1(&msg.into());
         }
@@ -144,11 +146,15 @@ fn files_of(files: &JsValue) -> Result<BTreeMap<String, Vec<u8>>> {
     Ok(m)
 }
 
+/// Options objects go through JSON so that unknown keys are refused (serde-wasm-bindgen
+/// only looks up the fields it knows).
 fn from_js<T: for<'de> Deserialize<'de>>(v: JsValue, what: &str) -> Result<T> {
-    if v.is_undefined() || v.is_null() {
-        return serde_json::from_str("{}").map_err(|e| err!(Config, "{what}: {e}"));
-    }
-    serde_wasm_bindgen::from_value(v).map_err(|e| err!(Config, "{what}: {e}"))
+    let text = if v.is_undefined() || v.is_null() {
+        "{}".to_string()
+    } else {
+        js_sys::JSON::stringify(&v).map(String::from).map_err(|_| err!(Config, "{what}: not a plain object"))?
+    };
+    serde_json::from_str(&text).map_err(|e| err!(Config, "{what}: {e}"))
 }
 
 #[derive(Deserialize, Default)]

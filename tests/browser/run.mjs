@@ -19,12 +19,13 @@ const server = http.createServer((req, res) => {
 await new Promise((r) => server.listen(0, '127.0.0.1', r));
 const origin = `http://127.0.0.1:${server.address().port}`;
 
-const browser = await chromium.launch({
+const browser = await chromium.launchPersistentContext(fs.mkdtempSync(path.join(os.tmpdir(), 'webpeft-chromium-')), {
   executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: ['--headless=new', '--no-sandbox', `--user-data-dir=${fs.mkdtempSync(path.join(os.tmpdir(), 'webpeft-chromium-'))}`, '--no-first-run',
+  headless: true,
+  args: ['--headless=new', '--no-sandbox', '--no-first-run',
     '--disable-background-networking', '--disable-component-update', '--disable-sync', '--enable-unsafe-webgpu'],
 });
-const page = await browser.newPage();
+const page = browser.pages()[0] ?? await browser.newPage();
 const foreign = [];
 page.on('request', (r) => { if (!r.url().startsWith(origin) && !r.url().startsWith('data:')) foreign.push(r.url()); });
 page.on('console', (m) => console.log(`[browser] ${m.text()}`));
