@@ -5,7 +5,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Result, bail};
-use crate::models::hooks::LinearHook;
+use crate::models::hooks::Adapter;
 use crate::models::llama::{Inputs, KvCache, Llama};
 use crate::tensor::{ints, read};
 
@@ -68,7 +68,7 @@ pub fn sample(logits: &[f32], opts: &GenerateOptions, rng: &mut SmallRng) -> u32
 }
 
 /// Generate up to `max_new_tokens` after `prompt`; `on_token` sees each new token as it comes.
-pub async fn generate(model: &Llama, hook: &dyn LinearHook, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32)) -> Result<Vec<u32>> {
+pub async fn generate(model: &Llama, hook: &dyn Adapter, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32)) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         bail!(Data, "empty prompt");
     }

@@ -11,9 +11,10 @@ use crate::generate::{GenerateOptions, generate};
 use crate::io::gguf::Gguf;
 use crate::io::safetensors::HostTensor;
 use crate::io::source::ModelFiles;
-use crate::models::hooks::{LinearHook, NoHook};
+use crate::models::hooks::{Adapter, NoHook};
 use crate::models::llama::{Inputs, Llama};
 use crate::peft::lora::{LoraAdapter, LoraConfig};
+use crate::peft::{AnyAdapter, set_trainable};
 use crate::tensor::{ints, read};
 use crate::tokenizer::Tokenizer;
 use crate::train::data::{Batcher, Example, tokenize};
@@ -23,7 +24,7 @@ pub struct Session {
     pub compute: Compute,
     pub model: Llama,
     pub tokenizer: Tokenizer,
-    pub adapters: BTreeMap<String, LoraAdapter>,
+    pub adapters: BTreeMap<String, AnyAdapter>,
 }
 
 /// Options of a training run (the CLI's flags).
@@ -75,26 +76,33 @@ impl Session {
         Ok(Session { compute, model, tokenizer, adapters: BTreeMap::new() })
     }
 
-    fn adapter(&self, name: &str) -> Result<&LoraAdapter> {
+    fn adapter(&self, name: &str) -> Result<&AnyAdapter> {
         self.adapters.get(name).ok_or_else(|| err!(Config, "no adapter named {name:?}"))
     }
 
     /// The hook for an optional adapter name.
-    pub fn hook(&self, adapter: Option<&str>) -> Result<&dyn LinearHook> {
+    pub fn hook(&self, adapter: Option<&str>) -> Result<&dyn Adapter> {
         Ok(match adapter {
             Some(n) => self.adapter(n)?,
             None => &NoHook,
         })
     }
 
-    pub fn add_adapter(&mut self, name: &str, config: LoraConfig, seed: u64) -> Result<()> {
-        let a = LoraAdapter::new(config, &self.model, seed)?;
+    /// Add a new adapter from a peft config (any supported `peft_type`).
+    pub fn add_adapter(&mut self, name: &str, config: &serde_json::Value, seed: u64) -> Result<()> {
+        let a = AnyAdapter::new(config, &self.model, &self.tokenizer, seed)?;
         self.adapters.insert(name.to_string(), a);
         Ok(())
     }
 
+    pub fn add_lora(&mut self, name: &str, config: LoraConfig, seed: u64) -> Result<()> {
+        let a = LoraAdapter::new(config, &self.model, seed)?;
+        self.adapters.insert(name.to_string(), AnyAdapter::Lora(a));
+        Ok(())
+    }
+
     pub fn load_adapter(&mut self, name: &str, config_json: &str, weights: &[u8]) -> Result<()> {
-        let a = LoraAdapter::from_peft(config_json, weights, &self.model)?;
+        let a = AnyAdapter::from_peft(config_json, weights, &self.model)?;
         self.adapters.insert(name.to_string(), a);
         Ok(())
     }
@@ -150,7 +158,7 @@ impl Session {
         };
         let mut trainer = Trainer::new(config);
         let adapter = self.adapters.get_mut(name).ok_or_else(|| err!(Config, "no adapter named {name:?}"))?;
-        adapter.set_trainable(true);
+        set_trainable(adapter, true);
         let mut reports = Vec::new();
         let result = async {
             for _ in 0..o.steps {
@@ -174,7 +182,7 @@ impl Session {
             Ok::<(), crate::Error>(())
         }
         .await;
-        adapter.set_trainable(false);
+        set_trainable(adapter, false);
         result.map(|_| reports)
     }
 }

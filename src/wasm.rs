@@ -17,7 +17,6 @@ use crate::device::{Compute, init_webgpu, self_check};
 use crate::error::{Error, ErrorCode, Result, err};
 use crate::generate::GenerateOptions;
 use crate::io::source::ModelFiles;
-use crate::peft::lora::LoraConfig;
 use crate::session::{Session, TrainOptions};
 use crate::train::Schedule;
 use crate::train::data::Example;
@@ -256,7 +255,8 @@ impl Model {
         self.inner.borrow().tokenizer.encode(text).map_err(|e| js_error(&e))
     }
 
-    /// Add a new LoRA adapter from a peft `LoraConfig` (JSON string or object).
+    /// Add a new adapter from a peft config (JSON string or object; `peft_type` LORA (the
+    /// default), IA3 or PROMPT_TUNING).
     #[wasm_bindgen(js_name = addAdapter)]
     pub fn add_adapter(&self, name: String, config: JsValue, seed: Option<u64>) -> Promise {
         let s = self.session();
@@ -269,8 +269,7 @@ impl Model {
             if let Some(o) = v.as_object_mut() {
                 o.entry("peft_type").or_insert_with(|| "LORA".into());
             }
-            let cfg = LoraConfig::from_value(&v)?;
-            s.try_borrow_mut().map_err(|_| busy())?.add_adapter(&name, cfg, seed.unwrap_or(0))?;
+            s.try_borrow_mut().map_err(|_| busy())?.add_adapter(&name, &v, seed.unwrap_or(0))?;
             Ok(JsValue::UNDEFINED)
         })
     }

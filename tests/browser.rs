@@ -93,12 +93,12 @@ async fn one_training_step_matches_pytorch() {
     let batch = Batch { batch: shape[0], len: shape[1], input_ids, attention_mask: ids_of(t, "attention_mask").1, labels: ids_of(t, "labels").1 };
     let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() }, ..Default::default() });
     let a = s.adapters.get_mut("qv").unwrap();
-    a.set_trainable(true);
+    webpeft::peft::set_trainable(a, true);
     let st = tr.step(&s.model, a, std::slice::from_ref(&batch)).await.unwrap();
     let want_loss = f32_of(t, "loss_step0").data[0];
     web_sys_log(&format!("browser loss {} vs torch {want_loss}", st.loss));
     assert!((st.loss - want_loss).abs() < 1e-5);
-    a.set_trainable(false);
+    webpeft::peft::set_trainable(a, false);
     let (_, bytes) = s.save_adapter("qv").await.unwrap();
     let mut worst = 0f32;
     for (k, v) in read_all_f32(&bytes).unwrap() {

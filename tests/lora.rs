@@ -25,7 +25,7 @@ fn load_dir(s: &mut Session, name: &str, dir: &str) {
     s.load_adapter(name, &cfg, &w).unwrap();
 }
 
-fn logits_with(s: &Session, adapter: &dyn webpeft::models::hooks::LinearHook) -> Vec<f32> {
+fn logits_with(s: &Session, adapter: &dyn webpeft::models::hooks::Adapter) -> Vec<f32> {
     let fx = load("tiny-logits.safetensors");
     let (shape, ids) = &fx.i64["tiny.input_ids"];
     let inputs = Inputs { ids: ints(ids.clone(), [shape[0], shape[1]], &s.model.device), attention_mask: None };
@@ -47,7 +47,8 @@ fn peft_adapters_load_with_peft_logits() {
     load_dir(&mut s, "upgate", "tiny-adapters/regex_layers/upgate");
     let want = load("tiny-adapters/regex_layers/expected.safetensors");
     assert_close("peft adapter upgate", &logits_with(&s, &s.adapters["upgate"]), &want.f32["logits_upgate"].data, 1e-4);
-    assert_eq!(s.adapters["upgate"].layers.len(), 2, "layers_to_transform [1]: only layer 1's up/gate");
+    let webpeft::peft::AnyAdapter::Lora(up) = &s.adapters["upgate"] else { panic!("LoRA") };
+    assert_eq!(up.layers.len(), 2, "layers_to_transform [1]: only layer 1's up/gate");
 }
 
 #[test]
@@ -121,7 +122,7 @@ fn train_setup(steps: usize, clip: Option<f64>, schedule: Schedule, warmup: usiz
         max_grad_norm: clip,
         ..Default::default()
     };
-    s.adapters.get_mut("qv").unwrap().set_trainable(true);
+    webpeft::peft::set_trainable(s.adapters.get_mut("qv").unwrap(), true);
     (s, batch, Trainer::new(cfg))
 }
 
@@ -187,7 +188,7 @@ fn seeded_training_is_repeatable_and_dropout_only_trains() {
     let run = || {
         let mut s = tiny();
         let cfg = LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.2, ..Default::default() };
-        s.add_adapter("d", cfg, 7).unwrap();
+        s.add_lora("d", cfg, 7).unwrap();
         let ex: Vec<Example> = ["one two three four", "five six seven eight"].iter().map(|t| Example::Text(t.to_string())).collect();
         let opts = TrainOptions { steps: 3, batch: 2, seq_len: 16, lr: 1e-2, seed: 3, ..Default::default() };
         let r = block_on(s.train("d", &ex, &opts, |_| true)).unwrap();

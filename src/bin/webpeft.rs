@@ -13,7 +13,6 @@ use webpeft::error::{Error, ErrorCode, Result};
 use webpeft::generate::GenerateOptions;
 use webpeft::io::safetensors::{self as st, OutTensor};
 use webpeft::io::source::ModelFiles;
-use webpeft::peft::lora::{LoraConfig, InitLora};
 use webpeft::peft::targets::Targets;
 use webpeft::session::{Session, TrainOptions};
 use webpeft::tensor::block_on;
@@ -38,45 +37,76 @@ struct Common {
 }
 
 #[derive(Args, Clone)]
-struct LoraArgs {
-    /// PEFT method (this build: lora).
+struct MethodArgs {
+    /// PEFT method: lora | ia3 | prompt-tuning.
     #[arg(long, default_value = "lora")]
     method: String,
+    /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     r: usize,
+    /// LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with --rslora).
     #[arg(long, default_value_t = 16.0)]
     alpha: f64,
+    /// LoRA dropout.
     #[arg(long, default_value_t = 0.0)]
     dropout: f64,
-    /// Comma-separated module names, a regex, or all-linear.
-    #[arg(long, default_value = "q_proj,v_proj")]
-    target: String,
+    /// Target modules (LoRA, IA3): comma-separated names, a regex, or all-linear.
+    /// Default: q_proj,v_proj for LoRA; k_proj,v_proj,down_proj for IA3.
+    #[arg(long)]
+    target: Option<String>,
     #[arg(long)]
     rslora: bool,
-    /// true | false | gaussian
+    /// LoRA init: true | false | gaussian.
     #[arg(long, default_value = "true")]
     init: String,
+    /// IA3: modules whose input (not output) is scaled (default down_proj).
+    #[arg(long)]
+    feedforward: Option<String>,
+    /// Prompt tuning: number of virtual tokens.
+    #[arg(long, default_value_t = 20)]
+    num_virtual_tokens: usize,
+    /// Prompt tuning init: random | sample-vocab | text.
+    #[arg(long, default_value = "random")]
+    prompt_init: String,
+    /// Prompt tuning: the text whose token embeddings initialise the prompt (--prompt-init text).
+    #[arg(long)]
+    prompt_init_text: Option<String>,
 }
 
-impl LoraArgs {
-    fn config(&self, model: &Path) -> Result<LoraConfig> {
-        if self.method != "lora" {
-            return Err(Error::new(ErrorCode::Unsupported, format!("--method {}: this build supports lora", self.method)));
-        }
-        Ok(LoraConfig {
-            r: self.r,
-            lora_alpha: self.alpha,
-            lora_dropout: self.dropout,
-            target_modules: Targets::from_cli(&self.target),
-            use_rslora: self.rslora,
-            init_lora_weights: match self.init.as_str() {
-                "true" => InitLora::Default,
-                "false" => InitLora::Off,
-                "gaussian" => InitLora::Gaussian,
-                o => return Err(Error::new(ErrorCode::Config, format!("--init {o}: expected true, false or gaussian"))),
-            },
-            base_model_name_or_path: Some(model.display().to_string()),
-            ..Default::default()
+impl MethodArgs {
+    /// The peft `adapter_config.json` these flags describe.
+    fn config(&self, model: &Path) -> Result<serde_json::Value> {
+        let base = model.display().to_string();
+        let targets = |default: &str| Targets::from_cli(self.target.as_deref().unwrap_or(default)).to_json();
+        Ok(match self.method.as_str() {
+            "lora" => serde_json::json!({
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+                "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+                "target_modules": targets("q_proj,v_proj"), "use_rslora": self.rslora,
+                "init_lora_weights": match self.init.as_str() {
+                    "true" => serde_json::json!(true),
+                    "false" => serde_json::json!(false),
+                    "gaussian" => serde_json::json!("gaussian"),
+                    o => return Err(Error::new(ErrorCode::Config, format!("--init {o}: expected true, false or gaussian"))),
+                },
+            }),
+            "ia3" => serde_json::json!({
+                "peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+                "target_modules": targets("k_proj,v_proj,down_proj"),
+                "feedforward_modules": Targets::from_cli(self.feedforward.as_deref().unwrap_or("down_proj")).to_json(),
+            }),
+            "prompt-tuning" => serde_json::json!({
+                "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+                "num_virtual_tokens": self.num_virtual_tokens,
+                "prompt_tuning_init": match self.prompt_init.as_str() {
+                    "random" => "RANDOM",
+                    "sample-vocab" => "SAMPLE_VOCAB",
+                    "text" => "TEXT",
+                    o => return Err(Error::new(ErrorCode::Config, format!("--prompt-init {o}: expected random, sample-vocab or text"))),
+                },
+                "prompt_tuning_init_text": self.prompt_init_text,
+            }),
+            other => return Err(Error::new(ErrorCode::Unsupported, format!("--method {other}: supported are lora, ia3, prompt-tuning"))),
         })
     }
 }
@@ -107,7 +137,7 @@ enum Cmd {
         #[arg(long)]
         init_adapter: Option<PathBuf>,
         #[command(flatten)]
-        lora: LoraArgs,
+        method: MethodArgs,
         #[arg(long, default_value_t = 20)]
         steps: usize,
         #[arg(long, default_value_t = 2e-4)]
@@ -158,7 +188,7 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
         #[command(flatten)]
-        lora: LoraArgs,
+        method: MethodArgs,
         #[arg(long, default_value_t = 4)]
         batch: usize,
         #[arg(long, default_value_t = 128)]
@@ -212,7 +242,7 @@ fn run(cli: Cli) -> Result<()> {
             std::fs::write(&out, st::write(&m, None)?)?;
             eprintln!("wrote {} tokens of logits to {}", ids.len(), out.display());
         }
-        Cmd::Train { common, data, out, init_adapter, lora, steps, lr, batch, seq_len, grad_accum, warmup, schedule, weight_decay, max_grad_norm, seed, append_eos } => {
+        Cmd::Train { common, data, out, init_adapter, method, steps, lr, batch, seq_len, grad_accum, warmup, schedule, weight_decay, max_grad_norm, seed, append_eos } => {
             let examples = parse_examples(&read_text(&data)?).map_err(|e| e.context(data.display()))?;
             let opts = TrainOptions {
                 steps,
@@ -231,12 +261,13 @@ fn run(cli: Cli) -> Result<()> {
             block_on(device::self_check(&s.compute.device))?;
             match &init_adapter {
                 Some(d) => load_adapter_dir(&mut s, "default", d)?,
-                None => s.add_adapter("default", lora.config(&common.model)?, seed)?,
+                None => s.add_adapter("default", &method.config(&common.model)?, seed)?,
             }
-            let a = &s.adapters["default"];
+            let a = s.adapters.get_mut("default").expect("just added");
             eprintln!(
-                "training {} LoRA parameters on {} examples ({} base parameters frozen)",
+                "training {} {} parameters on {} examples ({} base parameters frozen)",
                 a.num_parameters(),
+                a.method(),
                 examples.len(),
                 s.model.num_parameters()
             );
@@ -264,9 +295,9 @@ fn run(cli: Cli) -> Result<()> {
             let text = block_on(s.generate(&prompt, chat, &opts, name, |_| {}))?;
             println!("{text}");
         }
-        Cmd::Bench { common, lora, batch, seq_len, steps, gen_tokens } => {
+        Cmd::Bench { common, method, batch, seq_len, steps, gen_tokens } => {
             let mut s = open(&common)?;
-            let report = bench(&mut s, &lora.config(&common.model)?, batch, seq_len, steps, gen_tokens)?;
+            let report = bench(&mut s, &method.config(&common.model)?, batch, seq_len, steps, gen_tokens)?;
             println!("{}", serde_json::to_string_pretty(&report).expect("json"));
         }
     }
@@ -274,12 +305,12 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// Training, forward and generation timings on synthetic tokens.
-fn bench(s: &mut Session, cfg: &LoraConfig, batch: usize, seq_len: usize, steps: usize, gen_tokens: usize) -> Result<serde_json::Value> {
+fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize, steps: usize, gen_tokens: usize) -> Result<serde_json::Value> {
     use webpeft::train::{AdamWConfig, TrainConfig, Trainer};
     if batch == 0 || seq_len < 2 || steps == 0 {
         return Err(Error::new(ErrorCode::Config, "batch, steps >= 1 and seq-len >= 2"));
     }
-    s.add_adapter("bench", cfg.clone(), 0)?;
+    s.add_adapter("bench", cfg, 0)?;
     let v = s.model.config.vocab_size as u32;
     let rows: Vec<Tokenized> = (0..batch)
         .map(|b| {
@@ -298,7 +329,7 @@ fn bench(s: &mut Session, cfg: &LoraConfig, batch: usize, seq_len: usize, steps:
         }
     };
     let adapter = s.adapters.get_mut("bench").expect("just added");
-    adapter.set_trainable(true);
+    webpeft::peft::set_trainable(adapter, true);
     let t_warm = Instant::now();
     block_on(trainer.step(&s.model, adapter, std::slice::from_ref(&batch_data)))?;
     let warmup_s = t_warm.elapsed().as_secs_f64();
@@ -308,7 +339,7 @@ fn bench(s: &mut Session, cfg: &LoraConfig, batch: usize, seq_len: usize, steps:
         sample_mem(&mut peak);
     }
     let step_s = t0.elapsed().as_secs_f64() / steps as f64;
-    adapter.set_trainable(false);
+    webpeft::peft::set_trainable(adapter, false);
     // Forward only (logits of every position), warm once, then timed.
     let ids: Vec<u32> = rows.iter().flat_map(|r| r.ids.clone()).collect();
     let fwd = |s: &Session| -> Result<()> {
@@ -335,10 +366,9 @@ fn bench(s: &mut Session, cfg: &LoraConfig, batch: usize, seq_len: usize, steps:
     Ok(serde_json::json!({
         "device": s.compute.name,
         "model_parameters": s.model.num_parameters(),
-        "method": "lora",
-        "r": cfg.r,
-        "target_modules": cfg.target_modules.to_json(),
-        "trainable_parameters": s.adapters["bench"].num_parameters(),
+        "method": s.adapters["bench"].method(),
+        "config": cfg,
+        "trainable_parameters": s.adapters.get_mut("bench").expect("added").num_parameters(),
         "batch": batch,
         "seq_len": seq_len,
         "steps": steps,

@@ -1,6 +1,7 @@
-//! The seam between a frozen model and the PEFT methods that modify it. A model calls its
-//! hook at every linear projection; a method (LoRA, ...) adds its term there. Keeping this a
-//! small trait lets every method plug into every architecture without touching either.
+//! The seam between a frozen model and the PEFT methods that modify it: a model calls its
+//! adapter around every linear projection and asks it for virtual tokens; a method (LoRA,
+//! IA3, prompt tuning, ...) implements the hooks it needs. Keeping this a small trait lets
+//! every method plug into every architecture without touching either.
 
 use burn::tensor::Tensor;
 
@@ -47,17 +48,40 @@ impl Site {
     }
 }
 
-/// Called by the model at every linear projection: `x` is the input [N, in], `y` the frozen
-/// output [N, out]; returns the output to use.
-pub trait LinearHook {
-    fn linear(&self, site: Site, x: &Tensor<2>, y: Tensor<2>) -> Tensor<2>;
+/// How a PEFT method modifies a frozen model. The model calls these at fixed points; every
+/// method has a default that changes nothing, so a method implements only what it touches.
+pub trait Adapter {
+    /// Before linear layer `site` (IA3 on feed-forward layers scales the input here).
+    fn linear_input(&self, _site: Site, x: Tensor<2>) -> Tensor<2> {
+        x
+    }
+    /// After linear layer `site`: `x` is its input [N, in], `y` the frozen output [N, out].
+    fn linear_output(&self, _site: Site, _x: &Tensor<2>, y: Tensor<2>) -> Tensor<2> {
+        y
+    }
+    /// Virtual token embeddings [n, hidden] put before every sequence (prompt tuning).
+    fn prefix(&self) -> Option<Tensor<2>> {
+        None
+    }
 }
 
 /// No adapter: the frozen model.
 pub struct NoHook;
 
-impl LinearHook for NoHook {
-    fn linear(&self, _site: Site, _x: &Tensor<2>, y: Tensor<2>) -> Tensor<2> {
-        y
+impl Adapter for NoHook {}
+
+/// Several adapters applied together (e.g. LoRA + IA3), in order.
+pub struct Stack<'a>(pub Vec<&'a dyn Adapter>);
+
+impl Adapter for Stack<'_> {
+    fn linear_input(&self, site: Site, x: Tensor<2>) -> Tensor<2> {
+        self.0.iter().fold(x, |x, a| a.linear_input(site, x))
+    }
+    fn linear_output(&self, site: Site, x: &Tensor<2>, y: Tensor<2>) -> Tensor<2> {
+        self.0.iter().fold(y, |y, a| a.linear_output(site, x, y))
+    }
+    fn prefix(&self) -> Option<Tensor<2>> {
+        let parts: Vec<Tensor<2>> = self.0.iter().filter_map(|a| a.prefix()).collect();
+        (!parts.is_empty()).then(|| Tensor::cat(parts, 0))
     }
 }

@@ -2,7 +2,7 @@
 //! RoPE (rotate_half convention, optional scaling), grouped-query attention, SiLU-gated
 //! MLP, tied or untied embeddings, optional q/k/v(/o) biases. Weights are frozen: they
 //! are plain (non-autodiff) tensors, so autodiff never computes their gradients; adapters
-//! enter through [`LinearHook`].
+//! enter through [`Adapter`].
 
 use std::collections::BTreeMap;
 
@@ -13,7 +13,7 @@ use crate::error::{Result, bail, err};
 use crate::io::safetensors::HostTensor;
 use crate::io::source::LoadedWeights;
 use crate::models::config::LlamaConfig;
-use crate::models::hooks::{LinearHook, Proj, Site};
+use crate::models::hooks::{Adapter, Proj, Site};
 use crate::tensor::{floats, upload};
 
 /// A frozen linear layer, weight stored as [in, out] so that `y = x @ W (+ b)`.
@@ -70,7 +70,10 @@ impl Block {
 #[derive(Default, Clone)]
 pub struct KvCache {
     pub layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    /// Positions cached, virtual tokens included.
     pub len: usize,
+    /// Of which virtual tokens (prompt tuning).
+    pub virtual_len: usize,
 }
 
 /// Per-call inputs besides the token ids.
@@ -201,24 +204,54 @@ impl Llama {
         floats(m, [b, 1, t, s], &self.device)
     }
 
-    /// Hidden states after the final norm, [B*T, hidden].
-    pub fn hidden(&self, inp: &Inputs, hook: &dyn LinearHook, mut cache: Option<&mut KvCache>) -> Result<Tensor<2>> {
+    /// Hidden states after the final norm for the real (non-virtual) positions, [B*T, hidden].
+    ///
+    /// `attention_mask` covers the real tokens of this call (and, with a cache, the earlier
+    /// ones). Virtual tokens from the adapter's `prefix()` are put first on the first pass
+    /// (empty cache); they are always attended to and sit at positions 0..n, as in peft.
+    pub fn hidden(&self, inp: &Inputs, adapter: &dyn Adapter, cache: Option<&mut KvCache>) -> Result<Tensor<2>> {
+        let [b, t] = inp.ids.dims();
+        let (h, n) = self.hidden_all(inp, adapter, cache)?;
+        Ok(if n > 0 {
+            let hs = self.config.hidden_size;
+            h.reshape([b, n + t, hs]).narrow(1, n, t).reshape([b * t, hs])
+        } else {
+            h
+        })
+    }
+
+    /// Hidden states of all positions, virtual tokens first: ([B*(n+T), hidden], n).
+    pub fn hidden_all(&self, inp: &Inputs, adapter: &dyn Adapter, mut cache: Option<&mut KvCache>) -> Result<(Tensor<2>, usize)> {
         let c = &self.config;
         let [b, t] = inp.ids.dims();
         if t == 0 {
             bail!(Shape, "empty input");
         }
         let past = cache.as_ref().map_or(0, |k| k.len);
-        if let Some(m) = &inp.attention_mask
-            && m.len() != b * (past + t)
-        {
-            bail!(Shape, "attention_mask has {} values, expected {}x{}", m.len(), b, past + t);
-        }
+        let prefix = if past == 0 { adapter.prefix() } else { None };
+        let n = prefix.as_ref().map_or(0, |p| p.dims()[0]);
+        let real_past = cache.as_ref().map_or(0, |k| k.len - k.virtual_len);
+        let mask = match &inp.attention_mask {
+            Some(m) if m.len() != b * (real_past + t) => bail!(Shape, "attention_mask has {} values, expected {}x{}", m.len(), b, real_past + t),
+            Some(m) => {
+                // Keys: [virtual tokens of earlier passes or this one][real tokens].
+                let virt = n + cache.as_ref().map_or(0, |k| k.virtual_len);
+                let row = real_past + t;
+                Some((0..b).flat_map(|bi| std::iter::repeat_n(1, virt).chain(m[bi * row..(bi + 1) * row].iter().copied())).collect::<Vec<i64>>())
+            }
+            None => None,
+        };
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let ids = inp.ids.clone().reshape([b * t]);
         let mut x = self.embed.clone().select(0, ids);
-        let (cos, sin) = self.rope_tables(past, t);
-        let mask = self.attn_mask(b, t, past, inp.attention_mask.as_deref());
+        let t_all = n + t;
+        if let Some(p) = prefix {
+            let h = c.hidden_size;
+            let p: Tensor<3> = p.unsqueeze::<3>().repeat_dim(0, b);
+            x = Tensor::cat(vec![p, x.reshape([b, t, h])], 1).reshape([b * t_all, h]);
+        }
+        let (cos, sin) = self.rope_tables(past, t_all);
+        let mask = self.attn_mask(b, t_all, past, mask.as_deref());
         let scale = 1.0 / (hd as f64).sqrt();
         if let Some(k) = cache.as_deref_mut()
             && k.layers.len() != self.blocks.len()
@@ -226,7 +259,13 @@ impl Llama {
             k.layers = vec![None; self.blocks.len()];
         }
         for (l, blk) in self.blocks.iter().enumerate() {
-            let lin = |p: Proj, x: &Tensor<2>| hook.linear(Site { layer: l, proj: p }, x, blk.linear(p).forward(x));
+            let lin = |p: Proj, x: &Tensor<2>| {
+                let site = Site { layer: l, proj: p };
+                let x = adapter.linear_input(site, x.clone());
+                let y = blk.linear(p).forward(&x);
+                adapter.linear_output(site, &x, y)
+            };
+            let t = t_all;
             let hx = self.rms_norm(x.clone(), &blk.input_norm);
             let q = lin(Proj::Q, &hx).reshape([b, t, nh, hd]).swap_dims(1, 2);
             let k = lin(Proj::K, &hx).reshape([b, t, nkv, hd]).swap_dims(1, 2);
@@ -259,9 +298,10 @@ impl Llama {
             x = x + lin(Proj::Down, &(silu(g) * u));
         }
         if let Some(k) = cache {
-            k.len += t;
+            k.len += t_all;
+            k.virtual_len += n;
         }
-        Ok(self.rms_norm(x, &self.norm))
+        Ok((self.rms_norm(x, &self.norm), n))
     }
 
     /// Project hidden states [N, hidden] to logits [N, vocab].
@@ -273,9 +313,9 @@ impl Llama {
     }
 
     /// Logits [B, T, vocab].
-    pub fn forward(&self, inp: &Inputs, hook: &dyn LinearHook, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+    pub fn forward(&self, inp: &Inputs, adapter: &dyn Adapter, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
         let [b, t] = inp.ids.dims();
-        let h = self.hidden(inp, hook, cache)?;
+        let h = self.hidden(inp, adapter, cache)?;
         Ok(self.logits_of(h).reshape([b, t, self.config.vocab_size]))
     }
 

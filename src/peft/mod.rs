@@ -1,14 +1,135 @@
 //! Parameter-efficient fine-tuning methods, one folder per method (config, layer, model),
-//! as in Hugging Face `peft`. Each method turns into a [`crate::models::hooks::LinearHook`]
-//! for the forward pass and a list of named trainable tensors for the trainer.
+//! as in Hugging Face `peft`. Each method is an [`Adapter`] for the forward pass and a list
+//! of named trainable tensors for the trainer; [`AnyAdapter`] picks the method from a peft
+//! `adapter_config.json`.
 
+pub mod ia3;
 pub mod lora;
+pub mod prompt_tuning;
 pub mod targets;
 
 use burn::tensor::Tensor;
+use serde_json::Value as Json;
+
+use crate::error::{Result, bail, err};
+use crate::models::hooks::{Adapter, Site};
+use crate::models::llama::Llama;
+use crate::tokenizer::Tokenizer;
+
+use ia3::{Ia3Adapter, Ia3Config};
+use lora::{LoraAdapter, LoraConfig};
+use prompt_tuning::{PromptTuningAdapter, PromptTuningConfig};
 
 /// A trainable tensor with its name in the saved adapter.
 pub struct NamedParam<'a> {
     pub name: String,
     pub tensor: &'a mut Tensor<2>,
+}
+
+/// An adapter the trainer can update.
+pub trait Trainable: Adapter {
+    fn params_mut(&mut self) -> Vec<NamedParam<'_>>;
+    /// Switch dropout and the like (not gradient tracking: see [`set_trainable`]).
+    fn set_training(&mut self, _on: bool) {}
+}
+
+/// Track gradients of every trainable tensor (on), or drop the autodiff graph (off).
+pub fn set_trainable(a: &mut dyn Trainable, on: bool) {
+    a.set_training(on);
+    for p in a.params_mut() {
+        let t = p.tensor.clone().without_autodiff();
+        *p.tensor = if on { t.autodiff().require_grad() } else { t };
+    }
+}
+
+/// Any supported method, chosen by `peft_type`.
+pub enum AnyAdapter {
+    Lora(LoraAdapter),
+    Ia3(Ia3Adapter),
+    PromptTuning(PromptTuningAdapter),
+}
+
+fn parse(config_json: &str) -> Result<Json> {
+    serde_json::from_str(config_json).map_err(|e| err!(Parse, "adapter_config.json: {e}"))
+}
+
+impl AnyAdapter {
+    /// A new adapter from a peft config (`peft_type` LORA, IA3 or PROMPT_TUNING).
+    pub fn new(config: &Json, model: &Llama, tokenizer: &Tokenizer, seed: u64) -> Result<Self> {
+        Ok(match config.get("peft_type").and_then(Json::as_str) {
+            Some("LORA") => AnyAdapter::Lora(LoraAdapter::new(LoraConfig::from_value(config)?, model, seed)?),
+            Some("IA3") => AnyAdapter::Ia3(Ia3Adapter::new(Ia3Config::from_value(config)?, model)?),
+            Some("PROMPT_TUNING") => AnyAdapter::PromptTuning(PromptTuningAdapter::new(PromptTuningConfig::from_value(config)?, model, tokenizer, seed)?),
+            other => bail!(Unsupported, "peft_type {other:?} (supported: LORA, IA3, PROMPT_TUNING)"),
+        })
+    }
+
+    /// Load the two PEFT files.
+    pub fn from_peft(config_json: &str, weights: &[u8], model: &Llama) -> Result<Self> {
+        let v = parse(config_json)?;
+        let r = match v.get("peft_type").and_then(Json::as_str) {
+            Some("LORA") => LoraAdapter::from_peft(config_json, weights, model).map(AnyAdapter::Lora),
+            Some("IA3") => Ia3Config::from_value(&v).and_then(|c| Ia3Adapter::from_peft(c, weights, model)).map(AnyAdapter::Ia3),
+            Some("PROMPT_TUNING") => PromptTuningConfig::from_value(&v).and_then(|c| PromptTuningAdapter::from_peft(c, weights, model)).map(AnyAdapter::PromptTuning),
+            Some(other) => Err(err!(Unsupported, "peft_type {other:?} (supported: LORA, IA3, PROMPT_TUNING)")),
+            None => Err(err!(Config, "peft_type missing")),
+        };
+        r.map_err(|e| if e.message.starts_with("adapter_") { e } else { e.context("adapter_config.json") })
+    }
+
+    pub async fn to_peft(&self) -> Result<(String, Vec<u8>)> {
+        match self {
+            AnyAdapter::Lora(a) => a.to_peft().await,
+            AnyAdapter::Ia3(a) => a.to_peft().await,
+            AnyAdapter::PromptTuning(a) => a.to_peft().await,
+        }
+    }
+
+    pub fn method(&self) -> &'static str {
+        match self {
+            AnyAdapter::Lora(_) => "lora",
+            AnyAdapter::Ia3(_) => "ia3",
+            AnyAdapter::PromptTuning(_) => "prompt-tuning",
+        }
+    }
+
+    fn inner(&self) -> &dyn Adapter {
+        match self {
+            AnyAdapter::Lora(a) => a,
+            AnyAdapter::Ia3(a) => a,
+            AnyAdapter::PromptTuning(a) => a,
+        }
+    }
+
+    /// Number of trainable values.
+    pub fn num_parameters(&mut self) -> usize {
+        self.params_mut().iter().map(|p| p.tensor.dims().iter().product::<usize>()).sum()
+    }
+}
+
+impl Adapter for AnyAdapter {
+    fn linear_input(&self, site: Site, x: Tensor<2>) -> Tensor<2> {
+        self.inner().linear_input(site, x)
+    }
+    fn linear_output(&self, site: Site, x: &Tensor<2>, y: Tensor<2>) -> Tensor<2> {
+        self.inner().linear_output(site, x, y)
+    }
+    fn prefix(&self) -> Option<Tensor<2>> {
+        self.inner().prefix()
+    }
+}
+
+impl Trainable for AnyAdapter {
+    fn params_mut(&mut self) -> Vec<NamedParam<'_>> {
+        match self {
+            AnyAdapter::Lora(a) => a.params_mut(),
+            AnyAdapter::Ia3(a) => a.params_mut(),
+            AnyAdapter::PromptTuning(a) => a.params_mut(),
+        }
+    }
+    fn set_training(&mut self, on: bool) {
+        if let AnyAdapter::Lora(a) = self {
+            a.training = on;
+        }
+    }
 }

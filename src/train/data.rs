@@ -106,18 +106,28 @@ impl Batch {
 
     /// Labels shifted left by one (the target at each position), IGNORE at the end of rows.
     pub fn shifted_targets(&self) -> Vec<i64> {
-        let mut t = vec![IGNORE; self.batch * self.len];
+        self.shifted_targets_with_prefix(0)
+    }
+
+    /// The same for rows preceded by `n` virtual tokens labelled IGNORE: [B, n + T] row-major.
+    pub fn shifted_targets_with_prefix(&self, n: usize) -> Vec<i64> {
+        let row = n + self.len;
+        let mut t = vec![IGNORE; self.batch * row];
         for b in 0..self.batch {
-            for i in 0..self.len - 1 {
-                t[b * self.len + i] = self.labels[b * self.len + i + 1];
+            for j in n.saturating_sub(1)..row - 1 {
+                t[b * row + j] = self.labels[b * self.len + (j + 1 - n)];
             }
         }
         t
     }
 
-    /// Number of positions the loss counts.
+    /// Number of positions the loss counts (virtual tokens add the first real token).
+    pub fn num_targets_with_prefix(&self, n: usize) -> usize {
+        self.shifted_targets_with_prefix(n).iter().filter(|&&x| x != IGNORE).count()
+    }
+
     pub fn num_targets(&self) -> usize {
-        self.shifted_targets().iter().filter(|&&x| x != IGNORE).count()
+        self.num_targets_with_prefix(0)
     }
 
     pub fn num_tokens(&self) -> usize {

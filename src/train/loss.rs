@@ -6,7 +6,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::log_softmax;
 
 use crate::error::{Result, bail};
-use crate::models::hooks::LinearHook;
+use crate::models::hooks::Adapter;
 use crate::models::llama::{Inputs, Llama};
 use crate::tensor::ints;
 use crate::train::data::{Batch, IGNORE};
@@ -14,9 +14,12 @@ use crate::train::data::{Batch, IGNORE};
 /// Sum of the negative log-likelihoods of the batch's targets divided by `denominator`
 /// (pass `batch.num_targets()` for the plain mean). Logits are computed only at the
 /// positions that count, so prompt and padding positions cost no vocabulary projection.
-pub fn causal_lm_loss(model: &Llama, hook: &dyn LinearHook, batch: &Batch, denominator: usize) -> Result<Tensor<1>> {
+pub fn causal_lm_loss(model: &Llama, hook: &dyn Adapter, batch: &Batch, denominator: usize) -> Result<Tensor<1>> {
     let dev = &model.device;
-    let targets = batch.shifted_targets();
+    // Virtual tokens (prompt tuning) come first with label -100, as peft does; so the last
+    // one predicts the first real token.
+    let n = hook.prefix().map_or(0, |p| p.dims()[0]);
+    let targets = batch.shifted_targets_with_prefix(n);
     let rows: Vec<i64> = targets.iter().enumerate().filter(|(_, t)| **t != IGNORE).map(|(i, _)| i as i64).collect();
     if rows.is_empty() || denominator == 0 {
         bail!(Data, "the batch has no position to predict (all labels are -100)");
@@ -26,7 +29,8 @@ pub fn causal_lm_loss(model: &Llama, hook: &dyn LinearHook, batch: &Batch, denom
         bail!(Data, "label {bad} is outside the vocabulary (size {vocab})");
     }
     let inputs = Inputs { ids: ints(batch.input_ids.clone(), [batch.batch, batch.len], dev), attention_mask: Some(batch.attention_mask.clone()) };
-    let hidden = model.hidden(&inputs, hook, None)?;
+    let (hidden, n2) = model.hidden_all(&inputs, hook, None)?;
+    debug_assert_eq!(n, n2);
     let m = rows.len();
     let hidden = hidden.select(0, ints(rows.clone(), [m], dev));
     let logits = model.logits_of(hidden);

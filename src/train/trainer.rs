@@ -5,7 +5,7 @@ use burn::tensor::Tensor;
 
 use crate::error::{Result, bail};
 use crate::models::llama::Llama;
-use crate::peft::lora::LoraAdapter;
+use crate::peft::Trainable;
 use crate::tensor::read;
 use crate::train::data::Batch;
 use crate::train::loss::causal_lm_loss;
@@ -61,14 +61,15 @@ impl Trainer {
 
     /// One optimizer step over `micro` batches (gradient accumulation: the loss is the sum
     /// over all micro-batches divided by their total number of targets, as transformers'
-    /// Trainer computes it). The adapter must be trainable (`set_trainable(true)`).
-    pub async fn step(&mut self, model: &Llama, adapter: &mut LoraAdapter, micro: &[Batch]) -> Result<StepStats> {
-        let total: usize = micro.iter().map(Batch::num_targets).sum();
+    /// Trainer computes it). The adapter must be trainable (`peft::set_trainable(.., true)`).
+    pub async fn step(&mut self, model: &Llama, adapter: &mut dyn Trainable, micro: &[Batch]) -> Result<StepStats> {
+        let n = adapter.prefix().map_or(0, |p| p.dims()[0]);
+        let total: usize = micro.iter().map(|b| b.num_targets_with_prefix(n)).sum();
         let tokens = micro.iter().map(Batch::num_tokens).sum();
         let mut loss_sum: Option<Tensor<1>> = None;
         let mut acc: Vec<Option<Tensor<2>>> = Vec::new();
         for mb in micro {
-            let loss = causal_lm_loss(model, adapter, mb, total)?;
+            let loss = causal_lm_loss(model, &*adapter, mb, total)?;
             let grads = loss.backward();
             let params = adapter.params_mut();
             acc.resize_with(params.len(), || None);

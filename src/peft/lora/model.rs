@@ -10,7 +10,7 @@ use burn::tensor::Tensor;
 
 use crate::error::{Result, bail, err};
 use crate::io::safetensors::{self as st, HostTensor, OutTensor};
-use crate::models::hooks::{LinearHook, Site};
+use crate::models::hooks::{Adapter, Site};
 use crate::models::llama::Llama;
 use crate::peft::NamedParam;
 use crate::peft::lora::{InitLora, LoraConfig, LoraLayer};
@@ -151,24 +151,10 @@ impl LoraAdapter {
         }
         v
     }
-
-    /// Number of trainable values.
-    pub fn num_parameters(&self) -> usize {
-        self.layers.values().map(|l| l.a.dims().iter().product::<usize>() + l.b.dims().iter().product::<usize>()).sum()
-    }
-
-    /// Track gradients for A and B (on an autodiff-capable device).
-    pub fn set_trainable(&mut self, on: bool) {
-        self.training = on;
-        for p in self.params_mut() {
-            let t = p.tensor.clone();
-            *p.tensor = if on { t.without_autodiff().autodiff().require_grad() } else { t.without_autodiff() };
-        }
-    }
 }
 
-impl LinearHook for LoraAdapter {
-    fn linear(&self, site: Site, x: &Tensor<2>, y: Tensor<2>) -> Tensor<2> {
+impl Adapter for LoraAdapter {
+    fn linear_output(&self, site: Site, x: &Tensor<2>, y: Tensor<2>) -> Tensor<2> {
         match self.layers.get(&site) {
             Some(l) => y + l.delta(x, self.training),
             None => y,
