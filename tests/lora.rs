@@ -202,3 +202,101 @@ fn seeded_training_is_repeatable_and_dropout_only_trains() {
     let y = logits_with(&s, &s.adapters["d"]);
     assert_eq!(max_abs_diff(&x, &y), 0.0);
 }
+
+/// Load `dir` from the tiny adapters, compare logits on the fixture ids with peft's.
+fn check_method_logits(name: &str, real_from: usize) {
+    let mut s = tiny();
+    load_dir(&mut s, name, &format!("tiny-adapters/{name}"));
+    let want = load(&format!("tiny-adapters/{name}/expected.safetensors"));
+    let w = &want.f32["logits"];
+    // peft's logits include the virtual positions first (prompt tuning): keep the real ones.
+    let (b, t_all, v) = (w.shape[0], w.shape[1], w.shape[2]);
+    let real: Vec<f32> = (0..b).flat_map(|i| w.data[(i * t_all + real_from) * v..(i + 1) * t_all * v].to_vec()).collect();
+    let got = logits_with(&s, &s.adapters[name]);
+    assert!(max_abs_diff(&logits_with(&s, &webpeft::models::hooks::NoHook), &real) > 0.1, "{name} must change the logits");
+    assert_close(&format!("peft {name} logits"), &got, &real, 1e-4);
+    // Round trip: our file equals peft's tensors.
+    let (cfg, bytes) = block_on(s.save_adapter(name)).unwrap();
+    let theirs = read_all_f32(&std::fs::read(fixture(&format!("tiny-adapters/{name}/adapter_model.safetensors"))).unwrap()).unwrap();
+    assert_eq!(read_all_f32(&bytes).unwrap(), theirs, "{name}: saved tensors equal peft's");
+    s.load_adapter("again", &cfg, &bytes).unwrap();
+}
+
+#[test]
+fn ia3_adapter_matches_peft() {
+    check_method_logits("ia3", 0);
+}
+
+#[test]
+fn prompt_tuning_adapter_matches_peft() {
+    check_method_logits("prompt", 4);
+    // With right padding: peft extends the mask with ones for the virtual tokens.
+    let mut s = tiny();
+    load_dir(&mut s, "p", "tiny-adapters/prompt");
+    let fx = load("tiny-logits.safetensors");
+    let (shape, ids) = &fx.i64["tiny.masked_input_ids"];
+    let mask = fx.i64["tiny.attention_mask"].1.clone();
+    let inputs = Inputs { ids: ints(ids.clone(), [shape[0], shape[1]], &s.model.device), attention_mask: Some(mask.clone()) };
+    let got = block_on(read(s.model.forward(&inputs, &s.adapters["p"], None).unwrap())).unwrap().data;
+    let w = &load("tiny-adapters/prompt/expected.safetensors").f32["masked_logits"];
+    let v = 512;
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for (i, m) in mask.iter().enumerate() {
+        let (row, t) = (i / 12, i % 12);
+        if *m == 1 {
+            a.extend_from_slice(&got[i * v..(i + 1) * v]);
+            b.extend_from_slice(&w.data[(row * 16 + 4 + t) * v..(row * 16 + 5 + t) * v]);
+        }
+    }
+    assert_close("peft prompt masked logits", &a, &b, 1e-4);
+}
+
+fn one_step_matches(name: &str, train_file: &str, weight_tol: f32) {
+    let mut s = tiny();
+    load_dir(&mut s, name, &format!("tiny-adapters/{name}"));
+    let fx = load(train_file);
+    let (shape, ids) = &fx.i64["input_ids"];
+    let batch = Batch { batch: shape[0], len: shape[1], input_ids: ids.clone(), attention_mask: fx.i64["attention_mask"].1.clone(), labels: fx.i64["labels"].1.clone() };
+    let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }, ..Default::default() });
+    let a = s.adapters.get_mut(name).unwrap();
+    webpeft::peft::set_trainable(a, true);
+    let st = block_on(tr.step(&s.model, a, std::slice::from_ref(&batch))).unwrap();
+    let want = fx.f32["loss_step0"].data[0];
+    eprintln!("{name}: loss {} vs torch {want}", st.loss);
+    assert!((st.loss - want).abs() < 1e-5, "{name} loss {} vs {want}", st.loss);
+    let (_, bytes) = block_on(s.save_adapter(name)).unwrap();
+    for (k, t) in read_all_f32(&bytes).unwrap() {
+        assert_close(&format!("{name} step1 {k}"), &t.data, &fx.f32[&format!("step1.{k}")].data, weight_tol);
+    }
+    let after = block_on(tr.step(&s.model, s.adapters.get_mut(name).unwrap(), std::slice::from_ref(&batch))).unwrap();
+    assert!((after.loss - fx.f32["loss_step1"].data[0]).abs() < 1e-4, "{name} loss after one step");
+}
+
+#[test]
+fn ia3_one_step_matches_pytorch() {
+    one_step_matches("ia3", "tiny-train-ia3.safetensors", 5e-5);
+}
+
+#[test]
+fn prompt_tuning_one_step_matches_pytorch() {
+    one_step_matches("prompt", "tiny-train-prompt.safetensors", 5e-5);
+}
+
+#[test]
+fn prompt_tuning_greedy_generation_matches_peft() {
+    let mut s = tiny();
+    for name in ["prompt", "ia3"] {
+        load_dir(&mut s, name, &format!("tiny-adapters/{name}"));
+    }
+    let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("tiny-prompt-generate.json")).unwrap()).unwrap();
+    eprintln!("{}", serde_json::to_string(&g).unwrap().chars().take(600).collect::<String>());
+    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    let prompt = ids(&g["prompt_ids"]);
+    for name in ["prompt", "ia3"] {
+        let want = ids(&g[name]["new_ids"]);
+        let opts = webpeft::generate::GenerateOptions { max_new_tokens: want.len(), ..Default::default() };
+        let got = block_on(webpeft::generate::generate(&s.model, &s.adapters[name], &prompt, &opts, |_| {})).unwrap();
+        assert_eq!(got, want, "{name} greedy (KV cache)");
+    }
+}
