@@ -77,7 +77,7 @@ fn bad_input_exits_with_one_line() {
         vec!["logits", "--model", "/nonexistent/model", "--text", "x", "--out", "/tmp/x.st"],
         vec!["train", "--model", m, "--data", "/nonexistent.txt", "--out", "/tmp/webpeft-x"],
         vec!["train", "--model", m, "--data", "Cargo.toml", "--out", "/tmp/webpeft-x", "--target", "nope_proj"],
-        vec!["train", "--model", m, "--data", "Cargo.toml", "--out", "/tmp/webpeft-x", "--method", "dora"],
+        vec!["train", "--model", m, "--data", "Cargo.toml", "--out", "/tmp/webpeft-x", "--method", "bogus"],
         vec!["train", "--model", m, "--data", "Cargo.toml", "--out", "/tmp/webpeft-x", "--schedule", "weird"],
         vec!["generate", "--model", m, "--adapter", "/nonexistent", "--prompt", "x"],
     ];
@@ -88,4 +88,40 @@ fn bad_input_exits_with_one_line() {
         assert!(last.starts_with("webpeft: "), "{c:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{c:?}: {stderr}");
     }
+}
+
+#[test]
+fn every_method_trains_saves_and_reloads() {
+    let tmp = std::env::temp_dir().join(format!("webpeft-methods-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let data = tmp.join("data.txt");
+    std::fs::write(&data, "Beautiful is better than ugly.\nExplicit is better than implicit.\nSimple is better than complex.\n").unwrap();
+    let model = fixture("tiny-llama");
+    let m = model.to_str().unwrap();
+    let methods: Vec<(&str, Vec<&str>)> = vec![
+        ("lora", vec!["--r", "4", "--target", "all-linear"]),
+        ("dora", vec!["--r", "4", "--target", "q_proj,v_proj"]),
+        ("ia3", vec![]),
+        ("prompt-tuning", vec!["--num-virtual-tokens", "4"]),
+        ("p-tuning", vec!["--num-virtual-tokens", "4", "--encoder-hidden-size", "16"]),
+        ("prefix-tuning", vec!["--num-virtual-tokens", "4"]),
+        ("prefix-tuning", vec!["--num-virtual-tokens", "4", "--prefix-projection", "--encoder-hidden-size", "16"]),
+    ];
+    for (method, extra) in methods {
+        let out = tmp.join(format!("{method}-{}", extra.len()));
+        let mut args = vec!["train", "--model", m, "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--method", method];
+        args.extend(extra.iter().copied());
+        args.extend(["--steps", "10", "--lr", "3e-2", "--batch", "3", "--seq-len", "32"]);
+        let (ok, stdout, stderr) = webpeft(&args);
+        assert!(ok, "{method}: {stderr}");
+        let losses: Vec<f32> = stdout.lines().filter_map(|l| l.split_whitespace().skip_while(|w| *w != "loss").nth(1)).map(|x| x.parse().unwrap()).collect();
+        eprintln!("{method} {extra:?}: losses {losses:?}");
+        assert!(losses[9] < losses[0] - 0.2, "{method}: loss must fall: {losses:?}");
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        assert!(cfg["peft_type"].is_string());
+        let f = tmp.join("l.safetensors");
+        let (ok, _, e) = webpeft(&["logits", "--model", m, "--adapter", out.to_str().unwrap(), "--text", "Simple is better", "--out", f.to_str().unwrap()]);
+        assert!(ok, "{method} reload: {e}");
+    }
+    std::fs::remove_dir_all(&tmp).ok();
 }

@@ -38,7 +38,7 @@ struct Common {
 
 #[derive(Args, Clone)]
 struct MethodArgs {
-    /// PEFT method: lora | ia3 | prompt-tuning.
+    /// PEFT method: lora | dora | ia3 | prompt-tuning | p-tuning | prefix-tuning.
     #[arg(long, default_value = "lora")]
     method: String,
     /// LoRA rank.
@@ -62,7 +62,13 @@ struct MethodArgs {
     /// IA3: modules whose input (not output) is scaled (default down_proj).
     #[arg(long)]
     feedforward: Option<String>,
-    /// Prompt tuning: number of virtual tokens.
+    /// P-tuning / prefix tuning (with --prefix-projection): hidden size of the encoder MLP.
+    #[arg(long, default_value_t = 128)]
+    encoder_hidden_size: usize,
+    /// Prefix tuning: train the prefix through peft's projection MLP.
+    #[arg(long)]
+    prefix_projection: bool,
+    /// Prompt / prefix / p-tuning: number of virtual tokens.
     #[arg(long, default_value_t = 20)]
     num_virtual_tokens: usize,
     /// Prompt tuning init: random | sample-vocab | text.
@@ -79,7 +85,8 @@ impl MethodArgs {
         let base = model.display().to_string();
         let targets = |default: &str| Targets::from_cli(self.target.as_deref().unwrap_or(default)).to_json();
         Ok(match self.method.as_str() {
-            "lora" => serde_json::json!({
+            "lora" | "dora" => serde_json::json!({
+                "use_dora": self.method == "dora",
                 "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
                 "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
                 "target_modules": targets("q_proj,v_proj"), "use_rslora": self.rslora,
@@ -106,7 +113,17 @@ impl MethodArgs {
                 },
                 "prompt_tuning_init_text": self.prompt_init_text,
             }),
-            other => return Err(Error::new(ErrorCode::Unsupported, format!("--method {other}: supported are lora, ia3, prompt-tuning"))),
+            "p-tuning" => serde_json::json!({
+                "peft_type": "P_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+                "num_virtual_tokens": self.num_virtual_tokens, "encoder_reparameterization_type": "MLP",
+                "encoder_hidden_size": self.encoder_hidden_size,
+            }),
+            "prefix-tuning" => serde_json::json!({
+                "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+                "num_virtual_tokens": self.num_virtual_tokens, "prefix_projection": self.prefix_projection,
+                "encoder_hidden_size": self.encoder_hidden_size,
+            }),
+            other => return Err(Error::new(ErrorCode::Unsupported, format!("--method {other}: supported are lora, dora, ia3, prompt-tuning, p-tuning, prefix-tuning"))),
         })
     }
 }

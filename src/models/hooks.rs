@@ -63,6 +63,11 @@ pub trait Adapter {
     fn prefix(&self) -> Option<Tensor<2>> {
         None
     }
+    /// Keys and values [1, kv_heads, n, head_dim] per layer put before the real ones
+    /// (prefix tuning): they act as a pre-filled KV cache.
+    fn prefix_kv(&self) -> Option<Vec<(Tensor<4>, Tensor<4>)>> {
+        None
+    }
 }
 
 /// No adapter: the frozen model.
@@ -83,5 +88,11 @@ impl Adapter for Stack<'_> {
     fn prefix(&self) -> Option<Tensor<2>> {
         let parts: Vec<Tensor<2>> = self.0.iter().filter_map(|a| a.prefix()).collect();
         (!parts.is_empty()).then(|| Tensor::cat(parts, 0))
+    }
+    fn prefix_kv(&self) -> Option<Vec<(Tensor<4>, Tensor<4>)>> {
+        let all: Vec<_> = self.0.iter().filter_map(|a| a.prefix_kv()).collect();
+        let mut it = all.into_iter();
+        let first = it.next()?;
+        Some(it.fold(first, |acc, more| acc.into_iter().zip(more).map(|((k1, v1), (k2, v2))| (Tensor::cat(vec![k1, k2], 2), Tensor::cat(vec![v1, v2], 2))).collect()))
     }
 }

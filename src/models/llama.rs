@@ -221,11 +221,29 @@ impl Llama {
     }
 
     /// Hidden states of all positions, virtual tokens first: ([B*(n+T), hidden], n).
-    pub fn hidden_all(&self, inp: &Inputs, adapter: &dyn Adapter, mut cache: Option<&mut KvCache>) -> Result<(Tensor<2>, usize)> {
+    pub fn hidden_all(&self, inp: &Inputs, adapter: &dyn Adapter, cache: Option<&mut KvCache>) -> Result<(Tensor<2>, usize)> {
         let c = &self.config;
         let [b, t] = inp.ids.dims();
         if t == 0 {
             bail!(Shape, "empty input");
+        }
+        // Prefix tuning: its keys/values pre-fill the cache (a local one when none is given).
+        let mut local = KvCache::default();
+        let mut cache: Option<&mut KvCache> = cache;
+        let pkv = if cache.as_ref().is_none_or(|k| k.len == 0) { adapter.prefix_kv() } else { None };
+        if let Some(kvs) = pkv {
+            if kvs.len() != self.blocks.len() {
+                bail!(Shape, "prefix has {} layers, the model {}", kvs.len(), self.blocks.len());
+            }
+            let kc = match cache {
+                Some(k) => k,
+                None => &mut local,
+            };
+            let n = kvs[0].0.dims()[2];
+            kc.layers = kvs.into_iter().map(|(k, v)| Some((k.repeat_dim(0, b), v.repeat_dim(0, b)))).collect();
+            kc.len = n;
+            kc.virtual_len = n;
+            cache = Some(kc);
         }
         let past = cache.as_ref().map_or(0, |k| k.len);
         let prefix = if past == 0 { adapter.prefix() } else { None };

@@ -5,7 +5,10 @@
 
 pub mod ia3;
 pub mod lora;
+pub mod p_tuning;
+pub mod prefix_tuning;
 pub mod prompt_tuning;
+pub mod reparam;
 pub mod targets;
 
 use burn::tensor::Tensor;
@@ -18,7 +21,11 @@ use crate::tokenizer::Tokenizer;
 
 use ia3::{Ia3Adapter, Ia3Config};
 use lora::{LoraAdapter, LoraConfig};
+use p_tuning::{PTuningAdapter, PTuningConfig};
+use prefix_tuning::{PrefixTuningAdapter, PrefixTuningConfig};
 use prompt_tuning::{PromptTuningAdapter, PromptTuningConfig};
+
+const SUPPORTED: &str = "supported: LORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING";
 
 /// A trainable tensor with its name in the saved adapter.
 pub struct NamedParam<'a> {
@@ -47,6 +54,8 @@ pub enum AnyAdapter {
     Lora(LoraAdapter),
     Ia3(Ia3Adapter),
     PromptTuning(PromptTuningAdapter),
+    PTuning(PTuningAdapter),
+    PrefixTuning(PrefixTuningAdapter),
 }
 
 fn parse(config_json: &str) -> Result<Json> {
@@ -60,7 +69,9 @@ impl AnyAdapter {
             Some("LORA") => AnyAdapter::Lora(LoraAdapter::new(LoraConfig::from_value(config)?, model, seed)?),
             Some("IA3") => AnyAdapter::Ia3(Ia3Adapter::new(Ia3Config::from_value(config)?, model)?),
             Some("PROMPT_TUNING") => AnyAdapter::PromptTuning(PromptTuningAdapter::new(PromptTuningConfig::from_value(config)?, model, tokenizer, seed)?),
-            other => bail!(Unsupported, "peft_type {other:?} (supported: LORA, IA3, PROMPT_TUNING)"),
+            Some("P_TUNING") => AnyAdapter::PTuning(PTuningAdapter::new(PTuningConfig::from_value(config)?, model, seed)?),
+            Some("PREFIX_TUNING") => AnyAdapter::PrefixTuning(PrefixTuningAdapter::new(PrefixTuningConfig::from_value(config)?, model, seed)?),
+            other => bail!(Unsupported, "peft_type {other:?} ({SUPPORTED})"),
         })
     }
 
@@ -71,7 +82,9 @@ impl AnyAdapter {
             Some("LORA") => LoraAdapter::from_peft(config_json, weights, model).map(AnyAdapter::Lora),
             Some("IA3") => Ia3Config::from_value(&v).and_then(|c| Ia3Adapter::from_peft(c, weights, model)).map(AnyAdapter::Ia3),
             Some("PROMPT_TUNING") => PromptTuningConfig::from_value(&v).and_then(|c| PromptTuningAdapter::from_peft(c, weights, model)).map(AnyAdapter::PromptTuning),
-            Some(other) => Err(err!(Unsupported, "peft_type {other:?} (supported: LORA, IA3, PROMPT_TUNING)")),
+            Some("P_TUNING") => PTuningConfig::from_value(&v).and_then(|c| PTuningAdapter::from_peft(c, weights, model)).map(AnyAdapter::PTuning),
+            Some("PREFIX_TUNING") => PrefixTuningConfig::from_value(&v).and_then(|c| PrefixTuningAdapter::from_peft(c, weights, model)).map(AnyAdapter::PrefixTuning),
+            Some(other) => Err(err!(Unsupported, "peft_type {other:?} ({SUPPORTED})")),
             None => Err(err!(Config, "peft_type missing")),
         };
         r.map_err(|e| if e.message.starts_with("adapter_") { e } else { e.context("adapter_config.json") })
@@ -82,6 +95,8 @@ impl AnyAdapter {
             AnyAdapter::Lora(a) => a.to_peft().await,
             AnyAdapter::Ia3(a) => a.to_peft().await,
             AnyAdapter::PromptTuning(a) => a.to_peft().await,
+            AnyAdapter::PTuning(a) => a.to_peft().await,
+            AnyAdapter::PrefixTuning(a) => a.to_peft().await,
         }
     }
 
@@ -90,6 +105,8 @@ impl AnyAdapter {
             AnyAdapter::Lora(_) => "lora",
             AnyAdapter::Ia3(_) => "ia3",
             AnyAdapter::PromptTuning(_) => "prompt-tuning",
+            AnyAdapter::PTuning(_) => "p-tuning",
+            AnyAdapter::PrefixTuning(_) => "prefix-tuning",
         }
     }
 
@@ -98,6 +115,8 @@ impl AnyAdapter {
             AnyAdapter::Lora(a) => a,
             AnyAdapter::Ia3(a) => a,
             AnyAdapter::PromptTuning(a) => a,
+            AnyAdapter::PTuning(a) => a,
+            AnyAdapter::PrefixTuning(a) => a,
         }
     }
 
@@ -117,6 +136,9 @@ impl Adapter for AnyAdapter {
     fn prefix(&self) -> Option<Tensor<2>> {
         self.inner().prefix()
     }
+    fn prefix_kv(&self) -> Option<Vec<(Tensor<4>, Tensor<4>)>> {
+        self.inner().prefix_kv()
+    }
 }
 
 impl Trainable for AnyAdapter {
@@ -125,6 +147,8 @@ impl Trainable for AnyAdapter {
             AnyAdapter::Lora(a) => a.params_mut(),
             AnyAdapter::Ia3(a) => a.params_mut(),
             AnyAdapter::PromptTuning(a) => a.params_mut(),
+            AnyAdapter::PTuning(a) => a.params_mut(),
+            AnyAdapter::PrefixTuning(a) => a.params_mut(),
         }
     }
     fn set_training(&mut self, on: bool) {

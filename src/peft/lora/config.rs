@@ -30,6 +30,7 @@ pub struct LoraConfig {
     pub init_lora_weights: InitLora,
     pub layers_to_transform: Option<Vec<usize>>,
     pub layers_pattern: Option<String>,
+    pub use_dora: bool,
     pub rank_pattern: BTreeMap<String, usize>,
     pub alpha_pattern: BTreeMap<String, f64>,
     pub task_type: Option<String>,
@@ -49,6 +50,7 @@ impl Default for LoraConfig {
             init_lora_weights: InitLora::Default,
             layers_to_transform: None,
             layers_pattern: None,
+            use_dora: false,
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             task_type: Some("CAUSAL_LM".into()),
@@ -83,7 +85,6 @@ impl LoraConfig {
             None => bail!(Config, "peft_type missing"),
         }
         for (key, what) in [
-            ("use_dora", "DoRA (use_dora)"),
             ("lora_bias", "lora_bias"),
             ("modules_to_save", "modules_to_save"),
             ("layer_replication", "layer_replication"),
@@ -167,6 +168,7 @@ impl LoraConfig {
             init_lora_weights,
             layers_to_transform,
             layers_pattern,
+            use_dora: o.get("use_dora").and_then(Json::as_bool).unwrap_or(false),
             rank_pattern,
             alpha_pattern: map("alpha_pattern")?,
             task_type: o.get("task_type").and_then(Json::as_str).map(str::to_string),
@@ -219,7 +221,7 @@ impl LoraConfig {
             "revision": null,
             "target_modules": self.target_modules.to_json(),
             "task_type": self.task_type,
-            "use_dora": false,
+            "use_dora": self.use_dora,
             "use_rslora": self.use_rslora
         });
         serde_json::to_string_pretty(&v).expect("serialisable")

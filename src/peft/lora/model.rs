@@ -13,6 +13,7 @@ use crate::io::safetensors::{self as st, HostTensor, OutTensor};
 use crate::models::hooks::{Adapter, Site};
 use crate::models::llama::Llama;
 use crate::peft::NamedParam;
+use crate::peft::lora::layer::{Dora, weight_norm};
 use crate::peft::lora::{InitLora, LoraConfig, LoraLayer};
 use crate::peft::targets::{Matcher, Targets};
 use crate::tensor::{read, upload};
@@ -27,6 +28,18 @@ pub struct LoraAdapter {
 /// peft's key for a tensor of this site, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
 pub fn peft_key(site: Site, which: &str) -> String {
     format!("base_model.model.{}.{which}.weight", site.module_name())
+}
+
+/// DoRA's magnitude key (peft saves it without `.weight`).
+pub fn magnitude_key(site: Site) -> String {
+    format!("base_model.model.{}.lora_magnitude_vector", site.module_name())
+}
+
+/// DoRA state for a layer: the magnitude (given, or initialised to the current weight norm).
+fn dora_for(model: &Llama, site: Site, a: &Tensor<2>, b: &Tensor<2>, scaling: f64, magnitude: Option<Tensor<2>>) -> Dora {
+    let lin = model.linear(site);
+    let magnitude = magnitude.unwrap_or_else(|| weight_norm(&lin.weight, a, b, scaling));
+    Dora { magnitude, base_weight: lin.weight.clone(), base_bias: lin.bias.clone() }
 }
 
 /// Box-Muller normal sample.
@@ -79,15 +92,10 @@ impl LoraAdapter {
                 InitLora::Off => uniform(&mut rng, r * fout, r),
                 _ => vec![0.0; r * fout],
             };
-            layers.insert(
-                site,
-                LoraLayer {
-                    a: upload(&HostTensor::new(vec![fin, r], a), &model.device)?,
-                    b: upload(&HostTensor::new(vec![r, fout], b), &model.device)?,
-                    scaling,
-                    dropout: config.lora_dropout,
-                },
-            );
+            let a = upload(&HostTensor::new(vec![fin, r], a), &model.device)?;
+            let b = upload(&HostTensor::new(vec![r, fout], b), &model.device)?;
+            let dora = config.use_dora.then(|| dora_for(model, site, &a, &b, scaling, None));
+            layers.insert(site, LoraLayer { a, b, scaling, dropout: config.lora_dropout, dora });
         }
         Ok(LoraAdapter { config, layers, training: false })
     }
@@ -111,19 +119,23 @@ impl LoraAdapter {
                 }
                 Ok(t.clone())
             };
-            let a = get("lora_A", [r, fin])?;
-            let b = get("lora_B", [fout, r])?;
+            let a = upload(&get("lora_A", [r, fin])?.transposed(), &model.device)?;
+            let b = upload(&get("lora_B", [fout, r])?.transposed(), &model.device)?;
             used.insert(peft_key(site, "lora_A"));
             used.insert(peft_key(site, "lora_B"));
-            layers.insert(
-                site,
-                LoraLayer {
-                    a: upload(&a.transposed(), &model.device)?,
-                    b: upload(&b.transposed(), &model.device)?,
-                    scaling,
-                    dropout: config.lora_dropout,
-                },
-            );
+            let dora = if config.use_dora {
+                let k = magnitude_key(site);
+                let t = tensors.get(&k).ok_or_else(|| err!(Format, "adapter_model.safetensors: missing {k} (use_dora = true)"))?;
+                if t.shape != [fout] {
+                    bail!(Shape, "adapter_model.safetensors: {k} has shape {:?}, expected [{fout}]", t.shape);
+                }
+                used.insert(k);
+                let m = upload(&HostTensor::new(vec![1, fout], t.data.clone()), &model.device)?;
+                Some(dora_for(model, site, &a, &b, scaling, Some(m)))
+            } else {
+                None
+            };
+            layers.insert(site, LoraLayer { a, b, scaling, dropout: config.lora_dropout, dora });
         }
         if let Some(extra) = tensors.keys().find(|k| !used.contains(*k)) {
             bail!(Format, "adapter_model.safetensors: tensor {extra} does not belong to any targeted module");
@@ -137,6 +149,10 @@ impl LoraAdapter {
         for (site, l) in &self.layers {
             out.insert(peft_key(*site, "lora_A"), OutTensor::F32(read(l.a.clone()).await?.transposed()));
             out.insert(peft_key(*site, "lora_B"), OutTensor::F32(read(l.b.clone()).await?.transposed()));
+            if let Some(d) = &l.dora {
+                let m = read(d.magnitude.clone()).await?;
+                out.insert(magnitude_key(*site), OutTensor::F32(HostTensor::new(vec![m.data.len()], m.data)));
+            }
         }
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         Ok((self.config.to_json(), st::write(&out, Some(meta))?))
@@ -148,6 +164,9 @@ impl LoraAdapter {
         for (site, l) in self.layers.iter_mut() {
             v.push(NamedParam { name: peft_key(*site, "lora_A"), tensor: &mut l.a });
             v.push(NamedParam { name: peft_key(*site, "lora_B"), tensor: &mut l.b });
+            if let Some(d) = l.dora.as_mut() {
+                v.push(NamedParam { name: magnitude_key(*site), tensor: &mut d.magnitude });
+            }
         }
         v
     }
@@ -156,7 +175,7 @@ impl LoraAdapter {
 impl Adapter for LoraAdapter {
     fn linear_output(&self, site: Site, x: &Tensor<2>, y: Tensor<2>) -> Tensor<2> {
         match self.layers.get(&site) {
-            Some(l) => y + l.delta(x, self.training),
+            Some(l) => l.apply(x, y, self.training),
             None => y,
         }
     }
