@@ -106,6 +106,7 @@ fn every_method_trains_saves_and_reloads() {
         ("p-tuning", vec!["--num-virtual-tokens", "4", "--encoder-hidden-size", "16"]),
         ("prefix-tuning", vec!["--num-virtual-tokens", "4"]),
         ("prefix-tuning", vec!["--num-virtual-tokens", "4", "--prefix-projection", "--encoder-hidden-size", "16"]),
+        ("ln-tuning", vec![]),
     ];
     for (method, extra) in methods {
         let out = tmp.join(format!("{method}-{}", extra.len()));

@@ -14,24 +14,6 @@ use webpeft::tensor::{block_on, ints, read};
 use webpeft::train::data::Batch;
 use webpeft::train::{AdamWConfig, Schedule, TrainConfig, Trainer};
 
-fn tiny() -> Session {
-    Session::load(&ModelFiles::from_path(&fixture("tiny-llama")).unwrap(), compute()).unwrap()
-}
-
-fn load_dir(s: &mut Session, name: &str, dir: &str) {
-    let d = fixture(dir);
-    let cfg = std::fs::read_to_string(d.join("adapter_config.json")).unwrap();
-    let w = std::fs::read(d.join("adapter_model.safetensors")).unwrap();
-    s.load_adapter(name, &cfg, &w).unwrap();
-}
-
-fn logits_with(s: &Session, adapter: &dyn webpeft::models::hooks::Adapter) -> Vec<f32> {
-    let fx = load("tiny-logits.safetensors");
-    let (shape, ids) = &fx.i64["tiny.input_ids"];
-    let inputs = Inputs { ids: ints(ids.clone(), [shape[0], shape[1]], &s.model.device), attention_mask: None };
-    block_on(read(s.model.forward(&inputs, adapter, None).unwrap())).unwrap().data
-}
-
 #[test]
 fn peft_adapters_load_with_peft_logits() {
     let mut s = tiny();

@@ -38,7 +38,7 @@ struct Common {
 
 #[derive(Args, Clone)]
 struct MethodArgs {
-    /// PEFT method: lora | dora | ia3 | prompt-tuning | p-tuning | prefix-tuning.
+    /// PEFT method: lora | dora | ia3 | prompt-tuning | p-tuning | prefix-tuning | ln-tuning.
     #[arg(long, default_value = "lora")]
     method: String,
     /// LoRA rank.
@@ -123,7 +123,11 @@ impl MethodArgs {
                 "num_virtual_tokens": self.num_virtual_tokens, "prefix_projection": self.prefix_projection,
                 "encoder_hidden_size": self.encoder_hidden_size,
             }),
-            other => return Err(Error::new(ErrorCode::Unsupported, format!("--method {other}: supported are lora, dora, ia3, prompt-tuning, p-tuning, prefix-tuning"))),
+            "ln-tuning" => serde_json::json!({
+                "peft_type": "LN_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+                "target_modules": targets("input_layernorm,post_attention_layernorm,norm"),
+            }),
+            other => return Err(Error::new(ErrorCode::Unsupported, format!("--method {other}: supported are lora, dora, ia3, prompt-tuning, p-tuning, prefix-tuning, ln-tuning"))),
         })
     }
 }

@@ -48,6 +48,24 @@ impl Site {
     }
 }
 
+/// The normalisation layers of a decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Norm {
+    Input(usize),
+    PostAttention(usize),
+    Final,
+}
+
+impl Norm {
+    pub fn module_name(&self) -> String {
+        match self {
+            Norm::Input(l) => format!("model.layers.{l}.input_layernorm"),
+            Norm::PostAttention(l) => format!("model.layers.{l}.post_attention_layernorm"),
+            Norm::Final => "model.norm".to_string(),
+        }
+    }
+}
+
 /// How a PEFT method modifies a frozen model. The model calls these at fixed points; every
 /// method has a default that changes nothing, so a method implements only what it touches.
 pub trait Adapter {
@@ -66,6 +84,10 @@ pub trait Adapter {
     /// Keys and values [1, kv_heads, n, head_dim] per layer put before the real ones
     /// (prefix tuning): they act as a pre-filled KV cache.
     fn prefix_kv(&self) -> Option<Vec<(Tensor<4>, Tensor<4>)>> {
+        None
+    }
+    /// A replacement weight [1, hidden] for a normalisation layer (LN tuning).
+    fn norm_weight(&self, _norm: Norm) -> Option<Tensor<2>> {
         None
     }
 }
@@ -88,6 +110,9 @@ impl Adapter for Stack<'_> {
     fn prefix(&self) -> Option<Tensor<2>> {
         let parts: Vec<Tensor<2>> = self.0.iter().filter_map(|a| a.prefix()).collect();
         (!parts.is_empty()).then(|| Tensor::cat(parts, 0))
+    }
+    fn norm_weight(&self, norm: Norm) -> Option<Tensor<2>> {
+        self.0.iter().find_map(|a| a.norm_weight(norm))
     }
     fn prefix_kv(&self) -> Option<Vec<(Tensor<4>, Tensor<4>)>> {
         let all: Vec<_> = self.0.iter().filter_map(|a| a.prefix_kv()).collect();

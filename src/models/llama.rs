@@ -13,7 +13,7 @@ use crate::error::{Result, bail, err};
 use crate::io::safetensors::HostTensor;
 use crate::io::source::LoadedWeights;
 use crate::models::config::LlamaConfig;
-use crate::models::hooks::{Adapter, Proj, Site};
+use crate::models::hooks::{Adapter, Norm, Proj, Site};
 use crate::tensor::{floats, upload};
 
 /// A frozen linear layer, weight stored as [in, out] so that `y = x @ W (+ b)`.
@@ -153,10 +153,14 @@ impl Llama {
         Ok(Llama { config: c, embed, blocks, norm, lm_head, inv_freq, device: device.clone() })
     }
 
-    fn rms_norm(&self, x: Tensor<2>, w: &Tensor<1>) -> Tensor<2> {
+    /// RMSNorm with the frozen weight `w`, or the adapter's replacement for `site`.
+    fn rms_norm(&self, x: Tensor<2>, w: &Tensor<1>, site: Norm, adapter: &dyn Adapter) -> Tensor<2> {
         let var = x.clone().square().mean_dim(1);
         let x = x * (var + self.config.rms_norm_eps).sqrt().recip();
-        x * w.clone().unsqueeze()
+        match adapter.norm_weight(site) {
+            Some(w) => x * w,
+            None => x * w.clone().unsqueeze(),
+        }
     }
 
     /// cos/sin tables for positions `start..start+t`, [1, 1, t, head_dim], computed on the
@@ -284,7 +288,7 @@ impl Llama {
                 adapter.linear_output(site, &x, y)
             };
             let t = t_all;
-            let hx = self.rms_norm(x.clone(), &blk.input_norm);
+            let hx = self.rms_norm(x.clone(), &blk.input_norm, Norm::Input(l), adapter);
             let q = lin(Proj::Q, &hx).reshape([b, t, nh, hd]).swap_dims(1, 2);
             let k = lin(Proj::K, &hx).reshape([b, t, nkv, hd]).swap_dims(1, 2);
             let v = lin(Proj::V, &hx).reshape([b, t, nkv, hd]).swap_dims(1, 2);
@@ -310,7 +314,7 @@ impl Llama {
             let att = softmax(scores, 3).matmul(v);
             let att = att.swap_dims(1, 2).reshape([b * t, nh * hd]);
             x = x + lin(Proj::O, &att);
-            let hx = self.rms_norm(x.clone(), &blk.post_attn_norm);
+            let hx = self.rms_norm(x.clone(), &blk.post_attn_norm, Norm::PostAttention(l), adapter);
             let g = lin(Proj::Gate, &hx);
             let u = lin(Proj::Up, &hx);
             x = x + lin(Proj::Down, &(silu(g) * u));
@@ -319,7 +323,7 @@ impl Llama {
             k.len += t_all;
             k.virtual_len += n;
         }
-        Ok((self.rms_norm(x, &self.norm), n))
+        Ok((self.rms_norm(x, &self.norm, Norm::Final, adapter), n))
     }
 
     /// Project hidden states [N, hidden] to logits [N, vocab].
@@ -340,6 +344,17 @@ impl Llama {
     /// All linear sites of the model.
     pub fn sites(&self) -> Vec<Site> {
         (0..self.blocks.len()).flat_map(|layer| Proj::ALL.iter().map(move |&proj| Site { layer, proj })).collect()
+    }
+
+    /// All normalisation layers, with their frozen weights.
+    pub fn norms(&self) -> Vec<(Norm, &Tensor<1>)> {
+        let mut v: Vec<(Norm, &Tensor<1>)> = Vec::new();
+        for (l, b) in self.blocks.iter().enumerate() {
+            v.push((Norm::Input(l), &b.input_norm));
+            v.push((Norm::PostAttention(l), &b.post_attn_norm));
+        }
+        v.push((Norm::Final, &self.norm));
+        v
     }
 
     pub fn linear(&self, s: Site) -> &Linear {

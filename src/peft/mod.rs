@@ -4,6 +4,7 @@
 //! `adapter_config.json`.
 
 pub mod ia3;
+pub mod ln_tuning;
 pub mod lora;
 pub mod p_tuning;
 pub mod prefix_tuning;
@@ -20,17 +21,70 @@ use crate::models::llama::Llama;
 use crate::tokenizer::Tokenizer;
 
 use ia3::{Ia3Adapter, Ia3Config};
+use ln_tuning::{LnTuningAdapter, LnTuningConfig};
 use lora::{LoraAdapter, LoraConfig};
 use p_tuning::{PTuningAdapter, PTuningConfig};
 use prefix_tuning::{PrefixTuningAdapter, PrefixTuningConfig};
 use prompt_tuning::{PromptTuningAdapter, PromptTuningConfig};
 
-const SUPPORTED: &str = "supported: LORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING";
+const SUPPORTED: &str = "supported: LORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LN_TUNING";
 
-/// A trainable tensor with its name in the saved adapter.
+/// How a trainable tensor is stored here relative to its PyTorch state_dict entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Same shape.
+    Same,
+    /// Transposed (Linear weights and LoRA matrices are kept [in, out] for `x @ W`).
+    Transposed,
+    /// A vector kept as [1, n] so it broadcasts over rows (torch: [n], [n, 1] or [1, n]).
+    Row,
+}
+
+/// A trainable tensor with its name (the saved key, or the state_dict name for tensors
+/// peft does not save, like a prompt encoder's).
 pub struct NamedParam<'a> {
     pub name: String,
     pub tensor: &'a mut Tensor<2>,
+    pub layout: Layout,
+}
+
+impl<'a> NamedParam<'a> {
+    pub fn new(name: impl Into<String>, tensor: &'a mut Tensor<2>, layout: Layout) -> Self {
+        NamedParam { name: name.into(), tensor, layout }
+    }
+}
+
+/// Set trainable tensors from PyTorch-layout host tensors by name (e.g. to start from a
+/// given state); names not in `tensors` are left as they are. Returns how many were set.
+pub fn load_params(a: &mut dyn Trainable, tensors: &std::collections::BTreeMap<String, crate::io::safetensors::HostTensor>) -> Result<usize> {
+    let mut n = 0;
+    for p in a.params_mut() {
+        let Some(h) = tensors.get(&p.name) else { continue };
+        let dims = p.tensor.dims();
+        let h = match p.layout {
+            Layout::Same => h.clone(),
+            Layout::Transposed if h.shape.len() == 2 => h.transposed(),
+            Layout::Row => crate::io::safetensors::HostTensor::new(vec![1, h.data.len()], h.data.clone()),
+            Layout::Transposed => bail!(Shape, "{}: expected a matrix, got shape {:?}", p.name, h.shape),
+        };
+        if h.shape != dims {
+            bail!(Shape, "{}: shape {:?} does not fit {:?}", p.name, h.shape, dims);
+        }
+        let device = p.tensor.device();
+        *p.tensor = crate::tensor::upload(&h, &device)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Trainable tensors by name, data in PyTorch element order (for comparisons and reports).
+pub async fn read_params(a: &mut dyn Trainable) -> Result<std::collections::BTreeMap<String, crate::io::safetensors::HostTensor>> {
+    let mut out = std::collections::BTreeMap::new();
+    for p in a.params_mut() {
+        let h = crate::tensor::read(p.tensor.clone().without_autodiff()).await?;
+        out.insert(p.name.clone(), if p.layout == Layout::Transposed { h.transposed() } else { h });
+    }
+    Ok(out)
 }
 
 /// An adapter the trainer can update.
@@ -56,6 +110,7 @@ pub enum AnyAdapter {
     PromptTuning(PromptTuningAdapter),
     PTuning(PTuningAdapter),
     PrefixTuning(PrefixTuningAdapter),
+    LnTuning(LnTuningAdapter),
 }
 
 fn parse(config_json: &str) -> Result<Json> {
@@ -71,6 +126,7 @@ impl AnyAdapter {
             Some("PROMPT_TUNING") => AnyAdapter::PromptTuning(PromptTuningAdapter::new(PromptTuningConfig::from_value(config)?, model, tokenizer, seed)?),
             Some("P_TUNING") => AnyAdapter::PTuning(PTuningAdapter::new(PTuningConfig::from_value(config)?, model, seed)?),
             Some("PREFIX_TUNING") => AnyAdapter::PrefixTuning(PrefixTuningAdapter::new(PrefixTuningConfig::from_value(config)?, model, seed)?),
+            Some("LN_TUNING") => AnyAdapter::LnTuning(LnTuningAdapter::new(LnTuningConfig::from_value(config)?, model)?),
             other => bail!(Unsupported, "peft_type {other:?} ({SUPPORTED})"),
         })
     }
@@ -84,6 +140,7 @@ impl AnyAdapter {
             Some("PROMPT_TUNING") => PromptTuningConfig::from_value(&v).and_then(|c| PromptTuningAdapter::from_peft(c, weights, model)).map(AnyAdapter::PromptTuning),
             Some("P_TUNING") => PTuningConfig::from_value(&v).and_then(|c| PTuningAdapter::from_peft(c, weights, model)).map(AnyAdapter::PTuning),
             Some("PREFIX_TUNING") => PrefixTuningConfig::from_value(&v).and_then(|c| PrefixTuningAdapter::from_peft(c, weights, model)).map(AnyAdapter::PrefixTuning),
+            Some("LN_TUNING") => LnTuningConfig::from_value(&v).and_then(|c| LnTuningAdapter::from_peft(c, weights, model)).map(AnyAdapter::LnTuning),
             Some(other) => Err(err!(Unsupported, "peft_type {other:?} ({SUPPORTED})")),
             None => Err(err!(Config, "peft_type missing")),
         };
@@ -97,6 +154,7 @@ impl AnyAdapter {
             AnyAdapter::PromptTuning(a) => a.to_peft().await,
             AnyAdapter::PTuning(a) => a.to_peft().await,
             AnyAdapter::PrefixTuning(a) => a.to_peft().await,
+            AnyAdapter::LnTuning(a) => a.to_peft().await,
         }
     }
 
@@ -107,6 +165,7 @@ impl AnyAdapter {
             AnyAdapter::PromptTuning(_) => "prompt-tuning",
             AnyAdapter::PTuning(_) => "p-tuning",
             AnyAdapter::PrefixTuning(_) => "prefix-tuning",
+            AnyAdapter::LnTuning(_) => "ln-tuning",
         }
     }
 
@@ -117,6 +176,7 @@ impl AnyAdapter {
             AnyAdapter::PromptTuning(a) => a,
             AnyAdapter::PTuning(a) => a,
             AnyAdapter::PrefixTuning(a) => a,
+            AnyAdapter::LnTuning(a) => a,
         }
     }
 
@@ -139,6 +199,9 @@ impl Adapter for AnyAdapter {
     fn prefix_kv(&self) -> Option<Vec<(Tensor<4>, Tensor<4>)>> {
         self.inner().prefix_kv()
     }
+    fn norm_weight(&self, norm: crate::models::hooks::Norm) -> Option<Tensor<2>> {
+        self.inner().norm_weight(norm)
+    }
 }
 
 impl Trainable for AnyAdapter {
@@ -149,6 +212,7 @@ impl Trainable for AnyAdapter {
             AnyAdapter::PromptTuning(a) => a.params_mut(),
             AnyAdapter::PTuning(a) => a.params_mut(),
             AnyAdapter::PrefixTuning(a) => a.params_mut(),
+            AnyAdapter::LnTuning(a) => a.params_mut(),
         }
     }
     fn set_training(&mut self, on: bool) {

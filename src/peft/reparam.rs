@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::Result;
 use crate::io::safetensors::HostTensor;
-use crate::peft::NamedParam;
+use crate::peft::{Layout, NamedParam};
 use crate::tensor::upload;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,7 +65,7 @@ impl Mlp {
         let p = &self.prefix;
         self.layers
             .iter_mut()
-            .flat_map(|(i, d)| [NamedParam { name: format!("{p}.{i}.weight"), tensor: &mut d.w }, NamedParam { name: format!("{p}.{i}.bias"), tensor: &mut d.b }])
+            .flat_map(|(i, d)| [NamedParam::new(format!("{p}.{i}.weight"), &mut d.w, Layout::Transposed), NamedParam::new(format!("{p}.{i}.bias"), &mut d.b, Layout::Row)])
             .collect()
     }
 }

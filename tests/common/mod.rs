@@ -6,6 +6,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use webpeft::device::{Compute, DeviceChoice, select};
+use webpeft::io::source::ModelFiles;
+use webpeft::models::hooks::Adapter;
+use webpeft::models::llama::Inputs;
+use webpeft::session::Session;
+use webpeft::tensor::{block_on, ints, read};
 use webpeft::io::safetensors::{HostTensor, parse, view_to_f32, view_to_i64};
 
 pub fn compute() -> Compute {
@@ -61,4 +66,25 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
     // Guard against comparing something with itself or with zeros.
     assert!(want.iter().any(|x| x.abs() > 1e-6), "{what}: reference is all zeros");
     d
+}
+
+/// The tiny random Llama (HF folder fixture) on the device under test.
+pub fn tiny() -> Session {
+    Session::load(&ModelFiles::from_path(&fixture("tiny-llama")).unwrap(), compute()).unwrap()
+}
+
+/// Load the PEFT folder `dir` (under tests/fixtures) as adapter `name`.
+pub fn load_dir(s: &mut Session, name: &str, dir: &str) {
+    let d = fixture(dir);
+    let cfg = std::fs::read_to_string(d.join("adapter_config.json")).unwrap();
+    let w = std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    s.load_adapter(name, &cfg, &w).unwrap();
+}
+
+/// Logits [2, 12, 512] of `tiny.input_ids` through `adapter`.
+pub fn logits_with(s: &Session, adapter: &dyn Adapter) -> Vec<f32> {
+    let fx = load("tiny-logits.safetensors");
+    let (shape, ids) = &fx.i64["tiny.input_ids"];
+    let inputs = Inputs { ids: ints(ids.clone(), [shape[0], shape[1]], &s.model.device), attention_mask: None };
+    block_on(read(s.model.forward(&inputs, adapter, None).unwrap())).unwrap().data
 }

@@ -9,7 +9,7 @@ use crate::error::{Result, bail, err};
 use crate::io::safetensors::{self as st, HostTensor, OutTensor};
 use crate::models::hooks::{Adapter, Site};
 use crate::models::llama::Llama;
-use crate::peft::NamedParam;
+use crate::peft::{Layout, NamedParam};
 use crate::peft::ia3::Ia3Config;
 use crate::peft::targets::Matcher;
 use crate::tensor::{read, upload};
@@ -94,7 +94,7 @@ impl Ia3Adapter {
     }
 
     pub fn params_mut(&mut self) -> Vec<NamedParam<'_>> {
-        self.layers.iter_mut().map(|(s, l)| NamedParam { name: key(*s), tensor: &mut l.l }).collect()
+        self.layers.iter_mut().map(|(s, l)| NamedParam::new(key(*s), &mut l.l, Layout::Row)).collect()
     }
 }
 

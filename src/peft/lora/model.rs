@@ -12,7 +12,7 @@ use crate::error::{Result, bail, err};
 use crate::io::safetensors::{self as st, HostTensor, OutTensor};
 use crate::models::hooks::{Adapter, Site};
 use crate::models::llama::Llama;
-use crate::peft::NamedParam;
+use crate::peft::{Layout, NamedParam};
 use crate::peft::lora::layer::{Dora, weight_norm};
 use crate::peft::lora::{InitLora, LoraConfig, LoraLayer};
 use crate::peft::targets::{Matcher, Targets};
@@ -162,10 +162,10 @@ impl LoraAdapter {
     pub fn params_mut(&mut self) -> Vec<NamedParam<'_>> {
         let mut v = Vec::new();
         for (site, l) in self.layers.iter_mut() {
-            v.push(NamedParam { name: peft_key(*site, "lora_A"), tensor: &mut l.a });
-            v.push(NamedParam { name: peft_key(*site, "lora_B"), tensor: &mut l.b });
+            v.push(NamedParam::new(peft_key(*site, "lora_A"), &mut l.a, Layout::Transposed));
+            v.push(NamedParam::new(peft_key(*site, "lora_B"), &mut l.b, Layout::Transposed));
             if let Some(d) = l.dora.as_mut() {
-                v.push(NamedParam { name: magnitude_key(*site), tensor: &mut d.magnitude });
+                v.push(NamedParam::new(magnitude_key(*site), &mut d.magnitude, Layout::Row));
             }
         }
         v

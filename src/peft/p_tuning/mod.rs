@@ -12,7 +12,7 @@ use crate::io::safetensors::{self as st, HostTensor, OutTensor};
 use crate::models::hooks::Adapter;
 use crate::models::llama::Llama;
 use crate::peft::reparam::{Activation, Mlp, normal_init};
-use crate::peft::{NamedParam, prompt_tuning::model::KEY};
+use crate::peft::{Layout, NamedParam, prompt_tuning::model::KEY};
 use crate::tensor::{read, upload};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -117,7 +117,7 @@ impl PTuningAdapter {
     }
 
     pub fn params_mut(&mut self) -> Vec<NamedParam<'_>> {
-        let mut v = vec![NamedParam { name: "prompt_encoder.default.embedding.weight".into(), tensor: &mut self.embedding }];
+        let mut v = vec![NamedParam::new(if self.encoder.is_some() { "prompt_encoder.default.embedding.weight" } else { KEY }, &mut self.embedding, Layout::Same)];
         if let Some(e) = self.encoder.as_mut() {
             v.extend(e.params_mut());
         }

@@ -15,7 +15,7 @@ use crate::models::config::LlamaConfig;
 use crate::models::hooks::Adapter;
 use crate::models::llama::Llama;
 use crate::peft::reparam::{Activation, Mlp, normal_init};
-use crate::peft::{NamedParam, prompt_tuning::model::KEY};
+use crate::peft::{Layout, NamedParam, prompt_tuning::model::KEY};
 use crate::tensor::{read, upload};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -124,8 +124,14 @@ impl PrefixTuningAdapter {
         Ok((self.config.to_json(&self.model_config), st::write(&out, Some(meta))?))
     }
 
+    /// With projection the trained table is the encoder's embedding; without, it is
+    /// exactly the saved tensor.
+    fn embedding_name(&self) -> &'static str {
+        if self.projection.is_some() { "prompt_encoder.default.embedding.weight" } else { KEY }
+    }
+
     pub fn params_mut(&mut self) -> Vec<NamedParam<'_>> {
-        let mut v = vec![NamedParam { name: "prompt_encoder.default.embedding.weight".into(), tensor: &mut self.embedding }];
+        let mut v = vec![NamedParam::new(self.embedding_name(), &mut self.embedding, Layout::Same)];
         if let Some(p) = self.projection.as_mut() {
             v.extend(p.params_mut());
         }

@@ -11,7 +11,7 @@ use crate::error::{Result, bail, err};
 use crate::io::safetensors::{self as st, HostTensor, OutTensor};
 use crate::models::hooks::Adapter;
 use crate::models::llama::Llama;
-use crate::peft::NamedParam;
+use crate::peft::{Layout, NamedParam};
 use crate::peft::prompt_tuning::{PromptInit, PromptTuningConfig};
 use crate::tensor::{ints, read, upload};
 use crate::tokenizer::Tokenizer;
@@ -92,7 +92,7 @@ impl PromptTuningAdapter {
     }
 
     pub fn params_mut(&mut self) -> Vec<NamedParam<'_>> {
-        vec![NamedParam { name: KEY.to_string(), tensor: &mut self.embeddings }]
+        vec![NamedParam::new(KEY, &mut self.embeddings, Layout::Same)]
     }
 }
 
