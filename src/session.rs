@@ -11,10 +11,10 @@ use crate::generate::{GenerateOptions, generate};
 use crate::io::gguf::Gguf;
 use crate::io::safetensors::HostTensor;
 use crate::io::source::ModelFiles;
-use crate::models::hooks::{Adapter, NoHook};
+use crate::models::hooks::{Adapter, NoHook, Stack};
 use crate::models::llama::{Inputs, Llama};
 use crate::peft::lora::{LoraAdapter, LoraConfig};
-use crate::peft::{AnyAdapter, set_trainable};
+use crate::peft::{AnyAdapter, Group, set_trainable};
 use crate::tensor::{ints, read};
 use crate::tokenizer::Tokenizer;
 use crate::train::data::{Batcher, Example, tokenize};
@@ -88,6 +88,11 @@ impl Session {
         })
     }
 
+    /// Several adapters applied together, in the given order.
+    pub fn stack(&self, names: &[&str]) -> Result<Stack<'_>> {
+        Ok(Stack(names.iter().map(|n| self.adapter(n).map(|a| a as &dyn Adapter)).collect::<Result<_>>()?))
+    }
+
     /// Add a new adapter from a peft config (any supported `peft_type`).
     pub fn add_adapter(&mut self, name: &str, config: &serde_json::Value, seed: u64) -> Result<()> {
         let a = AnyAdapter::new(config, &self.model, &self.tokenizer, seed)?;
@@ -111,8 +116,8 @@ impl Session {
         self.adapter(name)?.to_peft().await
     }
 
-    /// Logits [1, T, vocab] for token ids.
-    pub async fn logits(&self, ids: &[u32], adapter: Option<&str>) -> Result<HostTensor> {
+    /// Logits [1, T, vocab] for token ids, with the named adapters applied together.
+    pub async fn logits(&self, ids: &[u32], adapters: &[&str]) -> Result<HostTensor> {
         if ids.is_empty() {
             bail!(Data, "no tokens");
         }
@@ -121,23 +126,29 @@ impl Session {
             bail!(Data, "token id {bad} is outside the vocabulary ({v})");
         }
         let inputs = Inputs { ids: ints(ids.iter().map(|&i| i as i64).collect(), [1, ids.len()], &self.model.device), attention_mask: None };
-        read(self.model.forward(&inputs, self.hook(adapter)?, None)?).await
+        read(self.model.forward(&inputs, &self.stack(adapters)?, None)?).await
     }
 
-    pub async fn generate(&self, prompt: &str, chat: bool, opts: &GenerateOptions, adapter: Option<&str>, on_token: impl FnMut(u32)) -> Result<String> {
+    pub async fn generate(&self, prompt: &str, chat: bool, opts: &GenerateOptions, adapters: &[&str], on_token: impl FnMut(u32)) -> Result<String> {
         let text = if chat { self.tokenizer.apply_chat_template(&[("user".into(), prompt.into())], true)? } else { prompt.to_string() };
         let ids = self.tokenizer.encode(&text)?;
         let mut opts = opts.clone();
         if opts.stop.is_none() {
             opts.stop = self.tokenizer.eos_id;
         }
-        let out = generate(&self.model, self.hook(adapter)?, &ids, &opts, on_token).await?;
+        let out = generate(&self.model, &self.stack(adapters)?, &ids, &opts, on_token).await?;
         self.tokenizer.decode(&out, true)
     }
 
     /// Train adapter `name` on `examples`; `on_step` gets a report after every step and may
     /// return false to stop early.
-    pub async fn train(&mut self, name: &str, examples: &[Example], o: &TrainOptions, mut on_step: impl FnMut(&StepReport) -> bool) -> Result<Vec<StepReport>> {
+    pub async fn train(&mut self, name: &str, examples: &[Example], o: &TrainOptions, on_step: impl FnMut(&StepReport) -> bool) -> Result<Vec<StepReport>> {
+        self.train_together(&[name], examples, o, on_step).await
+    }
+
+    /// Train several adapters at once (a hybrid of methods): they are applied together and
+    /// their parameters share one optimizer.
+    pub async fn train_together(&mut self, names: &[&str], examples: &[Example], o: &TrainOptions, mut on_step: impl FnMut(&StepReport) -> bool) -> Result<Vec<StepReport>> {
         if o.steps == 0 || o.batch == 0 || o.grad_accum == 0 || o.seq_len < 2 {
             bail!(Config, "steps, batch and grad-accum must be >= 1 and seq-len >= 2");
         }
@@ -157,7 +168,13 @@ impl Session {
             ..Default::default()
         };
         let mut trainer = Trainer::new(config);
-        let adapter = self.adapters.get_mut(name).ok_or_else(|| err!(Config, "no adapter named {name:?}"))?;
+        if let Some(missing) = names.iter().find(|n| !self.adapters.contains_key(**n)) {
+            bail!(Config, "no adapter named {missing:?}");
+        }
+        let mut by_name: BTreeMap<&str, &mut AnyAdapter> = self.adapters.iter_mut().filter(|(k, _)| names.contains(&k.as_str())).map(|(k, a)| (k.as_str(), a)).collect();
+        let members = names.iter().map(|n| by_name.remove(n).ok_or_else(|| err!(Config, "adapter {n:?} named twice"))).collect::<Result<Vec<_>>>()?;
+        let mut group = Group(members);
+        let adapter = &mut group;
         set_trainable(adapter, true);
         let mut reports = Vec::new();
         let result = async {

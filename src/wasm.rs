@@ -373,7 +373,7 @@ impl Model {
             };
             let sess = s.try_borrow().map_err(|_| busy())?;
             let text = sess
-                .generate(&prompt, o.chat.unwrap_or(false), &g, o.adapter.as_deref(), |t| {
+                .generate(&prompt, o.chat.unwrap_or(false), &g, &o.adapter.as_deref().into_iter().collect::<Vec<_>>(), |t| {
                     if let Some(f) = &on_token {
                         let _ = f.call1(&JsValue::NULL, &t.into());
                     }
@@ -388,7 +388,7 @@ impl Model {
         let s = self.session();
         promise(async move {
             let sess = s.try_borrow().map_err(|_| busy())?;
-            let t = sess.logits(&ids, adapter.as_deref()).await?;
+            let t = sess.logits(&ids, &adapter.as_deref().into_iter().collect::<Vec<_>>()).await?;
             let o = Object::new();
             let shape = Array::new();
             t.shape.iter().for_each(|&d| {

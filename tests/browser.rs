@@ -70,14 +70,14 @@ async fn tiny_logits_and_peft_adapter_match_pytorch() {
     let (_, ids) = ids_of(logits_fx, "tiny.input_ids");
     // Row 0 of the fixture batch.
     let row: Vec<u32> = ids[..12].iter().map(|&i| i as u32).collect();
-    let got = s.logits(&row, None).await.unwrap();
+    let got = s.logits(&row, &[]).await.unwrap();
     let want = f32_of(logits_fx, "tiny.logits");
     let d = max_abs_diff(&got.data, &want.data[..got.data.len()]);
     web_sys_log(&format!("browser tiny logits max |d| = {d:e}"));
     assert!(d < 1e-4, "tiny logits |d| = {d}");
 
     s.load_adapter("qv", std::str::from_utf8(fx!("tiny-adapters/qv/adapter_config.json")).unwrap(), fx!("tiny-adapters/qv/adapter_model.safetensors")).unwrap();
-    let got = s.logits(&row, Some("qv")).await.unwrap();
+    let got = s.logits(&row, &["qv"]).await.unwrap();
     let want = f32_of(fx!("tiny-adapters/qv/expected.safetensors"), "logits");
     let d = max_abs_diff(&got.data, &want.data[..got.data.len()]);
     web_sys_log(&format!("browser peft adapter logits max |d| = {d:e}"));
@@ -106,6 +106,58 @@ async fn one_training_step_matches_pytorch() {
     }
     web_sys_log(&format!("browser one-step weights max |d| = {worst:e}"));
     assert!(worst < 5e-5, "weights after one step |d| = {worst}");
+}
+
+/// One AdamW step of each PEFT method in the browser, from the fixtures' start state,
+/// against PyTorch's updated tensors.
+#[wasm_bindgen_test]
+async fn every_method_one_step_matches_pytorch() {
+    let cases: Vec<(&str, &str, &[u8], &[u8], &[u8], bool)> = vec![
+        ("ia3", "IA3", fx!("tiny-adapters/ia3/adapter_config.json"), fx!("tiny-adapters/ia3/adapter_model.safetensors"), fx!("tiny-train-ia3.safetensors"), false),
+        ("prompt", "PROMPT_TUNING", fx!("tiny-adapters/prompt/adapter_config.json"), fx!("tiny-adapters/prompt/adapter_model.safetensors"), fx!("tiny-train-prompt.safetensors"), false),
+        ("dora", "LORA+DoRA", fx!("tiny-adapters/dora/adapter_config.json"), fx!("tiny-adapters/dora/adapter_model.safetensors"), fx!("tiny-train-dora.safetensors"), false),
+        ("prefix", "PREFIX_TUNING", fx!("tiny-adapters/prefix/adapter_config.json"), fx!("tiny-adapters/prefix/adapter_model.safetensors"), fx!("tiny-train-prefix.safetensors"), false),
+        ("ptuning", "P_TUNING", fx!("tiny-adapters/ptuning/adapter_config.json"), fx!("tiny-adapters/ptuning/adapter_model.safetensors"), fx!("tiny-train-ptuning.safetensors"), true),
+        ("ln", "LN_TUNING", fx!("tiny-adapters/ln/adapter_config.json"), fx!("tiny-adapters/ln/adapter_model.safetensors"), fx!("tiny-train-ln.safetensors"), false),
+    ];
+    let mut s = tiny().await;
+    for (name, what, cfg, weights, train, trainable_config) in cases {
+        let cfg = std::str::from_utf8(cfg).unwrap();
+        if trainable_config {
+            let mut v: serde_json::Value = serde_json::from_str(cfg).unwrap();
+            v["inference_mode"] = false.into();
+            s.add_adapter(name, &v, 0).unwrap();
+        } else {
+            s.load_adapter(name, cfg, weights).unwrap();
+        }
+        let st = webpeft::io::safetensors::parse(train).unwrap();
+        let mut init = BTreeMap::new();
+        let mut step1 = BTreeMap::new();
+        for (k, v) in st.tensors() {
+            if let Ok(t) = webpeft::io::safetensors::view_to_f32(&k, &v) {
+                if let Some(x) = k.strip_prefix("init.") {
+                    init.insert(x.to_string(), t);
+                } else if let Some(x) = k.strip_prefix("step1.") {
+                    step1.insert(x.to_string(), t);
+                }
+            }
+        }
+        let a = s.adapters.get_mut(name).unwrap();
+        webpeft::peft::load_params(a, &init).unwrap();
+        let (shape, input_ids) = ids_of(train, "input_ids");
+        let batch = Batch { batch: shape[0], len: shape[1], input_ids, attention_mask: ids_of(train, "attention_mask").1, labels: ids_of(train, "labels").1 };
+        let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() }, ..Default::default() });
+        webpeft::peft::set_trainable(a, true);
+        let r = tr.step(&s.model, a, std::slice::from_ref(&batch)).await.unwrap();
+        let want_loss = f32_of(train, "loss_step0").data[0];
+        let mut worst = 0f32;
+        for (k, t) in webpeft::peft::read_params(a).await.unwrap() {
+            worst = worst.max(max_abs_diff(&t.data, &step1[&k].data));
+        }
+        web_sys_log(&format!("browser {what}: loss {} (torch {want_loss}), one-step max |d| = {worst:e}", r.loss));
+        assert!((r.loss - want_loss).abs() < 1e-5, "{what} loss");
+        assert!(worst < 5e-5, "{what} weights |d| = {worst}");
+    }
 }
 
 fn web_sys_log(s: &str) {

@@ -107,6 +107,8 @@ fn every_method_trains_saves_and_reloads() {
         ("prefix-tuning", vec!["--num-virtual-tokens", "4"]),
         ("prefix-tuning", vec!["--num-virtual-tokens", "4", "--prefix-projection", "--encoder-hidden-size", "16"]),
         ("ln-tuning", vec![]),
+        // Hybrid: prefix tuning + LoRA trained together (MAM-style), saved as two adapters.
+        ("prefix-tuning", vec!["--method", "lora", "--num-virtual-tokens", "4", "--r", "4"]),
     ];
     for (method, extra) in methods {
         let out = tmp.join(format!("{method}-{}", extra.len()));
@@ -120,6 +122,9 @@ fn every_method_trains_saves_and_reloads() {
         assert!(losses[9] < losses[0] - 0.2, "{method}: loss must fall: {losses:?}");
         let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
         assert!(cfg["peft_type"].is_string());
+        if extra.contains(&"--method") {
+            assert!(out.join("lora/adapter_config.json").exists(), "the second method is saved in a subfolder");
+        }
         let f = tmp.join("l.safetensors");
         let (ok, _, e) = webpeft(&["logits", "--model", m, "--adapter", out.to_str().unwrap(), "--text", "Simple is better", "--out", f.to_str().unwrap()]);
         assert!(ok, "{method} reload: {e}");

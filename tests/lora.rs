@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use webpeft::io::safetensors::read_all_f32;
-use webpeft::io::source::ModelFiles;
 use webpeft::models::llama::Inputs;
 use webpeft::peft::lora::{LoraAdapter, LoraConfig};
 use webpeft::session::Session;

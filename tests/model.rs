@@ -141,7 +141,7 @@ fn smollm2_peft_adapter_matches_peft() {
     s.load_adapter("a", &cfg, &std::fs::read(d.join("adapter_model.safetensors")).unwrap()).unwrap();
     let fx = load("smollm2-adapter/expected.safetensors");
     let ids: Vec<u32> = fx.i64["input_ids"].1.iter().map(|&i| i as u32).collect();
-    let got = block_on(s.logits(&ids, Some("a"))).unwrap();
+    let got = block_on(s.logits(&ids, &["a"])).unwrap();
     assert_close("smollm2 + peft LoRA", &got.data, &fx.f32["logits"].data, 1e-3);
 }
 

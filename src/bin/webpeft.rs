@@ -39,8 +39,9 @@ struct Common {
 #[derive(Args, Clone)]
 struct MethodArgs {
     /// PEFT method: lora | dora | ia3 | prompt-tuning | p-tuning | prefix-tuning | ln-tuning.
-    #[arg(long, default_value = "lora")]
-    method: String,
+    /// Repeat to train several methods together (each is saved as its own adapter).
+    #[arg(long = "method", default_value = "lora")]
+    methods: Vec<String>,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     r: usize,
@@ -80,13 +81,30 @@ struct MethodArgs {
 }
 
 impl MethodArgs {
-    /// The peft `adapter_config.json` these flags describe.
-    fn config(&self, model: &Path) -> Result<serde_json::Value> {
+    /// (adapter name, peft config) per `--method`: the first is "default" (saved in the
+    /// output folder), the others are named after their method (saved in subfolders, as peft
+    /// saves several adapters).
+    fn configs(&self, model: &Path) -> Result<Vec<(String, serde_json::Value)>> {
+        let mut seen = std::collections::HashSet::new();
+        self.methods
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                if !seen.insert(m) {
+                    return Err(Error::new(ErrorCode::Config, format!("--method {m} given twice")));
+                }
+                Ok((if i == 0 { "default".to_string() } else { m.clone() }, self.config(m, model)?))
+            })
+            .collect()
+    }
+
+    /// The peft `adapter_config.json` of `method` with these flags.
+    fn config(&self, method: &str, model: &Path) -> Result<serde_json::Value> {
         let base = model.display().to_string();
         let targets = |default: &str| Targets::from_cli(self.target.as_deref().unwrap_or(default)).to_json();
-        Ok(match self.method.as_str() {
+        Ok(match method {
             "lora" | "dora" => serde_json::json!({
-                "use_dora": self.method == "dora",
+                "use_dora": method == "dora",
                 "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
                 "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
                 "target_modules": targets("q_proj,v_proj"), "use_rslora": self.rslora,
@@ -238,9 +256,26 @@ fn load_adapter_dir(s: &mut Session, name: &str, dir: &Path) -> Result<()> {
     s.load_adapter(name, &cfg, &w).map_err(|e| e.context(dir.display()))
 }
 
-fn write_adapter_dir(s: &Session, name: &str, dir: &Path) -> Result<()> {
+/// Load a PEFT folder as "default" plus, as peft saves several adapters, every subfolder
+/// holding an adapter_config.json under its folder name. Returns the names, in order.
+fn load_adapters(s: &mut Session, dir: &Path) -> Result<Vec<String>> {
+    load_adapter_dir(s, "default", dir)?;
+    let mut names = vec!["default".to_string()];
+    let mut subs: Vec<_> = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join("adapter_config.json").is_file()).collect();
+    subs.sort();
+    for p in subs {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("extra").to_string();
+        load_adapter_dir(s, &name, &p)?;
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// Write adapter `name` to `dir` ("default") or to `dir/<name>/`.
+fn write_adapter(s: &Session, name: &str, dir: &Path) -> Result<()> {
+    let dir = if name == "default" { dir.to_path_buf() } else { dir.join(name) };
     let (cfg, w) = block_on(s.save_adapter(name))?;
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(&dir)?;
     // Write-then-rename so an interrupted save never leaves a half-written adapter.
     for (file, bytes) in [("adapter_config.json", cfg.into_bytes()), ("adapter_model.safetensors", w)] {
         let tmp = dir.join(format!(".{file}.tmp"));
@@ -254,9 +289,9 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Logits { common, adapter, text, out } => {
             let mut s = open(&common)?;
-            let name = adapter.as_ref().map(|d| load_adapter_dir(&mut s, "default", d).map(|_| "default")).transpose()?;
+            let names = adapter.as_ref().map(|d| load_adapters(&mut s, d)).transpose()?.unwrap_or_default();
             let ids = s.tokenizer.encode(&text)?;
-            let logits = block_on(s.logits(&ids, name))?;
+            let logits = block_on(s.logits(&ids, &names.iter().map(String::as_str).collect::<Vec<_>>()))?;
             let mut m = BTreeMap::new();
             m.insert("input_ids".to_string(), OutTensor::I64(vec![1, ids.len()], ids.iter().map(|&i| i as i64).collect()));
             m.insert("logits".to_string(), OutTensor::F32(logits));
@@ -280,20 +315,24 @@ fn run(cli: Cli) -> Result<()> {
             };
             let mut s = open(&common)?;
             block_on(device::self_check(&s.compute.device))?;
-            match &init_adapter {
-                Some(d) => load_adapter_dir(&mut s, "default", d)?,
-                None => s.add_adapter("default", &method.config(&common.model)?, seed)?,
+            let names = match &init_adapter {
+                Some(d) => load_adapters(&mut s, d)?,
+                None => {
+                    let configs = method.configs(&common.model)?;
+                    for (name, cfg) in &configs {
+                        s.add_adapter(name, cfg, seed)?;
+                    }
+                    configs.into_iter().map(|(n, _)| n).collect()
+                }
+            };
+            for n in &names {
+                let a = s.adapters.get_mut(n).expect("just added");
+                eprintln!("adapter {n}: {} with {} trainable parameters", a.method(), a.num_parameters());
             }
-            let a = s.adapters.get_mut("default").expect("just added");
-            eprintln!(
-                "training {} {} parameters on {} examples ({} base parameters frozen)",
-                a.num_parameters(),
-                a.method(),
-                examples.len(),
-                s.model.num_parameters()
-            );
+            eprintln!("training on {} examples ({} base parameters frozen)", examples.len(), s.model.num_parameters());
             let t0 = Instant::now();
-            block_on(s.train("default", &examples, &opts, |r| {
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            block_on(s.train_together(&refs, &examples, &opts, |r| {
                 println!(
                     "step {:>4}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  {:.0} tok/s  {:.0} ms{}",
                     r.stats.step,
@@ -306,19 +345,25 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 true
             }))?;
-            write_adapter_dir(&s, "default", &out)?;
+            for n in &names {
+                write_adapter(&s, n, &out)?;
+            }
             eprintln!("trained {steps} steps in {:.1} s; adapter written to {}", t0.elapsed().as_secs_f64(), out.display());
         }
         Cmd::Generate { common, adapter, prompt, max_new_tokens, temperature, top_p, seed, chat } => {
             let mut s = open(&common)?;
-            let name = adapter.as_ref().map(|d| load_adapter_dir(&mut s, "default", d).map(|_| "default")).transpose()?;
+            let names = adapter.as_ref().map(|d| load_adapters(&mut s, d)).transpose()?.unwrap_or_default();
             let opts = GenerateOptions { max_new_tokens, temperature, top_p, seed, stop: None };
-            let text = block_on(s.generate(&prompt, chat, &opts, name, |_| {}))?;
+            let text = block_on(s.generate(&prompt, chat, &opts, &names.iter().map(String::as_str).collect::<Vec<_>>(), |_| {}))?;
             println!("{text}");
         }
         Cmd::Bench { common, method, batch, seq_len, steps, gen_tokens } => {
             let mut s = open(&common)?;
-            let report = bench(&mut s, &method.config(&common.model)?, batch, seq_len, steps, gen_tokens)?;
+            let configs = method.configs(&common.model)?;
+            if configs.len() != 1 {
+                return Err(Error::new(ErrorCode::Config, "bench takes one --method"));
+            }
+            let report = bench(&mut s, &configs[0].1, batch, seq_len, steps, gen_tokens)?;
             println!("{}", serde_json::to_string_pretty(&report).expect("json"));
         }
     }

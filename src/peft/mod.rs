@@ -221,3 +221,34 @@ impl Trainable for AnyAdapter {
         }
     }
 }
+
+/// Several adapters trained together (hybrid methods, e.g. LoRA + prompt tuning): applied in
+/// order in the forward pass, their parameters updated as one set.
+pub struct Group<'a>(pub Vec<&'a mut AnyAdapter>);
+
+impl Adapter for Group<'_> {
+    fn linear_input(&self, site: Site, x: Tensor<2>) -> Tensor<2> {
+        self.0.iter().fold(x, |x, a| a.linear_input(site, x))
+    }
+    fn linear_output(&self, site: Site, x: &Tensor<2>, y: Tensor<2>) -> Tensor<2> {
+        self.0.iter().fold(y, |y, a| a.linear_output(site, x, y))
+    }
+    fn prefix(&self) -> Option<Tensor<2>> {
+        crate::models::hooks::Stack(self.0.iter().map(|a| &**a as &dyn Adapter).collect()).prefix()
+    }
+    fn prefix_kv(&self) -> Option<Vec<(Tensor<4>, Tensor<4>)>> {
+        crate::models::hooks::Stack(self.0.iter().map(|a| &**a as &dyn Adapter).collect()).prefix_kv()
+    }
+    fn norm_weight(&self, norm: crate::models::hooks::Norm) -> Option<Tensor<2>> {
+        self.0.iter().find_map(|a| a.norm_weight(norm))
+    }
+}
+
+impl Trainable for Group<'_> {
+    fn params_mut(&mut self) -> Vec<NamedParam<'_>> {
+        self.0.iter_mut().flat_map(|a| a.params_mut()).collect()
+    }
+    fn set_training(&mut self, on: bool) {
+        self.0.iter_mut().for_each(|a| a.set_training(on));
+    }
+}
