@@ -112,8 +112,8 @@ impl Session {
         Ok(())
     }
 
-    pub async fn save_adapter(&self, name: &str) -> Result<(String, Vec<u8>)> {
-        self.adapter(name)?.to_peft().await
+    pub async fn save_adapter(&mut self, name: &str) -> Result<(String, Vec<u8>)> {
+        self.adapters.get_mut(name).ok_or_else(|| err!(Config, "no adapter named {name:?}"))?.to_peft().await
     }
 
     /// Logits [1, T, vocab] for token ids, with the named adapters applied together.

@@ -294,7 +294,7 @@ impl Model {
         let s = self.session();
         promise(async move {
             let (cfg, w) = {
-                let sess = s.try_borrow().map_err(|_| busy())?;
+                let mut sess = s.try_borrow_mut().map_err(|_| busy())?;
                 sess.save_adapter(&name).await?
             };
             let o = Object::new();

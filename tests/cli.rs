@@ -80,6 +80,8 @@ fn bad_input_exits_with_one_line() {
         vec!["train", "--model", m, "--data", "Cargo.toml", "--out", "/tmp/webpeft-x", "--method", "bogus"],
         vec!["train", "--model", m, "--data", "Cargo.toml", "--out", "/tmp/webpeft-x", "--schedule", "weird"],
         vec!["generate", "--model", m, "--adapter", "/nonexistent", "--prompt", "x"],
+        // BitFit on a model without biases.
+        vec!["train", "--model", m, "--data", "Cargo.toml", "--out", "/tmp/webpeft-x", "--method", "bitfit"],
     ];
     for c in cases {
         let (ok, _, stderr) = webpeft(&c);
@@ -107,6 +109,10 @@ fn every_method_trains_saves_and_reloads() {
         ("prefix-tuning", vec!["--num-virtual-tokens", "4"]),
         ("prefix-tuning", vec!["--num-virtual-tokens", "4", "--prefix-projection", "--encoder-hidden-size", "16"]),
         ("ln-tuning", vec![]),
+        ("adapter", vec!["--reduction-factor", "8"]),
+        ("parallel-adapter", vec!["--reduction-factor", "8", "--adapter-scaling", "2"]),
+        ("full", vec![]),
+        ("selective", vec!["--parameters", r".*norm.*|.*\.1\.mlp\.down_proj\.weight"]),
         // Hybrid: prefix tuning + LoRA trained together (MAM-style), saved as two adapters.
         ("prefix-tuning", vec!["--method", "lora", "--num-virtual-tokens", "4", "--r", "4"]),
     ];
@@ -129,5 +135,22 @@ fn every_method_trains_saves_and_reloads() {
         let (ok, _, e) = webpeft(&["logits", "--model", m, "--adapter", out.to_str().unwrap(), "--text", "Simple is better", "--out", f.to_str().unwrap()]);
         assert!(ok, "{method} reload: {e}");
     }
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+#[test]
+fn bitfit_trains_the_biases_of_a_model_that_has_them() {
+    let tmp = std::env::temp_dir().join(format!("webpeft-bitfit-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let data = tmp.join("data.txt");
+    std::fs::write(&data, "Beautiful is better than ugly.\nExplicit is better than implicit.\n").unwrap();
+    let model = fixture("tiny-llama-bias");
+    let out = tmp.join("bitfit");
+    let (ok, stdout, e) = webpeft(&["train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--method", "bitfit", "--steps", "8", "--lr", "5e-2", "--batch", "2", "--seq-len", "32"]);
+    assert!(ok, "{e}");
+    let losses: Vec<f32> = stdout.lines().filter_map(|l| l.split_whitespace().skip_while(|w| *w != "loss").nth(1)).map(|x| x.parse().unwrap()).collect();
+    assert!(losses[7] < losses[0] - 0.2, "{losses:?}");
+    let saved = webpeft::io::safetensors::read_all_f32(&std::fs::read(out.join("adapter_model.safetensors")).unwrap()).unwrap();
+    assert!(!saved.is_empty() && saved.keys().all(|k| k.ends_with(".bias")), "{:?}", saved.keys().collect::<Vec<_>>());
     std::fs::remove_dir_all(&tmp).ok();
 }

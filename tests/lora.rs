@@ -107,7 +107,7 @@ fn train_setup(steps: usize, clip: Option<f64>, schedule: Schedule, warmup: usiz
     (s, batch, Trainer::new(cfg))
 }
 
-fn compare_weights(s: &Session, prefix: &str, tol: f32) {
+fn compare_weights(s: &mut Session, prefix: &str, tol: f32) {
     let fx = load("tiny-train.safetensors");
     let (_, bytes) = block_on(s.save_adapter("qv")).unwrap();
     let ours = read_all_f32(&bytes).unwrap();
@@ -126,7 +126,7 @@ fn one_adamw_step_matches_pytorch() {
     eprintln!("loss {} vs {want_loss}; grad norm {}", st.loss, st.grad_norm);
     assert!((st.loss - want_loss).abs() < 1e-5, "loss {} vs {want_loss}", st.loss);
     assert!((st.grad_norm - 2.7853563).abs() < 1e-4, "grad norm {}", st.grad_norm);
-    compare_weights(&s, "step1", 5e-5);
+    compare_weights(&mut s, "step1", 5e-5);
 }
 
 #[test]
@@ -142,7 +142,7 @@ fn five_steps_with_clipping_and_cosine_warmup_match_pytorch() {
         assert!((st.loss as f64 - losses[k]).abs() < 1e-4, "loss at step {k}");
         assert!((st.lr - lrs[k]).abs() < 1e-12, "lr at step {k}");
     }
-    compare_weights(&s, "step5", 1e-4);
+    compare_weights(&mut s, "step5", 1e-4);
 }
 
 #[test]
@@ -159,7 +159,7 @@ fn gradient_accumulation_equals_the_full_batch() {
     let st = block_on(tr.step(&s.model, a, &[row(0), row(1)])).unwrap();
     let fx = load("tiny-train.safetensors");
     assert!((st.loss - fx.f32["loss_step0"].data[0]).abs() < 1e-5);
-    compare_weights(&s, "step1", 5e-5);
+    compare_weights(&mut s, "step1", 5e-5);
 }
 
 #[test]

@@ -38,7 +38,8 @@ struct Common {
 
 #[derive(Args, Clone)]
 struct MethodArgs {
-    /// PEFT method: lora | dora | ia3 | prompt-tuning | p-tuning | prefix-tuning | ln-tuning.
+    /// PEFT method: lora | dora | ia3 | prompt-tuning | p-tuning | prefix-tuning | ln-tuning |
+    /// adapter (serial bottleneck) | parallel-adapter | bitfit | full | selective.
     /// Repeat to train several methods together (each is saved as its own adapter).
     #[arg(long = "method", default_value = "lora")]
     methods: Vec<String>,
@@ -69,6 +70,21 @@ struct MethodArgs {
     /// Prefix tuning: train the prefix through peft's projection MLP.
     #[arg(long)]
     prefix_projection: bool,
+    /// Bottleneck adapters: hidden / bottleneck size.
+    #[arg(long, default_value_t = 16)]
+    reduction_factor: usize,
+    /// Bottleneck adapters: relu | gelu | silu | tanh.
+    #[arg(long, default_value = "relu")]
+    non_linearity: String,
+    /// Bottleneck adapters: where, comma-separated attn,mlp (serial default both, parallel mlp).
+    #[arg(long)]
+    placement: Option<String>,
+    /// Parallel adapter: output scaling.
+    #[arg(long, default_value_t = 1.0)]
+    adapter_scaling: f64,
+    /// Selective tuning: regex over parameter names (e.g. ".*\.bias", ".*norm.*").
+    #[arg(long)]
+    parameters: Option<String>,
     /// Prompt / prefix / p-tuning: number of virtual tokens.
     #[arg(long, default_value_t = 20)]
     num_virtual_tokens: usize,
@@ -145,7 +161,24 @@ impl MethodArgs {
                 "peft_type": "LN_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
                 "target_modules": targets("input_layernorm,post_attention_layernorm,norm"),
             }),
-            other => return Err(Error::new(ErrorCode::Unsupported, format!("--method {other}: supported are lora, dora, ia3, prompt-tuning, p-tuning, prefix-tuning, ln-tuning"))),
+            "adapter" | "parallel-adapter" => {
+                let parallel = method == "parallel-adapter";
+                let placement: Vec<&str> = self.placement.as_deref().unwrap_or(if parallel { "mlp" } else { "attn,mlp" }).split(',').collect();
+                serde_json::json!({
+                    "peft_type": "BOTTLENECK", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+                    "adapter_type": if parallel { "parallel" } else { "serial" }, "reduction_factor": self.reduction_factor,
+                    "non_linearity": self.non_linearity, "placement": placement, "scaling": self.adapter_scaling,
+                })
+            }
+            "bitfit" | "full" | "selective" => {
+                let parameters = match method {
+                    "bitfit" => r".*\.bias".to_string(),
+                    "full" => ".*".to_string(),
+                    _ => self.parameters.clone().ok_or_else(|| Error::new(ErrorCode::Config, "--method selective needs --parameters REGEX"))?,
+                };
+                serde_json::json!({"peft_type": "SELECTIVE", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "parameters": parameters})
+            }
+            other => return Err(Error::new(ErrorCode::Unsupported, format!("--method {other}: supported are lora, dora, ia3, prompt-tuning, p-tuning, prefix-tuning, ln-tuning, adapter, parallel-adapter, bitfit, full, selective"))),
         })
     }
 }
@@ -272,7 +305,7 @@ fn load_adapters(s: &mut Session, dir: &Path) -> Result<Vec<String>> {
 }
 
 /// Write adapter `name` to `dir` ("default") or to `dir/<name>/`.
-fn write_adapter(s: &Session, name: &str, dir: &Path) -> Result<()> {
+fn write_adapter(s: &mut Session, name: &str, dir: &Path) -> Result<()> {
     let dir = if name == "default" { dir.to_path_buf() } else { dir.join(name) };
     let (cfg, w) = block_on(s.save_adapter(name))?;
     std::fs::create_dir_all(&dir)?;
@@ -346,7 +379,7 @@ fn run(cli: Cli) -> Result<()> {
                 true
             }))?;
             for n in &names {
-                write_adapter(&s, n, &out)?;
+                write_adapter(&mut s, n, &out)?;
             }
             eprintln!("trained {steps} steps in {:.1} s; adapter written to {}", t0.elapsed().as_secs_f64(), out.display());
         }

@@ -66,6 +66,13 @@ impl Norm {
     }
 }
 
+/// The two residual branches of a decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Sublayer {
+    Attention,
+    Mlp,
+}
+
 /// How a PEFT method modifies a frozen model. The model calls these at fixed points; every
 /// method has a default that changes nothing, so a method implements only what it touches.
 pub trait Adapter {
@@ -88,6 +95,26 @@ pub trait Adapter {
     }
     /// A replacement weight [1, hidden] for a normalisation layer (LN tuning).
     fn norm_weight(&self, _norm: Norm) -> Option<Tensor<2>> {
+        None
+    }
+    /// The output of a residual branch before it is added back: `normed` is the branch's
+    /// (normalised) input, `out` its output (bottleneck adapters).
+    fn sublayer_output(&self, _layer: usize, _which: Sublayer, _normed: &Tensor<2>, out: Tensor<2>) -> Tensor<2> {
+        out
+    }
+    /// Trainable replacements of frozen tensors (selective tuning, full fine-tuning):
+    /// a linear layer's weight [in, out] and bias [1, out], the token embeddings
+    /// [vocab, hidden], the LM head [hidden, vocab].
+    fn linear_weight(&self, _site: Site) -> Option<Tensor<2>> {
+        None
+    }
+    fn linear_bias(&self, _site: Site) -> Option<Tensor<2>> {
+        None
+    }
+    fn embedding(&self) -> Option<Tensor<2>> {
+        None
+    }
+    fn lm_head(&self) -> Option<Tensor<2>> {
         None
     }
 }
@@ -113,6 +140,21 @@ impl Adapter for Stack<'_> {
     }
     fn norm_weight(&self, norm: Norm) -> Option<Tensor<2>> {
         self.0.iter().find_map(|a| a.norm_weight(norm))
+    }
+    fn sublayer_output(&self, layer: usize, which: Sublayer, normed: &Tensor<2>, out: Tensor<2>) -> Tensor<2> {
+        self.0.iter().fold(out, |o, a| a.sublayer_output(layer, which, normed, o))
+    }
+    fn linear_weight(&self, site: Site) -> Option<Tensor<2>> {
+        self.0.iter().find_map(|a| a.linear_weight(site))
+    }
+    fn linear_bias(&self, site: Site) -> Option<Tensor<2>> {
+        self.0.iter().find_map(|a| a.linear_bias(site))
+    }
+    fn embedding(&self) -> Option<Tensor<2>> {
+        self.0.iter().find_map(|a| a.embedding())
+    }
+    fn lm_head(&self) -> Option<Tensor<2>> {
+        self.0.iter().find_map(|a| a.lm_head())
     }
     fn prefix_kv(&self) -> Option<Vec<(Tensor<4>, Tensor<4>)>> {
         let all: Vec<_> = self.0.iter().filter_map(|a| a.prefix_kv()).collect();

@@ -13,7 +13,7 @@ use crate::error::{Result, bail, err};
 use crate::io::safetensors::HostTensor;
 use crate::io::source::LoadedWeights;
 use crate::models::config::LlamaConfig;
-use crate::models::hooks::{Adapter, Norm, Proj, Site};
+use crate::models::hooks::{Adapter, Norm, Proj, Site, Sublayer};
 use crate::tensor::{floats, upload};
 
 /// A frozen linear layer, weight stored as [in, out] so that `y = x @ W (+ b)`.
@@ -25,10 +25,16 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor<2>) -> Tensor<2> {
-        let y = x.clone().matmul(self.weight.clone());
-        match &self.bias {
-            Some(b) => y + b.clone().unsqueeze(),
-            None => y,
+        self.forward_with(x, None, None)
+    }
+
+    /// The same with trainable replacements for the weight [in, out] / bias [1, out].
+    pub fn forward_with(&self, x: &Tensor<2>, weight: Option<Tensor<2>>, bias: Option<Tensor<2>>) -> Tensor<2> {
+        let y = x.clone().matmul(weight.unwrap_or_else(|| self.weight.clone()));
+        match (bias, &self.bias) {
+            (Some(b), _) => y + b,
+            (None, Some(b)) => y + b.clone().unsqueeze(),
+            (None, None) => y,
         }
     }
     pub fn in_features(&self) -> usize {
@@ -265,7 +271,7 @@ impl Llama {
         };
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let ids = inp.ids.clone().reshape([b * t]);
-        let mut x = self.embed.clone().select(0, ids);
+        let mut x = adapter.embedding().unwrap_or_else(|| self.embed.clone()).select(0, ids);
         let t_all = n + t;
         if let Some(p) = prefix {
             let h = c.hidden_size;
@@ -284,7 +290,7 @@ impl Llama {
             let lin = |p: Proj, x: &Tensor<2>| {
                 let site = Site { layer: l, proj: p };
                 let x = adapter.linear_input(site, x.clone());
-                let y = blk.linear(p).forward(&x);
+                let y = blk.linear(p).forward_with(&x, adapter.linear_weight(site), adapter.linear_bias(site));
                 adapter.linear_output(site, &x, y)
             };
             let t = t_all;
@@ -313,11 +319,13 @@ impl Llama {
             let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + mask.clone();
             let att = softmax(scores, 3).matmul(v);
             let att = att.swap_dims(1, 2).reshape([b * t, nh * hd]);
-            x = x + lin(Proj::O, &att);
+            let a = lin(Proj::O, &att);
+            x = x + adapter.sublayer_output(l, Sublayer::Attention, &hx, a);
             let hx = self.rms_norm(x.clone(), &blk.post_attn_norm, Norm::PostAttention(l), adapter);
             let g = lin(Proj::Gate, &hx);
             let u = lin(Proj::Up, &hx);
-            x = x + lin(Proj::Down, &(silu(g) * u));
+            let m = lin(Proj::Down, &(silu(g) * u));
+            x = x + adapter.sublayer_output(l, Sublayer::Mlp, &hx, m);
         }
         if let Some(k) = cache {
             k.len += t_all;
@@ -326,11 +334,15 @@ impl Llama {
         Ok((self.rms_norm(x, &self.norm, Norm::Final, adapter), n))
     }
 
-    /// Project hidden states [N, hidden] to logits [N, vocab].
-    pub fn logits_of(&self, h: Tensor<2>) -> Tensor<2> {
+    /// Project hidden states [N, hidden] to logits [N, vocab] (with the adapter's trainable
+    /// LM head or embeddings, when it has them).
+    pub fn logits_of(&self, h: Tensor<2>, adapter: &dyn Adapter) -> Tensor<2> {
+        if let Some(w) = adapter.lm_head() {
+            return h.matmul(w);
+        }
         match &self.lm_head {
             Some(w) => h.matmul(w.clone()),
-            None => h.matmul(self.embed.clone().transpose()),
+            None => h.matmul(adapter.embedding().unwrap_or_else(|| self.embed.clone()).transpose()),
         }
     }
 
@@ -338,7 +350,7 @@ impl Llama {
     pub fn forward(&self, inp: &Inputs, adapter: &dyn Adapter, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
         let [b, t] = inp.ids.dims();
         let h = self.hidden(inp, adapter, cache)?;
-        Ok(self.logits_of(h).reshape([b, t, self.config.vocab_size]))
+        Ok(self.logits_of(h, adapter).reshape([b, t, self.config.vocab_size]))
     }
 
     /// All linear sites of the model.

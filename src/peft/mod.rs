@@ -3,6 +3,7 @@
 //! of named trainable tensors for the trainer; [`AnyAdapter`] picks the method from a peft
 //! `adapter_config.json`.
 
+pub mod bottleneck;
 pub mod ia3;
 pub mod ln_tuning;
 pub mod lora;
@@ -10,24 +11,48 @@ pub mod p_tuning;
 pub mod prefix_tuning;
 pub mod prompt_tuning;
 pub mod reparam;
+pub mod selective;
 pub mod targets;
 
 use burn::tensor::Tensor;
 use serde_json::Value as Json;
 
 use crate::error::{Result, bail, err};
-use crate::models::hooks::{Adapter, Site};
+use crate::models::hooks::{Adapter, Norm, Site, Stack, Sublayer};
 use crate::models::llama::Llama;
 use crate::tokenizer::Tokenizer;
 
+use bottleneck::{BottleneckAdapter, BottleneckConfig};
 use ia3::{Ia3Adapter, Ia3Config};
+use selective::{SelectiveAdapter, SelectiveConfig};
 use ln_tuning::{LnTuningAdapter, LnTuningConfig};
 use lora::{LoraAdapter, LoraConfig};
 use p_tuning::{PTuningAdapter, PTuningConfig};
 use prefix_tuning::{PrefixTuningAdapter, PrefixTuningConfig};
 use prompt_tuning::{PromptTuningAdapter, PromptTuningConfig};
 
-const SUPPORTED: &str = "supported: LORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LN_TUNING";
+const SUPPORTED: &str = "supported: LORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LN_TUNING, BOTTLENECK, SELECTIVE";
+
+/// Methods whose `params_mut` is an inherent method become [`Trainable`] here.
+macro_rules! trainable {
+    ($($t:ty),*) => {$(
+        impl Trainable for $t {
+            fn params_mut(&mut self) -> Vec<NamedParam<'_>> {
+                <$t>::params_mut(self)
+            }
+        }
+    )*};
+}
+trainable!(Ia3Adapter, PromptTuningAdapter, PTuningAdapter, PrefixTuningAdapter, LnTuningAdapter);
+
+impl Trainable for LoraAdapter {
+    fn params_mut(&mut self) -> Vec<NamedParam<'_>> {
+        LoraAdapter::params_mut(self)
+    }
+    fn set_training(&mut self, on: bool) {
+        self.training = on;
+    }
+}
 
 /// How a trainable tensor is stored here relative to its PyTorch state_dict entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +136,8 @@ pub enum AnyAdapter {
     PTuning(PTuningAdapter),
     PrefixTuning(PrefixTuningAdapter),
     LnTuning(LnTuningAdapter),
+    Bottleneck(BottleneckAdapter),
+    Selective(SelectiveAdapter),
 }
 
 fn parse(config_json: &str) -> Result<Json> {
@@ -127,6 +154,8 @@ impl AnyAdapter {
             Some("P_TUNING") => AnyAdapter::PTuning(PTuningAdapter::new(PTuningConfig::from_value(config)?, model, seed)?),
             Some("PREFIX_TUNING") => AnyAdapter::PrefixTuning(PrefixTuningAdapter::new(PrefixTuningConfig::from_value(config)?, model, seed)?),
             Some("LN_TUNING") => AnyAdapter::LnTuning(LnTuningAdapter::new(LnTuningConfig::from_value(config)?, model)?),
+            Some("BOTTLENECK") => AnyAdapter::Bottleneck(BottleneckAdapter::new(BottleneckConfig::from_value(config)?, model, seed)?),
+            Some("SELECTIVE") => AnyAdapter::Selective(SelectiveAdapter::new(SelectiveConfig::from_value(config)?, model)?),
             other => bail!(Unsupported, "peft_type {other:?} ({SUPPORTED})"),
         })
     }
@@ -141,13 +170,15 @@ impl AnyAdapter {
             Some("P_TUNING") => PTuningConfig::from_value(&v).and_then(|c| PTuningAdapter::from_peft(c, weights, model)).map(AnyAdapter::PTuning),
             Some("PREFIX_TUNING") => PrefixTuningConfig::from_value(&v).and_then(|c| PrefixTuningAdapter::from_peft(c, weights, model)).map(AnyAdapter::PrefixTuning),
             Some("LN_TUNING") => LnTuningConfig::from_value(&v).and_then(|c| LnTuningAdapter::from_peft(c, weights, model)).map(AnyAdapter::LnTuning),
+            Some("BOTTLENECK") => BottleneckConfig::from_value(&v).and_then(|c| BottleneckAdapter::from_peft(c, weights, model)).map(AnyAdapter::Bottleneck),
+            Some("SELECTIVE") => SelectiveConfig::from_value(&v).and_then(|c| SelectiveAdapter::from_peft(c, weights, model)).map(AnyAdapter::Selective),
             Some(other) => Err(err!(Unsupported, "peft_type {other:?} ({SUPPORTED})")),
             None => Err(err!(Config, "peft_type missing")),
         };
         r.map_err(|e| if e.message.starts_with("adapter_") { e } else { e.context("adapter_config.json") })
     }
 
-    pub async fn to_peft(&self) -> Result<(String, Vec<u8>)> {
+    pub async fn to_peft(&mut self) -> Result<(String, Vec<u8>)> {
         match self {
             AnyAdapter::Lora(a) => a.to_peft().await,
             AnyAdapter::Ia3(a) => a.to_peft().await,
@@ -155,6 +186,8 @@ impl AnyAdapter {
             AnyAdapter::PTuning(a) => a.to_peft().await,
             AnyAdapter::PrefixTuning(a) => a.to_peft().await,
             AnyAdapter::LnTuning(a) => a.to_peft().await,
+            AnyAdapter::Bottleneck(a) => a.to_peft().await,
+            AnyAdapter::Selective(a) => a.to_peft().await,
         }
     }
 
@@ -166,10 +199,15 @@ impl AnyAdapter {
             AnyAdapter::PTuning(_) => "p-tuning",
             AnyAdapter::PrefixTuning(_) => "prefix-tuning",
             AnyAdapter::LnTuning(_) => "ln-tuning",
+            AnyAdapter::Bottleneck(a) => match a.config.kind {
+                bottleneck::Kind::Serial => "adapter",
+                bottleneck::Kind::Parallel => "parallel-adapter",
+            },
+            AnyAdapter::Selective(_) => "selective",
         }
     }
 
-    fn inner(&self) -> &dyn Adapter {
+    fn inner(&self) -> &dyn Trainable {
         match self {
             AnyAdapter::Lora(a) => a,
             AnyAdapter::Ia3(a) => a,
@@ -177,6 +215,21 @@ impl AnyAdapter {
             AnyAdapter::PTuning(a) => a,
             AnyAdapter::PrefixTuning(a) => a,
             AnyAdapter::LnTuning(a) => a,
+            AnyAdapter::Bottleneck(a) => a,
+            AnyAdapter::Selective(a) => a,
+        }
+    }
+
+    fn inner_mut(&mut self) -> &mut dyn Trainable {
+        match self {
+            AnyAdapter::Lora(a) => a,
+            AnyAdapter::Ia3(a) => a,
+            AnyAdapter::PromptTuning(a) => a,
+            AnyAdapter::PTuning(a) => a,
+            AnyAdapter::PrefixTuning(a) => a,
+            AnyAdapter::LnTuning(a) => a,
+            AnyAdapter::Bottleneck(a) => a,
+            AnyAdapter::Selective(a) => a,
         }
     }
 
@@ -186,39 +239,52 @@ impl AnyAdapter {
     }
 }
 
-impl Adapter for AnyAdapter {
-    fn linear_input(&self, site: Site, x: Tensor<2>) -> Tensor<2> {
-        self.inner().linear_input(site, x)
-    }
-    fn linear_output(&self, site: Site, x: &Tensor<2>, y: Tensor<2>) -> Tensor<2> {
-        self.inner().linear_output(site, x, y)
-    }
-    fn prefix(&self) -> Option<Tensor<2>> {
-        self.inner().prefix()
-    }
-    fn prefix_kv(&self) -> Option<Vec<(Tensor<4>, Tensor<4>)>> {
-        self.inner().prefix_kv()
-    }
-    fn norm_weight(&self, norm: crate::models::hooks::Norm) -> Option<Tensor<2>> {
-        self.inner().norm_weight(norm)
-    }
+/// Forwards every hook to the wrapped method.
+macro_rules! delegate_adapter {
+    ($t:ty, $this:ident => $inner:expr) => {
+        impl Adapter for $t {
+            fn linear_input(&$this, site: Site, x: Tensor<2>) -> Tensor<2> {
+                $inner.linear_input(site, x)
+            }
+            fn linear_output(&$this, site: Site, x: &Tensor<2>, y: Tensor<2>) -> Tensor<2> {
+                $inner.linear_output(site, x, y)
+            }
+            fn prefix(&$this) -> Option<Tensor<2>> {
+                $inner.prefix()
+            }
+            fn prefix_kv(&$this) -> Option<Vec<(Tensor<4>, Tensor<4>)>> {
+                $inner.prefix_kv()
+            }
+            fn norm_weight(&$this, norm: Norm) -> Option<Tensor<2>> {
+                $inner.norm_weight(norm)
+            }
+            fn sublayer_output(&$this, layer: usize, which: Sublayer, normed: &Tensor<2>, out: Tensor<2>) -> Tensor<2> {
+                $inner.sublayer_output(layer, which, normed, out)
+            }
+            fn linear_weight(&$this, site: Site) -> Option<Tensor<2>> {
+                $inner.linear_weight(site)
+            }
+            fn linear_bias(&$this, site: Site) -> Option<Tensor<2>> {
+                $inner.linear_bias(site)
+            }
+            fn embedding(&$this) -> Option<Tensor<2>> {
+                $inner.embedding()
+            }
+            fn lm_head(&$this) -> Option<Tensor<2>> {
+                $inner.lm_head()
+            }
+        }
+    };
 }
+
+delegate_adapter!(AnyAdapter, self => self.inner());
 
 impl Trainable for AnyAdapter {
     fn params_mut(&mut self) -> Vec<NamedParam<'_>> {
-        match self {
-            AnyAdapter::Lora(a) => a.params_mut(),
-            AnyAdapter::Ia3(a) => a.params_mut(),
-            AnyAdapter::PromptTuning(a) => a.params_mut(),
-            AnyAdapter::PTuning(a) => a.params_mut(),
-            AnyAdapter::PrefixTuning(a) => a.params_mut(),
-            AnyAdapter::LnTuning(a) => a.params_mut(),
-        }
+        self.inner_mut().params_mut()
     }
     fn set_training(&mut self, on: bool) {
-        if let AnyAdapter::Lora(a) = self {
-            a.training = on;
-        }
+        self.inner_mut().set_training(on);
     }
 }
 
@@ -226,23 +292,13 @@ impl Trainable for AnyAdapter {
 /// order in the forward pass, their parameters updated as one set.
 pub struct Group<'a>(pub Vec<&'a mut AnyAdapter>);
 
-impl Adapter for Group<'_> {
-    fn linear_input(&self, site: Site, x: Tensor<2>) -> Tensor<2> {
-        self.0.iter().fold(x, |x, a| a.linear_input(site, x))
-    }
-    fn linear_output(&self, site: Site, x: &Tensor<2>, y: Tensor<2>) -> Tensor<2> {
-        self.0.iter().fold(y, |y, a| a.linear_output(site, x, y))
-    }
-    fn prefix(&self) -> Option<Tensor<2>> {
-        crate::models::hooks::Stack(self.0.iter().map(|a| &**a as &dyn Adapter).collect()).prefix()
-    }
-    fn prefix_kv(&self) -> Option<Vec<(Tensor<4>, Tensor<4>)>> {
-        crate::models::hooks::Stack(self.0.iter().map(|a| &**a as &dyn Adapter).collect()).prefix_kv()
-    }
-    fn norm_weight(&self, norm: crate::models::hooks::Norm) -> Option<Tensor<2>> {
-        self.0.iter().find_map(|a| a.norm_weight(norm))
+impl Group<'_> {
+    fn stack(&self) -> Stack<'_> {
+        Stack(self.0.iter().map(|a| &**a as &dyn Adapter).collect())
     }
 }
+
+delegate_adapter!(Group<'_>, self => self.stack());
 
 impl Trainable for Group<'_> {
     fn params_mut(&mut self) -> Vec<NamedParam<'_>> {

@@ -25,6 +25,17 @@ pub struct Dense {
     pub b: Tensor<2>,
 }
 
+impl Dense {
+    /// torch's default `nn.Linear` init.
+    pub fn torch_default(fin: usize, fout: usize, rng: &mut SmallRng, device: &burn::tensor::Device) -> Result<Self> {
+        let bound = 1.0 / (fin as f32).sqrt();
+        let mut u = |n: usize| (0..n).map(|_| rng.random_range(-bound..bound)).collect::<Vec<f32>>();
+        let w = upload(&HostTensor::new(vec![fin, fout], u(fin * fout)), device)?;
+        let b = upload(&HostTensor::new(vec![1, fout], u(fout)), device)?;
+        Ok(Dense { w, b })
+    }
+}
+
 pub struct Mlp {
     /// (torch index in the nn.Sequential, layer)
     pub layers: Vec<(usize, Dense)>,
@@ -39,12 +50,7 @@ impl Mlp {
         let mut rng = SmallRng::seed_from_u64(seed);
         let mut layers = Vec::new();
         for (i, w) in dims.windows(2).enumerate() {
-            let (fin, fout) = (w[0], w[1]);
-            let bound = 1.0 / (fin as f32).sqrt();
-            let mut u = |n: usize| (0..n).map(|_| rng.random_range(-bound..bound)).collect::<Vec<f32>>();
-            let w = upload(&HostTensor::new(vec![fin, fout], u(fin * fout)), device)?;
-            let b = upload(&HostTensor::new(vec![1, fout], u(fout)), device)?;
-            layers.push((2 * i, Dense { w, b }));
+            layers.push((2 * i, Dense::torch_default(w[0], w[1], &mut rng, device)?));
         }
         Ok(Mlp { layers, activation, prefix: prefix.to_string() })
     }

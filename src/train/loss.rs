@@ -33,7 +33,7 @@ pub fn causal_lm_loss(model: &Llama, hook: &dyn Adapter, batch: &Batch, denomina
     debug_assert_eq!(n, n2);
     let m = rows.len();
     let hidden = hidden.select(0, ints(rows.clone(), [m], dev));
-    let logits = model.logits_of(hidden);
+    let logits = model.logits_of(hidden, hook);
     let tgt: Vec<i64> = rows.iter().map(|&r| targets[r as usize]).collect();
     let logp = log_softmax(logits, 1).gather(1, ints(tgt, [m, 1], dev));
     Ok(logp.sum().neg().div_scalar(denominator as f64))
