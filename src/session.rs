@@ -17,7 +17,8 @@ use crate::peft::lora::{LoraAdapter, LoraConfig};
 use crate::peft::{AnyAdapter, Group, set_trainable};
 use crate::tensor::{ints, read};
 use crate::tokenizer::Tokenizer;
-use crate::train::data::{Batcher, Example, tokenize};
+use crate::train::data::{Batch, Batcher, Example, tokenize};
+use crate::train::loss::{causal_lm_loss, row_nll};
 use crate::train::{AdamWConfig, Schedule, StepStats, TrainConfig, Trainer};
 
 pub struct Session {
@@ -47,6 +48,16 @@ impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions { steps: 10, batch: 1, seq_len: 128, grad_accum: 1, lr: 2e-4, warmup: 0, schedule: Schedule::Constant, weight_decay: 0.0, max_grad_norm: Some(1.0), seed: 0, append_eos: false }
     }
+}
+
+/// Held-out evaluation.
+#[derive(Debug, Clone)]
+pub struct EvalReport {
+    /// Mean next-token cross-entropy over the counted positions.
+    pub loss: f64,
+    pub targets: usize,
+    /// With choices: the fraction of examples whose completion scored highest.
+    pub accuracy: Option<f64>,
 }
 
 /// One step's report for progress displays.
@@ -138,6 +149,54 @@ impl Session {
         }
         let out = generate(&self.model, &self.stack(adapters)?, &ids, &opts, on_token).await?;
         self.tokenizer.decode(&out, true)
+    }
+
+    /// Mean next-token loss of `examples` (tokenised as for training) with the named adapters.
+    /// With `choices`, also the accuracy of picking each prompt/completion example's
+    /// completion among `choices` by total log-likelihood (classification with an LM).
+    pub async fn evaluate(&self, adapters: &[&str], examples: &[Example], seq_len: usize, batch: usize, choices: &[String]) -> Result<EvalReport> {
+        let stack = self.stack(adapters)?;
+        let rows = examples.iter().map(|e| tokenize(&self.tokenizer, e, false, seq_len)).collect::<Result<Vec<_>>>()?;
+        let pad = self.tokenizer.eos_id.unwrap_or(0);
+        let n_virtual = stack.prefix().map_or(0, |p| p.dims()[0]);
+        let (mut nll, mut count) = (0f64, 0usize);
+        for chunk in rows.chunks(batch.max(1)) {
+            let b = Batch::new(chunk, pad)?;
+            let n = b.num_targets_with_prefix(n_virtual);
+            if n == 0 {
+                continue;
+            }
+            let l = causal_lm_loss(&self.model, &stack, &b, 1)?;
+            nll += read(l).await?.data[0] as f64;
+            count += n;
+        }
+        if count == 0 {
+            bail!(Data, "nothing to evaluate");
+        }
+        let mut accuracy = None;
+        if !choices.is_empty() {
+            let mut right = 0usize;
+            let mut total = 0usize;
+            for e in examples {
+                let Example::PromptCompletion { prompt, completion } = e else { continue };
+                let rows = choices
+                    .iter()
+                    .map(|c| tokenize(&self.tokenizer, &Example::PromptCompletion { prompt: prompt.clone(), completion: c.clone() }, false, seq_len))
+                    .collect::<Result<Vec<_>>>()?;
+                let b = Batch::new(&rows, pad)?;
+                let scores: Vec<f32> = read(row_nll(&self.model, &stack, &b)?).await?.data.iter().map(|x| -x).collect();
+                let best = scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
+                total += 1;
+                if best.is_some_and(|i| choices[i].trim() == completion.trim()) {
+                    right += 1;
+                }
+            }
+            if total == 0 {
+                bail!(Data, "choices need prompt/completion examples");
+            }
+            accuracy = Some(right as f64 / total as f64);
+        }
+        Ok(EvalReport { loss: nll / count as f64, targets: count, accuracy })
     }
 
     /// Train adapter `name` on `examples`; `on_step` gets a report after every step and may

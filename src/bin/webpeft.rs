@@ -255,6 +255,24 @@ enum Cmd {
         #[arg(long)]
         chat: bool,
     },
+    /// Held-out loss of a data file (and, with --choices, classification accuracy); one JSON line.
+    Eval {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Same formats as `train --data`.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Comma-separated completions to choose from for prompt/completion examples
+        /// (e.g. " ham, spam"): reports the accuracy of the most likely one.
+        #[arg(long)]
+        choices: Option<String>,
+    },
     /// Time training, forward and generation; print one JSON object.
     Bench {
         #[command(flatten)]
@@ -381,7 +399,14 @@ fn run(cli: Cli) -> Result<()> {
             for n in &names {
                 write_adapter(&mut s, n, &out)?;
             }
+            let peak_device = device::memory_usage(&s.compute.device).map(|m| m.1);
             eprintln!("trained {steps} steps in {:.1} s; adapter written to {}", t0.elapsed().as_secs_f64(), out.display());
+            let trainable: usize = names.iter().map(|n| s.adapters.get_mut(n).expect("present").num_parameters()).sum();
+            println!(
+                "{}",
+                serde_json::json!({"summary": {"seconds": t0.elapsed().as_secs_f64(), "trainable_parameters": trainable, "model_parameters": s.model.num_parameters(),
+                    "peak_rss_bytes": peak_rss(), "device_memory_reserved_bytes": peak_device, "device": s.compute.name}})
+            );
         }
         Cmd::Generate { common, adapter, prompt, max_new_tokens, temperature, top_p, seed, chat } => {
             let mut s = open(&common)?;
@@ -389,6 +414,14 @@ fn run(cli: Cli) -> Result<()> {
             let opts = GenerateOptions { max_new_tokens, temperature, top_p, seed, stop: None };
             let text = block_on(s.generate(&prompt, chat, &opts, &names.iter().map(String::as_str).collect::<Vec<_>>(), |_| {}))?;
             println!("{text}");
+        }
+        Cmd::Eval { common, adapter, data, seq_len, batch, choices } => {
+            let examples = parse_examples(&read_text(&data)?).map_err(|e| e.context(data.display()))?;
+            let mut s = open(&common)?;
+            let names = adapter.as_ref().map(|d| load_adapters(&mut s, d)).transpose()?.unwrap_or_default();
+            let choices: Vec<String> = choices.map(|c| c.split(',').map(str::to_string).collect()).unwrap_or_default();
+            let r = block_on(s.evaluate(&names.iter().map(String::as_str).collect::<Vec<_>>(), &examples, seq_len, batch, &choices))?;
+            println!("{}", serde_json::json!({"loss": r.loss, "perplexity": r.loss.exp(), "targets": r.targets, "accuracy": r.accuracy, "examples": examples.len()}));
         }
         Cmd::Bench { common, method, batch, seq_len, steps, gen_tokens } => {
             let mut s = open(&common)?;
@@ -480,6 +513,13 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
         "peak_memory_in_use_bytes": if peak > 0 { Some(peak) } else { None },
         "memory_reserved_bytes": reserved,
     }))
+}
+
+/// The process's peak resident memory (Linux), for reports on the CPU backend.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
 fn main() -> ExitCode {

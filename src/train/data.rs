@@ -66,9 +66,15 @@ pub fn tokenize(tok: &Tokenizer, ex: &Example, append_eos: bool, max_len: usize)
             (ids, labels)
         }
         Example::PromptCompletion { prompt, completion } => {
-            let p = tok.encode(prompt)?;
+            let mut p = tok.encode(prompt)?;
             let mut c = tok.encode_opts(completion, false)?;
             c.push(eos()?);
+            // Too long: keep the whole completion (up to max_len) and the end of the prompt.
+            if p.len() + c.len() > max_len {
+                c.truncate(max_len);
+                let keep = max_len - c.len();
+                p.drain(..p.len() - keep);
+            }
             let labels = p.iter().map(|_| IGNORE).chain(c.iter().map(|&i| i as i64)).collect();
             (p.into_iter().chain(c).collect(), labels)
         }

@@ -15,13 +15,36 @@ use crate::train::data::{Batch, IGNORE};
 /// (pass `batch.num_targets()` for the plain mean). Logits are computed only at the
 /// positions that count, so prompt and padding positions cost no vocabulary projection.
 pub fn causal_lm_loss(model: &Llama, hook: &dyn Adapter, batch: &Batch, denominator: usize) -> Result<Tensor<1>> {
+    let (logp, _) = target_log_probs(model, hook, batch)?;
+    if denominator == 0 {
+        bail!(Data, "the batch has no position to predict (all labels are -100)");
+    }
+    Ok(logp.sum().neg().div_scalar(denominator as f64))
+}
+
+/// Negative log-likelihood of each row's targets, [B] (e.g. to score choices).
+pub fn row_nll(model: &Llama, hook: &dyn Adapter, batch: &Batch) -> Result<Tensor<1>> {
+    let (logp, rows) = target_log_probs(model, hook, batch)?;
+    // One-hot [B, M] of which row each counted position belongs to.
+    let row_len = rows.len().max(1);
+    let per_row = batch.len + hook.prefix().map_or(0, |p| p.dims()[0]);
+    let mut onehot = vec![0f32; batch.batch * row_len];
+    for (j, &r) in rows.iter().enumerate() {
+        onehot[(r as usize / per_row) * row_len + j] = 1.0;
+    }
+    let m = crate::tensor::floats(onehot, [batch.batch, row_len], &model.device);
+    Ok(m.matmul(logp).neg().reshape([batch.batch]))
+}
+
+/// Log-probabilities [M, 1] of the counted targets and their flat row-position indices.
+fn target_log_probs(model: &Llama, hook: &dyn Adapter, batch: &Batch) -> Result<(Tensor<2>, Vec<i64>)> {
     let dev = &model.device;
     // Virtual tokens (prompt tuning) come first with label -100, as peft does; so the last
     // one predicts the first real token.
     let n = hook.prefix().map_or(0, |p| p.dims()[0]);
     let targets = batch.shifted_targets_with_prefix(n);
     let rows: Vec<i64> = targets.iter().enumerate().filter(|(_, t)| **t != IGNORE).map(|(i, _)| i as i64).collect();
-    if rows.is_empty() || denominator == 0 {
+    if rows.is_empty() {
         bail!(Data, "the batch has no position to predict (all labels are -100)");
     }
     let vocab = model.config.vocab_size as i64;
@@ -35,6 +58,5 @@ pub fn causal_lm_loss(model: &Llama, hook: &dyn Adapter, batch: &Batch, denomina
     let hidden = hidden.select(0, ints(rows.clone(), [m], dev));
     let logits = model.logits_of(hidden, hook);
     let tgt: Vec<i64> = rows.iter().map(|&r| targets[r as usize]).collect();
-    let logp = log_softmax(logits, 1).gather(1, ints(tgt, [m, 1], dev));
-    Ok(logp.sum().neg().div_scalar(denominator as f64))
+    Ok((log_softmax(logits, 1).gather(1, ints(tgt, [m, 1], dev)), rows))
 }
