@@ -54,6 +54,26 @@ impl Trainable for LoraAdapter {
     }
 }
 
+/// The JSON object of an `adapter_config.json` whose `peft_type` must be `peft_type`.
+pub fn config_object<'a>(v: &'a Json, peft_type: &str) -> Result<&'a serde_json::Map<String, Json>> {
+    let o = v.as_object().ok_or_else(|| err!(Config, "not a JSON object"))?;
+    if o.get("peft_type").and_then(Json::as_str) != Some(peft_type) {
+        bail!(Config, "peft_type must be {peft_type}");
+    }
+    Ok(o)
+}
+
+/// A string field of a config object.
+pub fn string_field(o: &serde_json::Map<String, Json>, key: &str) -> Option<String> {
+    o.get(key).and_then(Json::as_str).map(str::to_string)
+}
+
+/// The two PEFT files: the config text and the tensors as safetensors (with peft's metadata).
+pub fn peft_files(config_json: String, tensors: &std::collections::BTreeMap<String, crate::io::safetensors::OutTensor>) -> Result<(String, Vec<u8>)> {
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    Ok((config_json, crate::io::safetensors::write(tensors, Some(meta))?))
+}
+
 /// How a trainable tensor is stored here relative to its PyTorch state_dict entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {

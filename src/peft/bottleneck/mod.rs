@@ -57,10 +57,7 @@ fn place_name(p: Sublayer) -> &'static str {
 
 impl BottleneckConfig {
     pub fn from_value(v: &Json) -> Result<Self> {
-        let o = v.as_object().ok_or_else(|| err!(Config, "not a JSON object"))?;
-        if o.get("peft_type").and_then(Json::as_str) != Some("BOTTLENECK") {
-            bail!(Config, "peft_type must be BOTTLENECK");
-        }
+        let o = crate::peft::config_object(v, "BOTTLENECK")?;
         let kind = match o.get("adapter_type").and_then(Json::as_str).unwrap_or("serial") {
             "serial" => Kind::Serial,
             "parallel" => Kind::Parallel,
@@ -96,7 +93,7 @@ impl BottleneckConfig {
         if rf == 0 {
             bail!(Config, "reduction_factor must be >= 1");
         }
-        let s = |k: &str| o.get(k).and_then(Json::as_str).map(str::to_string);
+        let s = |k: &str| crate::peft::string_field(o, k);
         Ok(BottleneckConfig {
             kind,
             reduction_factor: rf as usize,
@@ -191,8 +188,7 @@ impl BottleneckAdapter {
             let t = if k.ends_with(".bias") { HostTensor::new(vec![t.data.len()], t.data) } else { t };
             out.insert(k, OutTensor::F32(t));
         }
-        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        Ok((self.config.to_json(), st::write(&out, Some(meta))?))
+        crate::peft::peft_files(self.config.to_json(), &out)
     }
 
     fn act(&self, x: Tensor<2>) -> Tensor<2> {

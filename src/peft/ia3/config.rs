@@ -2,7 +2,7 @@
 
 use serde_json::{Value as Json, json};
 
-use crate::error::{Result, bail, err};
+use crate::error::{Result, bail};
 use crate::peft::targets::Targets;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -31,10 +31,7 @@ impl Default for Ia3Config {
 
 impl Ia3Config {
     pub fn from_value(v: &Json) -> Result<Self> {
-        let o = v.as_object().ok_or_else(|| err!(Config, "not a JSON object"))?;
-        if o.get("peft_type").and_then(Json::as_str) != Some("IA3") {
-            bail!(Config, "peft_type must be IA3");
-        }
+        let o = crate::peft::config_object(v, "IA3")?;
         for key in ["modules_to_save"] {
             if o.get(key).is_some_and(|x| !x.is_null() && x.as_array().is_none_or(|a| !a.is_empty())) {
                 bail!(Unsupported, "{key} is not supported yet");

@@ -89,8 +89,7 @@ impl Ia3Adapter {
             let shape = if l.feedforward { vec![1, d] } else { vec![d, 1] };
             out.insert(key(*site), OutTensor::F32(HostTensor::new(shape, h.data)));
         }
-        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        Ok((self.config.to_json(), st::write(&out, Some(meta))?))
+        crate::peft::peft_files(self.config.to_json(), &out)
     }
 
     pub fn params_mut(&mut self) -> Vec<NamedParam<'_>> {

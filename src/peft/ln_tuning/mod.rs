@@ -25,14 +25,11 @@ pub struct LnTuningConfig {
 
 impl LnTuningConfig {
     pub fn from_value(v: &Json) -> Result<Self> {
-        let o = v.as_object().ok_or_else(|| err!(Config, "not a JSON object"))?;
-        if o.get("peft_type").and_then(Json::as_str) != Some("LN_TUNING") {
-            bail!(Config, "peft_type must be LN_TUNING");
-        }
+        let o = crate::peft::config_object(v, "LN_TUNING")?;
         if o.get("modules_to_save").is_some_and(|x| !x.is_null()) {
             bail!(Unsupported, "modules_to_save is not supported yet");
         }
-        let s = |k: &str| o.get(k).and_then(Json::as_str).map(str::to_string);
+        let s = |k: &str| crate::peft::string_field(o, k);
         Ok(LnTuningConfig {
             // peft's default for Llama-family models.
             target_modules: Targets::from_json(o.get("target_modules"))?
@@ -111,8 +108,7 @@ impl LnTuningAdapter {
             let h = read(w.clone()).await?;
             out.insert(key(*n), OutTensor::F32(HostTensor::new(vec![h.data.len()], h.data)));
         }
-        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        Ok((self.config.to_json(), st::write(&out, Some(meta))?))
+        crate::peft::peft_files(self.config.to_json(), &out)
     }
 
     pub fn params_mut(&mut self) -> Vec<NamedParam<'_>> {

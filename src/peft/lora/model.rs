@@ -154,8 +154,7 @@ impl LoraAdapter {
                 out.insert(magnitude_key(*site), OutTensor::F32(HostTensor::new(vec![m.data.len()], m.data)));
             }
         }
-        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        Ok((self.config.to_json(), st::write(&out, Some(meta))?))
+        crate::peft::peft_files(self.config.to_json(), &out)
     }
 
     /// Trainable tensors with their peft names (A and B of each layer).

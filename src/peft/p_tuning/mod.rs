@@ -25,10 +25,7 @@ pub struct PTuningConfig {
 
 impl PTuningConfig {
     pub fn from_value(v: &Json) -> Result<Self> {
-        let o = v.as_object().ok_or_else(|| err!(Config, "not a JSON object"))?;
-        if o.get("peft_type").and_then(Json::as_str) != Some("P_TUNING") {
-            bail!(Config, "peft_type must be P_TUNING");
-        }
+        let o = crate::peft::config_object(v, "P_TUNING")?;
         let n = o.get("num_virtual_tokens").and_then(Json::as_u64).filter(|&n| (1..=4096).contains(&n)).ok_or_else(|| err!(Config, "num_virtual_tokens must be an integer in 1..=4096"))?;
         match o.get("encoder_reparameterization_type").and_then(Json::as_str).unwrap_or("MLP") {
             "MLP" => {}
@@ -42,7 +39,7 @@ impl PTuningConfig {
         if o.get("encoder_dropout").and_then(Json::as_f64).is_some_and(|d| d != 0.0) {
             bail!(Unsupported, "encoder_dropout > 0 is not supported yet");
         }
-        let s = |k: &str| o.get(k).and_then(Json::as_str).map(str::to_string);
+        let s = |k: &str| crate::peft::string_field(o, k);
         Ok(PTuningConfig {
             num_virtual_tokens: n as usize,
             encoder_hidden_size: o.get("encoder_hidden_size").and_then(Json::as_u64).map_or(0, |x| x as usize),
@@ -112,8 +109,7 @@ impl PTuningAdapter {
         let prompts = self.prefix().expect("always has virtual tokens").without_autodiff();
         let mut out = BTreeMap::new();
         out.insert(KEY.to_string(), OutTensor::F32(read(prompts).await?));
-        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        Ok((self.config.to_json(&self.model_config), st::write(&out, Some(meta))?))
+        crate::peft::peft_files(self.config.to_json(&self.model_config), &out)
     }
 
     pub fn params_mut(&mut self) -> Vec<NamedParam<'_>> {

@@ -29,12 +29,9 @@ pub struct PrefixTuningConfig {
 
 impl PrefixTuningConfig {
     pub fn from_value(v: &Json) -> Result<Self> {
-        let o = v.as_object().ok_or_else(|| err!(Config, "not a JSON object"))?;
-        if o.get("peft_type").and_then(Json::as_str) != Some("PREFIX_TUNING") {
-            bail!(Config, "peft_type must be PREFIX_TUNING");
-        }
+        let o = crate::peft::config_object(v, "PREFIX_TUNING")?;
         let n = o.get("num_virtual_tokens").and_then(Json::as_u64).filter(|&n| (1..=4096).contains(&n)).ok_or_else(|| err!(Config, "num_virtual_tokens must be an integer in 1..=4096"))?;
-        let s = |k: &str| o.get(k).and_then(Json::as_str).map(str::to_string);
+        let s = |k: &str| crate::peft::string_field(o, k);
         let c = PrefixTuningConfig {
             num_virtual_tokens: n as usize,
             prefix_projection: o.get("prefix_projection").and_then(Json::as_bool).unwrap_or(false),
@@ -120,8 +117,7 @@ impl PrefixTuningAdapter {
     pub async fn to_peft(&self) -> Result<(String, Vec<u8>)> {
         let mut out = BTreeMap::new();
         out.insert(KEY.to_string(), OutTensor::F32(read(self.past().without_autodiff()).await?));
-        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        Ok((self.config.to_json(&self.model_config), st::write(&out, Some(meta))?))
+        crate::peft::peft_files(self.config.to_json(&self.model_config), &out)
     }
 
     /// With projection the trained table is the encoder's embedding; without, it is

@@ -26,10 +26,7 @@ pub struct PromptTuningConfig {
 
 impl PromptTuningConfig {
     pub fn from_value(v: &Json) -> Result<Self> {
-        let o = v.as_object().ok_or_else(|| err!(Config, "not a JSON object"))?;
-        if o.get("peft_type").and_then(Json::as_str) != Some("PROMPT_TUNING") {
-            bail!(Config, "peft_type must be PROMPT_TUNING");
-        }
+        let o = crate::peft::config_object(v, "PROMPT_TUNING")?;
         let n = o.get("num_virtual_tokens").and_then(Json::as_u64).ok_or_else(|| err!(Config, "num_virtual_tokens (a positive integer) is required"))?;
         if n == 0 || n > 4096 {
             bail!(Config, "num_virtual_tokens must be in 1..=4096, got {n}");
@@ -47,7 +44,7 @@ impl PromptTuningConfig {
             ),
             other => bail!(Config, "prompt_tuning_init {other:?} (RANDOM, SAMPLE_VOCAB, TEXT)"),
         };
-        let s = |k: &str| o.get(k).and_then(Json::as_str).map(str::to_string);
+        let s = |k: &str| crate::peft::string_field(o, k);
         Ok(PromptTuningConfig {
             num_virtual_tokens: n as usize,
             token_dim: o.get("token_dim").and_then(Json::as_u64).map(|x| x as usize),

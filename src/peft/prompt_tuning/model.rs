@@ -87,8 +87,7 @@ impl PromptTuningAdapter {
     pub async fn to_peft(&self) -> Result<(String, Vec<u8>)> {
         let mut out = BTreeMap::new();
         out.insert(KEY.to_string(), OutTensor::F32(read(self.embeddings.clone()).await?));
-        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        Ok((self.config.to_json(self.hidden, self.heads, self.layers), st::write(&out, Some(meta))?))
+        crate::peft::peft_files(self.config.to_json(self.hidden, self.heads, self.layers), &out)
     }
 
     pub fn params_mut(&mut self) -> Vec<NamedParam<'_>> {

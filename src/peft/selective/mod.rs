@@ -24,12 +24,9 @@ pub struct SelectiveConfig {
 
 impl SelectiveConfig {
     pub fn from_value(v: &Json) -> Result<Self> {
-        let o = v.as_object().ok_or_else(|| err!(Config, "not a JSON object"))?;
-        if o.get("peft_type").and_then(Json::as_str) != Some("SELECTIVE") {
-            bail!(Config, "peft_type must be SELECTIVE");
-        }
+        let o = crate::peft::config_object(v, "SELECTIVE")?;
         let parameters = o.get("parameters").and_then(Json::as_str).ok_or_else(|| err!(Config, "parameters (a regex over parameter names) is required"))?.to_string();
-        let s = |k: &str| o.get(k).and_then(Json::as_str).map(str::to_string);
+        let s = |k: &str| crate::peft::string_field(o, k);
         Ok(SelectiveConfig { parameters, task_type: s("task_type"), base_model_name_or_path: s("base_model_name_or_path") })
     }
 
@@ -107,8 +104,7 @@ impl SelectiveAdapter {
             let t = if one_d.contains(&k) { HostTensor::new(vec![t.data.len()], t.data) } else { t };
             out.insert(k, OutTensor::F32(t));
         }
-        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        Ok((self.config.to_json(), st::write(&out, Some(meta))?))
+        crate::peft::peft_files(self.config.to_json(), &out)
     }
 
     fn get(&self, t: Target) -> Option<Tensor<2>> {
