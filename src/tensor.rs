@@ -21,6 +21,20 @@ pub fn ints<const D: usize>(data: Vec<i64>, shape: [usize; D], device: &Device) 
     Tensor::from_data(TensorData::new(data, shape), device)
 }
 
+/// `table` with row `row` cut out of the autodiff graph (same values, no gradient there).
+pub fn freeze_row(table: Tensor<2>, row: Option<usize>) -> Tensor<2> {
+    let [v, _] = table.dims();
+    let Some(row) = row.filter(|&r| r < v) else { return table };
+    if !table.is_require_grad() && !table.is_tracked() {
+        return table;
+    }
+    let mut keep = vec![1f32; v];
+    keep[row] = 0.0;
+    let keep: Tensor<2> = floats(keep, [v, 1], &table.device());
+    let frozen = table.clone().detach();
+    table * keep.clone() + frozen * keep.neg().add_scalar(1.0)
+}
+
 /// Read a float tensor back to the host.
 pub async fn read<const D: usize>(t: Tensor<D>) -> Result<HostTensor> {
     let shape = t.dims().to_vec();

@@ -58,6 +58,15 @@ struct MethodArgs {
     target: Option<String>,
     #[arg(long)]
     rslora: bool,
+    /// LoRA: which base biases train too: none | all | lora_only.
+    #[arg(long, default_value = "none")]
+    bias: String,
+    /// LoRA: a trainable bias on lora_B.
+    #[arg(long)]
+    lora_bias: bool,
+    /// LoRA: modules trained in full and saved whole, comma-separated (e.g. lm_head).
+    #[arg(long)]
+    modules_to_save: Option<String>,
     /// LoRA init: true | false | gaussian.
     #[arg(long, default_value = "true")]
     init: String,
@@ -124,6 +133,8 @@ impl MethodArgs {
                 "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
                 "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
                 "target_modules": targets("q_proj,v_proj"), "use_rslora": self.rslora,
+                "bias": self.bias, "lora_bias": self.lora_bias,
+                "modules_to_save": self.modules_to_save.as_deref().map(|m| m.split(',').collect::<Vec<_>>()),
                 "init_lora_weights": match self.init.as_str() {
                     "true" => serde_json::json!(true),
                     "false" => serde_json::json!(false),

@@ -38,6 +38,8 @@ pub struct LlamaConfig {
     pub model_type: String,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// The embedding's `padding_idx`: its row gets no gradient (as torch's nn.Embedding).
+    pub pad_token_id: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -62,6 +64,7 @@ struct RawConfig {
     hidden_act: Option<String>,
     bos_token_id: Option<Json>,
     eos_token_id: Option<Json>,
+    pad_token_id: Option<Json>,
 }
 
 fn first_id(v: &Option<Json>) -> Option<u32> {
@@ -135,6 +138,7 @@ impl LlamaConfig {
             model_type,
             bos_token_id: first_id(&raw.bos_token_id),
             eos_token_id: first_id(&raw.eos_token_id),
+            pad_token_id: first_id(&raw.pad_token_id),
         })
     }
 
@@ -181,6 +185,8 @@ impl LlamaConfig {
             model_type: arch,
             bos_token_id: g.get("tokenizer.ggml.bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32),
             eos_token_id: g.get("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32),
+            // transformers builds the embedding with padding_idx = the GGUF padding token.
+            pad_token_id: g.get("tokenizer.ggml.padding_token_id").and_then(|v| v.as_u64()).map(|v| v as u32),
         })
     }
 

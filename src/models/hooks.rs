@@ -3,7 +3,7 @@
 //! IA3, prompt tuning, ...) implements the hooks it needs. Keeping this a small trait lets
 //! every method plug into every architecture without touching either.
 
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 /// The projections of a transformer block, by their Hugging Face module names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -102,6 +102,10 @@ pub trait Adapter {
     fn sublayer_output(&self, _layer: usize, _which: Sublayer, _normed: &Tensor<2>, out: Tensor<2>) -> Tensor<2> {
         out
     }
+    /// The token embeddings [N, hidden] of `ids` [N] (LoRA on the embedding adds a term).
+    fn embed_output(&self, _ids: &Tensor<1, Int>, x: Tensor<2>) -> Tensor<2> {
+        x
+    }
     /// Trainable replacements of frozen tensors (selective tuning, full fine-tuning):
     /// a linear layer's weight [in, out] and bias [1, out], the token embeddings
     /// [vocab, hidden], the LM head [hidden, vocab].
@@ -143,6 +147,9 @@ impl Adapter for Stack<'_> {
     }
     fn sublayer_output(&self, layer: usize, which: Sublayer, normed: &Tensor<2>, out: Tensor<2>) -> Tensor<2> {
         self.0.iter().fold(out, |o, a| a.sublayer_output(layer, which, normed, o))
+    }
+    fn embed_output(&self, ids: &Tensor<1, Int>, x: Tensor<2>) -> Tensor<2> {
+        self.0.iter().fold(x, |x, a| a.embed_output(ids, x))
     }
     fn linear_weight(&self, site: Site) -> Option<Tensor<2>> {
         self.0.iter().find_map(|a| a.linear_weight(site))

@@ -271,7 +271,11 @@ impl Llama {
         };
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let ids = inp.ids.clone().reshape([b * t]);
-        let mut x = adapter.embedding().unwrap_or_else(|| self.embed.clone()).select(0, ids);
+        let x = match adapter.embedding() {
+            Some(e) => self.freeze_pad_row(e).select(0, ids.clone()),
+            None => self.embed.clone().select(0, ids.clone()),
+        };
+        let mut x = adapter.embed_output(&ids, x);
         let t_all = n + t;
         if let Some(p) = prefix {
             let h = c.hidden_size;
@@ -356,6 +360,12 @@ impl Llama {
     /// All linear sites of the model.
     pub fn sites(&self) -> Vec<Site> {
         (0..self.blocks.len()).flat_map(|layer| Proj::ALL.iter().map(move |&proj| Site { layer, proj })).collect()
+    }
+
+    /// `table` [vocab, d] with the padding row cut out of the autodiff graph, as torch's
+    /// `nn.Embedding(padding_idx=...)` gives that row no gradient.
+    pub fn freeze_pad_row(&self, table: Tensor<2>) -> Tensor<2> {
+        crate::tensor::freeze_row(table, self.config.pad_token_id.map(|p| p as usize))
     }
 
     /// All normalisation layers, with their frozen weights.

@@ -45,14 +45,7 @@ macro_rules! trainable {
 }
 trainable!(Ia3Adapter, PromptTuningAdapter, PTuningAdapter, PrefixTuningAdapter, LnTuningAdapter);
 
-impl Trainable for LoraAdapter {
-    fn params_mut(&mut self) -> Vec<NamedParam<'_>> {
-        LoraAdapter::params_mut(self)
-    }
-    fn set_training(&mut self, on: bool) {
-        self.training = on;
-    }
-}
+
 
 /// The JSON object of an `adapter_config.json` whose `peft_type` must be `peft_type`.
 pub fn config_object<'a>(v: &'a Json, peft_type: &str) -> Result<&'a serde_json::Map<String, Json>> {
@@ -120,6 +113,34 @@ pub fn load_params(a: &mut dyn Trainable, tensors: &std::collections::BTreeMap<S
         n += 1;
     }
     Ok(n)
+}
+
+/// Trainable tensors as PyTorch saves them: matrices transposed back, row vectors 1-D.
+pub async fn params_for_save(a: &mut dyn Trainable) -> Result<std::collections::BTreeMap<String, crate::io::safetensors::OutTensor>> {
+    use crate::io::safetensors::{HostTensor, OutTensor};
+    let mut out = std::collections::BTreeMap::new();
+    for p in a.params_mut() {
+        let h = crate::tensor::read(p.tensor.clone().without_autodiff()).await?;
+        let h = match p.layout {
+            Layout::Same => h,
+            Layout::Transposed => h.transposed(),
+            Layout::Row => HostTensor::new(vec![h.data.len()], h.data),
+        };
+        out.insert(p.name.clone(), OutTensor::F32(h));
+    }
+    Ok(out)
+}
+
+/// Start `a` from saved tensors: every trainable tensor must be present and nothing else.
+pub fn load_all_params(a: &mut dyn Trainable, tensors: &std::collections::BTreeMap<String, crate::io::safetensors::HostTensor>) -> Result<()> {
+    let names: std::collections::HashSet<String> = a.params_mut().into_iter().map(|p| p.name).collect();
+    if let Some(k) = tensors.keys().find(|k| !names.contains(*k)) {
+        bail!(Format, "adapter_model.safetensors: tensor {k} does not belong to this adapter");
+    }
+    if let Some(n) = names.iter().find(|n| !tensors.contains_key(*n)) {
+        bail!(Format, "adapter_model.safetensors: missing {n}");
+    }
+    load_params(a, tensors).map(|_| ()).map_err(|e| e.context("adapter_model.safetensors"))
 }
 
 /// Trainable tensors by name, data in PyTorch element order (for comparisons and reports).
@@ -292,6 +313,9 @@ macro_rules! delegate_adapter {
             }
             fn lm_head(&$this) -> Option<Tensor<2>> {
                 $inner.lm_head()
+            }
+            fn embed_output(&$this, ids: &Tensor<1, burn::tensor::Int>, x: Tensor<2>) -> Tensor<2> {
+                $inner.embed_output(ids, x)
             }
         }
     };

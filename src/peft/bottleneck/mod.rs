@@ -10,18 +10,18 @@
 //! "placement", "scaling"}` and tensors
 //! `base_model.model.model.layers.{l}.{attn|mlp}_adapter.{down|up}.{weight|bias}` (torch layout).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use burn::tensor::Tensor;
 use burn::tensor::activation::{gelu, relu, silu, tanh};
 use serde_json::{Value as Json, json};
 
 use crate::error::{Result, bail, err};
-use crate::io::safetensors::{self as st, HostTensor, OutTensor};
+use crate::io::safetensors as st;
 use crate::models::hooks::{Adapter, Sublayer};
 use crate::models::llama::Llama;
 use crate::peft::reparam::Dense;
-use crate::peft::{Layout, NamedParam, Trainable, read_params};
+use crate::peft::{Layout, NamedParam, Trainable};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Kind {
@@ -165,29 +165,12 @@ impl BottleneckAdapter {
         let (h, r) = (model.config.hidden_size, Self::size(&config, model)?);
         let tensors = st::read_all_f32(weights).map_err(|e| e.context("adapter_model.safetensors"))?;
         let mut a = Self::new(config, model, 0)?;
-        let mut names = HashSet::new();
-        for p in a.params_mut() {
-            names.insert(p.name);
-        }
-        for k in tensors.keys() {
-            if !names.contains(k) {
-                bail!(Format, "adapter_model.safetensors: tensor {k} does not belong to this adapter (r = {r}, hidden = {h})");
-            }
-        }
-        if let Some(missing) = names.iter().find(|n| !tensors.contains_key(*n)) {
-            bail!(Format, "adapter_model.safetensors: missing {missing}");
-        }
-        crate::peft::load_params(&mut a, &tensors).map_err(|e| e.context("adapter_model.safetensors"))?;
+        crate::peft::load_all_params(&mut a, &tensors).map_err(|e| e.context(format!("bottleneck r = {r}, hidden = {h}")))?;
         Ok(a)
     }
 
     pub async fn to_peft(&mut self) -> Result<(String, Vec<u8>)> {
-        let mut out = BTreeMap::new();
-        for (k, t) in read_params(self).await? {
-            // Biases are saved 1-D, as torch's.
-            let t = if k.ends_with(".bias") { HostTensor::new(vec![t.data.len()], t.data) } else { t };
-            out.insert(k, OutTensor::F32(t));
-        }
+        let out = crate::peft::params_for_save(self).await?;
         crate::peft::peft_files(self.config.to_json(), &out)
     }
 

@@ -19,6 +19,14 @@ pub enum InitLora {
     Off,
 }
 
+/// peft's `bias`: which of the model's own biases are trained along with LoRA.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BiasMode {
+    None,
+    All,
+    LoraOnly,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
     pub r: usize,
@@ -31,6 +39,11 @@ pub struct LoraConfig {
     pub layers_to_transform: Option<Vec<usize>>,
     pub layers_pattern: Option<String>,
     pub use_dora: bool,
+    pub bias: BiasMode,
+    /// A trainable bias on lora_B (peft `lora_bias`).
+    pub lora_bias: bool,
+    /// Modules trained in full and saved whole (e.g. `lm_head`).
+    pub modules_to_save: Vec<String>,
     pub rank_pattern: BTreeMap<String, usize>,
     pub alpha_pattern: BTreeMap<String, f64>,
     pub task_type: Option<String>,
@@ -51,6 +64,9 @@ impl Default for LoraConfig {
             layers_to_transform: None,
             layers_pattern: None,
             use_dora: false,
+            bias: BiasMode::None,
+            lora_bias: false,
+            modules_to_save: Vec::new(),
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             task_type: Some("CAUSAL_LM".into()),
@@ -85,8 +101,6 @@ impl LoraConfig {
             None => bail!(Config, "peft_type missing"),
         }
         for (key, what) in [
-            ("lora_bias", "lora_bias"),
-            ("modules_to_save", "modules_to_save"),
             ("layer_replication", "layer_replication"),
             ("megatron_config", "megatron_config"),
             ("loftq_config", "LoftQ"),
@@ -104,11 +118,17 @@ impl LoraConfig {
         if o.get("use_qalora").and_then(Json::as_bool) == Some(true) {
             bail!(Unsupported, "QALoRA is not supported yet");
         }
-        if let Some(b) = o.get("bias").and_then(Json::as_str)
-            && b != "none"
-        {
-            bail!(Unsupported, "bias = {b:?} is not supported yet (only \"none\")");
-        }
+        let bias = match o.get("bias").and_then(Json::as_str).unwrap_or("none") {
+            "none" => BiasMode::None,
+            "all" => BiasMode::All,
+            "lora_only" => BiasMode::LoraOnly,
+            other => bail!(Config, "bias = {other:?} (none, all, lora_only)"),
+        };
+        let modules_to_save = match o.get("modules_to_save") {
+            None | Some(Json::Null) => Vec::new(),
+            Some(Json::Array(a)) => a.iter().map(|x| x.as_str().map(str::to_string).ok_or_else(|| err!(Config, "modules_to_save entries must be strings"))).collect::<Result<_>>()?,
+            Some(other) => bail!(Config, "modules_to_save must be a list, got {other}"),
+        };
         if o.get("fan_in_fan_out").and_then(Json::as_bool) == Some(true) {
             bail!(Unsupported, "fan_in_fan_out = true does not apply to Llama's nn.Linear layers");
         }
@@ -169,6 +189,9 @@ impl LoraConfig {
             layers_to_transform,
             layers_pattern,
             use_dora: o.get("use_dora").and_then(Json::as_bool).unwrap_or(false),
+            bias,
+            lora_bias: o.get("lora_bias").and_then(Json::as_bool).unwrap_or(false),
+            modules_to_save,
             rank_pattern,
             alpha_pattern: map("alpha_pattern")?,
             task_type: o.get("task_type").and_then(Json::as_str).map(str::to_string),
@@ -201,7 +224,7 @@ impl LoraConfig {
             "alpha_pattern": self.alpha_pattern,
             "auto_mapping": null,
             "base_model_name_or_path": self.base_model_name_or_path,
-            "bias": "none",
+            "bias": match self.bias { BiasMode::None => "none", BiasMode::All => "all", BiasMode::LoraOnly => "lora_only" },
             "exclude_modules": self.exclude_modules.as_ref().map(Targets::to_json),
             "fan_in_fan_out": false,
             "inference_mode": true,
@@ -210,11 +233,11 @@ impl LoraConfig {
             "layers_pattern": self.layers_pattern,
             "layers_to_transform": self.layers_to_transform,
             "lora_alpha": self.lora_alpha,
-            "lora_bias": false,
+            "lora_bias": self.lora_bias,
             "lora_dropout": self.lora_dropout,
             "megatron_config": null,
             "megatron_core": "megatron.core",
-            "modules_to_save": null,
+            "modules_to_save": if self.modules_to_save.is_empty() { Json::Null } else { json!(self.modules_to_save) },
             "peft_type": "LORA",
             "r": self.r,
             "rank_pattern": self.rank_pattern,

@@ -22,6 +22,8 @@ pub struct LoraLayer {
     pub scaling: f64,
     pub dropout: f64,
     pub dora: Option<Dora>,
+    /// lora_B's bias [1, out] (peft `lora_bias`); scaled with the LoRA term.
+    pub bias: Option<Tensor<2>>,
 }
 
 /// Column norms of `W + s * A B` ([in, out] layout): the per-output-unit L2 norm, [1, out].
@@ -48,7 +50,12 @@ impl LoraLayer {
     /// from the dropped-out input.
     pub fn apply(&self, x: &Tensor<2>, y: Tensor<2>, training: bool) -> Tensor<2> {
         let xd = self.dropped(x, training);
-        let lora = xd.clone().matmul(self.a.clone()).matmul(self.b.clone()).mul_scalar(self.scaling);
+        let ab = xd.clone().matmul(self.a.clone()).matmul(self.b.clone());
+        let ab = match &self.bias {
+            Some(b) => ab + b.clone(),
+            None => ab,
+        };
+        let lora = ab.mul_scalar(self.scaling);
         let Some(d) = &self.dora else { return y + lora };
         let norm = weight_norm(&d.base_weight, &self.a.clone().without_autodiff(), &self.b.clone().without_autodiff(), self.scaling);
         let m = d.magnitude.clone() / norm;

@@ -5,6 +5,6 @@ pub mod config;
 pub mod layer;
 pub mod model;
 
-pub use config::{InitLora, LoraConfig};
+pub use config::{BiasMode, InitLora, LoraConfig};
 pub use layer::LoraLayer;
 pub use model::LoraAdapter;

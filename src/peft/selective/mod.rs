@@ -4,16 +4,16 @@
 //! against the whole transformers parameter name, e.g. `model.layers.0.self_attn.q_proj.bias`);
 //! tensors saved as `base_model.model.<name>` in PyTorch layout.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use burn::tensor::Tensor;
 use serde_json::{Value as Json, json};
 
 use crate::error::{Result, bail, err};
-use crate::io::safetensors::{self as st, HostTensor, OutTensor};
+use crate::io::safetensors as st;
 use crate::models::hooks::{Adapter, Norm, Site};
 use crate::models::llama::Llama;
-use crate::peft::{Layout, NamedParam, Trainable, load_params, read_params};
+use crate::peft::{Layout, NamedParam, Trainable, load_all_params, params_for_save};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SelectiveConfig {
@@ -86,24 +86,12 @@ impl SelectiveAdapter {
     pub fn from_peft(config: SelectiveConfig, weights: &[u8], model: &Llama) -> Result<Self> {
         let tensors = st::read_all_f32(weights).map_err(|e| e.context("adapter_model.safetensors"))?;
         let mut a = Self::new(config, model)?;
-        let names: HashSet<String> = a.params.values().map(|(n, _)| n.clone()).collect();
-        if let Some(k) = tensors.keys().find(|k| !names.contains(*k)) {
-            bail!(Format, "adapter_model.safetensors: tensor {k} is not selected by `parameters`");
-        }
-        if let Some(n) = names.iter().find(|n| !tensors.contains_key(*n)) {
-            bail!(Format, "adapter_model.safetensors: missing {n}");
-        }
-        load_params(&mut a, &tensors).map_err(|e| e.context("adapter_model.safetensors"))?;
+        load_all_params(&mut a, &tensors)?;
         Ok(a)
     }
 
     pub async fn to_peft(&mut self) -> Result<(String, Vec<u8>)> {
-        let one_d: HashSet<String> = self.params.iter().filter(|(t, _)| matches!(t, Target::Bias(_) | Target::Norm(_))).map(|(_, (n, _))| n.clone()).collect();
-        let mut out = BTreeMap::new();
-        for (k, t) in read_params(self).await? {
-            let t = if one_d.contains(&k) { HostTensor::new(vec![t.data.len()], t.data) } else { t };
-            out.insert(k, OutTensor::F32(t));
-        }
+        let out = params_for_save(self).await?;
         crate::peft::peft_files(self.config.to_json(), &out)
     }
 
