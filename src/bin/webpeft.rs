@@ -219,6 +219,10 @@ enum Cmd {
         /// Continue from a saved PEFT adapter.
         #[arg(long)]
         init_adapter: Option<PathBuf>,
+        /// Start a new adapter from a peft `adapter_config.json` (any supported peft_type;
+        /// the method flags are then ignored).
+        #[arg(long)]
+        config: Option<PathBuf>,
         #[command(flatten)]
         method: MethodArgs,
         #[arg(long, default_value_t = 20)]
@@ -360,7 +364,7 @@ fn run(cli: Cli) -> Result<()> {
             std::fs::write(&out, st::write(&m, None)?)?;
             eprintln!("wrote {} tokens of logits to {}", ids.len(), out.display());
         }
-        Cmd::Train { common, data, out, init_adapter, method, steps, lr, batch, seq_len, grad_accum, warmup, schedule, weight_decay, max_grad_norm, seed, append_eos } => {
+        Cmd::Train { common, data, out, init_adapter, config, method, steps, lr, batch, seq_len, grad_accum, warmup, schedule, weight_decay, max_grad_norm, seed, append_eos } => {
             let examples = parse_examples(&read_text(&data)?).map_err(|e| e.context(data.display()))?;
             let opts = TrainOptions {
                 steps,
@@ -377,9 +381,15 @@ fn run(cli: Cli) -> Result<()> {
             };
             let mut s = open(&common)?;
             block_on(device::self_check(&s.compute.device))?;
-            let names = match &init_adapter {
-                Some(d) => load_adapters(&mut s, d)?,
-                None => {
+            let names = match (&init_adapter, &config) {
+                (Some(_), Some(_)) => return Err(Error::new(ErrorCode::Config, "give --init-adapter or --config, not both")),
+                (Some(d), None) => load_adapters(&mut s, d)?,
+                (None, Some(c)) => {
+                    let v: serde_json::Value = serde_json::from_str(&read_text(c)?).map_err(|e| Error::new(ErrorCode::Parse, format!("{}: {e}", c.display())))?;
+                    s.add_adapter("default", &v, seed).map_err(|e| e.context(c.display()))?;
+                    vec!["default".to_string()]
+                }
+                (None, None) => {
                     let configs = method.configs(&common.model)?;
                     for (name, cfg) in &configs {
                         s.add_adapter(name, cfg, seed)?;
