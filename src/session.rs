@@ -26,6 +26,8 @@ pub struct Session {
     pub model: Llama,
     pub tokenizer: Tokenizer,
     pub adapters: BTreeMap<String, AnyAdapter>,
+    /// Adapters folded into the weights, in merge order, with what to restore.
+    pub merged: Vec<(String, AnyAdapter, crate::peft::merge::Merged)>,
 }
 
 /// Options of a training run (the CLI's flags).
@@ -84,7 +86,7 @@ impl Session {
             bail!(Config, "tokenizer has {} tokens but the model only {}", tokenizer.vocab_size(), weights.config.vocab_size);
         }
         let model = Llama::from_weights(weights, &compute.device)?;
-        Ok(Session { compute, model, tokenizer, adapters: BTreeMap::new() })
+        Ok(Session { compute, model, tokenizer, adapters: BTreeMap::new(), merged: Vec::new() })
     }
 
     fn adapter(&self, name: &str) -> Result<&AnyAdapter> {
@@ -120,6 +122,36 @@ impl Session {
     pub fn load_adapter(&mut self, name: &str, config_json: &str, weights: &[u8]) -> Result<()> {
         let a = AnyAdapter::from_peft(config_json, weights, &self.model)?;
         self.adapters.insert(name.to_string(), a);
+        Ok(())
+    }
+
+    /// Fold adapter `name` into the base weights (LoRA, DoRA, IA3): afterwards the plain model
+    /// computes what model + adapter did, at no extra cost. The adapter leaves `adapters`.
+    pub fn merge_adapter(&mut self, name: &str) -> Result<()> {
+        let a = self.adapters.remove(name).ok_or_else(|| err!(Config, "no adapter named {name:?}"))?;
+        match crate::peft::merge::merge(&mut self.model, &a) {
+            Ok(m) => {
+                self.merged.push((name.to_string(), a, m));
+                Ok(())
+            }
+            Err(e) => {
+                self.adapters.insert(name.to_string(), a);
+                Err(e)
+            }
+        }
+    }
+
+    /// Undo [`Session::merge_adapter`] of the most recently merged adapter: the original
+    /// weights come back exactly.
+    pub fn unmerge_adapter(&mut self, name: &str) -> Result<()> {
+        match self.merged.last() {
+            Some((n, ..)) if n == name => {}
+            Some((n, ..)) if self.merged.iter().any(|(m, ..)| m == name) => bail!(Config, "unmerge {n:?} first (adapters unmerge in reverse merge order)"),
+            _ => bail!(Config, "no merged adapter named {name:?}"),
+        }
+        let (n, a, m) = self.merged.pop().expect("checked");
+        crate::peft::merge::unmerge(&mut self.model, m);
+        self.adapters.insert(n, a);
         Ok(())
     }
 

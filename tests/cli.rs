@@ -48,6 +48,11 @@ fn train_then_use_the_adapter() {
     let (a, b) = (read(&f0), read(&f1));
     assert_eq!(a.shape, b.shape);
     assert!(max_abs_diff(&a.data, &b.data) > 0.1);
+    // The same with the adapter merged into the weights.
+    let f2 = tmp.join("merged.safetensors");
+    let (ok, _, e) = webpeft(&["logits", "--model", m, "--adapter", out.to_str().unwrap(), "--merge", "--text", text, "--out", f2.to_str().unwrap()]);
+    assert!(ok, "{e}");
+    assert!(max_abs_diff(&read(&f2).data, &b.data) < 1e-4, "merged logits");
 
     // Continue training from the saved adapter.
     let out2 = tmp.join("adapter2");

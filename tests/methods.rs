@@ -213,3 +213,45 @@ fn lora_variants_match_peft() {
         one_step_on(model, name, &format!("tiny-train-{name}.safetensors"), false, None);
     }
 }
+
+#[test]
+fn merging_lora_dora_ia3_gives_the_same_logits_and_unmerging_restores() {
+    for name in ["qv", "all_rslora", "dora", "ia3", "lora_bias_param"] {
+        let mut s = tiny();
+        load_dir(&mut s, name, &format!("tiny-adapters/{name}"));
+        let base = logits_with(&s, &NoHook);
+        let with = logits_with(&s, &s.adapters[name]);
+        s.merge_adapter(name).unwrap();
+        assert!(!s.adapters.contains_key(name));
+        let merged = logits_with(&s, &NoHook);
+        assert_close(&format!("{name} merged vs adapter"), &merged, &with, 1e-4);
+        s.unmerge_adapter(name).unwrap();
+        assert_eq!(max_abs_diff(&logits_with(&s, &NoHook), &base), 0.0, "{name}: unmerge restores the base exactly");
+    }
+    let mut s = tiny();
+    load_dir(&mut s, "prompt", "tiny-adapters/prompt");
+    let e = s.merge_adapter("prompt").unwrap_err();
+    assert!(e.message.contains("cannot be merged"), "{e}");
+    assert!(s.adapters.contains_key("prompt"), "a refused merge keeps the adapter");
+}
+
+#[test]
+fn prompt_tuning_text_and_vocab_inits_take_token_embeddings() {
+    let mut s = tiny();
+    let text = "Beautiful is better";
+    let cfg = serde_json::json!({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 7, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": text});
+    s.add_adapter("t", &cfg, 0).unwrap();
+    let ids = s.tokenizer.encode(text).unwrap();
+    let embed = block_on(webpeft::tensor::read(s.model.embed.clone())).unwrap();
+    let h = s.model.config.hidden_size;
+    // peft: the text's token ids repeated, then cut to num_virtual_tokens.
+    let want: Vec<f32> = ids.iter().cycle().take(7).flat_map(|&i| embed.data[i as usize * h..(i as usize + 1) * h].to_vec()).collect();
+    let got = block_on(read_params(s.adapters.get_mut("t").unwrap())).unwrap();
+    assert_eq!(got["prompt_embeddings"].data, want);
+    let cfg = serde_json::json!({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 5, "prompt_tuning_init": "SAMPLE_VOCAB"});
+    s.add_adapter("v", &cfg, 3).unwrap();
+    let got = block_on(read_params(s.adapters.get_mut("v").unwrap())).unwrap();
+    for row in got["prompt_embeddings"].data.chunks(h) {
+        assert!(embed.data.chunks(h).any(|e| e == row), "each virtual token is some token's embedding");
+    }
+}

@@ -202,6 +202,9 @@ enum Cmd {
         common: Common,
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// Fold the adapter(s) into the weights first (LoRA, DoRA, IA3).
+        #[arg(long)]
+        merge: bool,
         #[arg(long)]
         text: String,
         #[arg(long)]
@@ -353,9 +356,14 @@ fn write_adapter(s: &mut Session, name: &str, dir: &Path) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Logits { common, adapter, text, out } => {
+        Cmd::Logits { common, adapter, merge, text, out } => {
             let mut s = open(&common)?;
-            let names = adapter.as_ref().map(|d| load_adapters(&mut s, d)).transpose()?.unwrap_or_default();
+            let mut names = adapter.as_ref().map(|d| load_adapters(&mut s, d)).transpose()?.unwrap_or_default();
+            if merge {
+                for n in names.drain(..) {
+                    s.merge_adapter(&n)?;
+                }
+            }
             let ids = s.tokenizer.encode(&text)?;
             let logits = block_on(s.logits(&ids, &names.iter().map(String::as_str).collect::<Vec<_>>()))?;
             let mut m = BTreeMap::new();

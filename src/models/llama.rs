@@ -59,6 +59,18 @@ pub struct Block {
 }
 
 impl Block {
+    pub fn linear_mut(&mut self, p: Proj) -> &mut Linear {
+        match p {
+            Proj::Q => &mut self.q,
+            Proj::K => &mut self.k,
+            Proj::V => &mut self.v,
+            Proj::O => &mut self.o,
+            Proj::Gate => &mut self.gate,
+            Proj::Up => &mut self.up,
+            Proj::Down => &mut self.down,
+        }
+    }
+
     pub fn linear(&self, p: Proj) -> &Linear {
         match p {
             Proj::Q => &self.q,
@@ -381,6 +393,10 @@ impl Llama {
 
     pub fn linear(&self, s: Site) -> &Linear {
         self.blocks[s.layer].linear(s.proj)
+    }
+
+    pub fn linear_mut(&mut self, s: Site) -> &mut Linear {
+        self.blocks[s.layer].linear_mut(s.proj)
     }
 
     pub fn num_parameters(&self) -> usize {

@@ -7,6 +7,7 @@ pub mod bottleneck;
 pub mod ia3;
 pub mod ln_tuning;
 pub mod lora;
+pub mod merge;
 pub mod p_tuning;
 pub mod prefix_tuning;
 pub mod prompt_tuning;
