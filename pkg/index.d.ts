@@ -42,7 +42,8 @@ export interface LoraConfig {
 export type Example = string | { text: string } | { prompt: string; completion: string };
 
 export interface TrainOptions {
-  adapter?: string;
+  /** The adapter to train (default "default"), or several trained together (hybrid). */
+  adapter?: string | string[];
   steps?: number;
   batch?: number;
   seqLen?: number;

@@ -156,10 +156,18 @@ fn from_js<T: for<'de> Deserialize<'de>>(v: JsValue, what: &str) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| err!(Config, "{what}: {e}"))
 }
 
+/// One adapter name, or several trained together.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Names {
+    One(String),
+    Many(Vec<String>),
+}
+
 #[derive(Deserialize, Default)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 struct JsTrainOptions {
-    adapter: Option<String>,
+    adapter: Option<Names>,
     steps: Option<usize>,
     batch: Option<usize>,
     seq_len: Option<usize>,
@@ -304,7 +312,8 @@ impl Model {
         })
     }
 
-    /// Train adapter `options.adapter` (default "default") on `examples` (strings,
+    /// Train adapter `options.adapter` (default "default"; a list trains several together)
+    /// on `examples` (strings,
     /// `{text}` or `{prompt, completion}`). `onStep(report)` is called after each step; it may
     /// return `false` to stop. Resolves to the list of reports.
     pub fn train(&self, examples: JsValue, options: JsValue, on_step: Option<Function>) -> Promise {
@@ -330,11 +339,16 @@ impl Model {
                 seed: o.seed.unwrap_or(d.seed),
                 append_eos: o.append_eos.unwrap_or(d.append_eos),
             };
-            let name = o.adapter.unwrap_or_else(|| "default".into());
+            let names = match o.adapter {
+                None => vec!["default".to_string()],
+                Some(Names::One(n)) => vec![n],
+                Some(Names::Many(v)) => v,
+            };
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
             let mut sess = s.try_borrow_mut().map_err(|_| busy())?;
             let all = Array::new();
             let reports = sess
-                .train(&name, &ex, &opts, |r| {
+                .train_together(&names, &ex, &opts, |r| {
                     let j = Object::new();
                     set(&j, "step", r.stats.step as u32);
                     set(&j, "loss", r.stats.loss);
