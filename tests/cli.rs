@@ -15,6 +15,11 @@ fn webpeft(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
+/// The loss of each `step ... loss X ...` line `train` printed.
+fn step_losses(stdout: &str) -> Vec<f32> {
+    stdout.lines().filter(|l| l.starts_with("step")).filter_map(|l| l.split_whitespace().skip_while(|w| *w != "loss").nth(1)).map(|x| x.parse().unwrap()).collect()
+}
+
 #[test]
 fn train_then_use_the_adapter() {
     let tmp = std::env::temp_dir().join(format!("webpeft-cli-{}", std::process::id()));
@@ -28,7 +33,7 @@ fn train_then_use_the_adapter() {
         "--steps", "8", "--lr", "1e-2", "--batch", "3", "--seq-len", "32", "--schedule", "cosine", "--warmup", "1", "--seed", "1",
     ]);
     assert!(ok, "train failed: {stderr}");
-    let losses: Vec<f32> = stdout.lines().filter_map(|l| l.split_whitespace().skip_while(|w| *w != "loss").nth(1)).map(|x| x.parse().unwrap()).collect();
+    let losses = step_losses(&stdout);
     assert_eq!(losses.len(), 8, "{stdout}");
     assert!(losses[7] < losses[0] - 0.5, "loss must fall on 3 memorised lines: {losses:?}");
     assert!(out.join("adapter_config.json").exists() && out.join("adapter_model.safetensors").exists());
@@ -58,7 +63,7 @@ fn train_then_use_the_adapter() {
     let out2 = tmp.join("adapter2");
     let (ok, stdout2, e) = webpeft(&["train", "--model", m, "--data", d, "--out", out2.to_str().unwrap(), "--init-adapter", out.to_str().unwrap(), "--steps", "2", "--lr", "1e-3", "--batch", "3", "--seq-len", "32"]);
     assert!(ok, "{e}");
-    let first: f32 = stdout2.lines().next().unwrap().split_whitespace().nth(3).unwrap().parse().unwrap();
+    let first = step_losses(&stdout2)[0];
     assert!(first < losses[0] - 0.5, "resumed training starts from the trained adapter: {first} vs {}", losses[0]);
 
     let (ok, text_out, e) = webpeft(&["generate", "--model", m, "--adapter", out.to_str().unwrap(), "--prompt", "Simple is", "--max-new-tokens", "6"]);
@@ -128,7 +133,7 @@ fn every_method_trains_saves_and_reloads() {
         args.extend(["--steps", "10", "--lr", "3e-2", "--batch", "3", "--seq-len", "32"]);
         let (ok, stdout, stderr) = webpeft(&args);
         assert!(ok, "{method}: {stderr}");
-        let losses: Vec<f32> = stdout.lines().filter_map(|l| l.split_whitespace().skip_while(|w| *w != "loss").nth(1)).map(|x| x.parse().unwrap()).collect();
+        let losses = step_losses(&stdout);
         eprintln!("{method} {extra:?}: losses {losses:?}");
         assert!(losses[9] < losses[0] - 0.2, "{method}: loss must fall: {losses:?}");
         let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
@@ -153,7 +158,7 @@ fn bitfit_trains_the_biases_of_a_model_that_has_them() {
     let out = tmp.join("bitfit");
     let (ok, stdout, e) = webpeft(&["train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--method", "bitfit", "--steps", "8", "--lr", "5e-2", "--batch", "2", "--seq-len", "32"]);
     assert!(ok, "{e}");
-    let losses: Vec<f32> = stdout.lines().filter_map(|l| l.split_whitespace().skip_while(|w| *w != "loss").nth(1)).map(|x| x.parse().unwrap()).collect();
+    let losses = step_losses(&stdout);
     assert!(losses[7] < losses[0] - 0.2, "{losses:?}");
     let saved = webpeft::io::safetensors::read_all_f32(&std::fs::read(out.join("adapter_model.safetensors")).unwrap()).unwrap();
     assert!(!saved.is_empty() && saved.keys().all(|k| k.ends_with(".bias")), "{:?}", saved.keys().collect::<Vec<_>>());
