@@ -11,7 +11,7 @@ use crate::generate::{GenerateOptions, generate};
 use crate::io::gguf::Gguf;
 use crate::io::safetensors::HostTensor;
 use crate::io::source::ModelFiles;
-use crate::models::hooks::{Adapter, NoHook, Stack};
+use crate::models::hooks::{Adapter, Stack};
 use crate::models::llama::{Inputs, Llama};
 use crate::peft::lora::{LoraAdapter, LoraConfig};
 use crate::peft::{AnyAdapter, Group, set_trainable};
@@ -91,14 +91,6 @@ impl Session {
 
     fn adapter(&self, name: &str) -> Result<&AnyAdapter> {
         self.adapters.get(name).ok_or_else(|| err!(Config, "no adapter named {name:?}"))
-    }
-
-    /// The hook for an optional adapter name.
-    pub fn hook(&self, adapter: Option<&str>) -> Result<&dyn Adapter> {
-        Ok(match adapter {
-            Some(n) => self.adapter(n)?,
-            None => &NoHook,
-        })
     }
 
     /// Several adapters applied together, in the given order.

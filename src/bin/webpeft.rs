@@ -505,7 +505,7 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
     let ids: Vec<u32> = rows.iter().flat_map(|r| r.ids.clone()).collect();
     let fwd = |s: &Session| -> Result<()> {
         let inputs = webpeft::models::llama::Inputs { ids: webpeft::tensor::ints(ids.iter().map(|&i| i as i64).collect(), [batch, seq_len], &s.model.device), attention_mask: None };
-        let l = s.model.forward(&inputs, s.hook(Some("bench"))?, None)?;
+        let l = s.model.forward(&inputs, &s.stack(&["bench"])?, None)?;
         block_on(webpeft::tensor::read(l.narrow(1, 0, 1).reshape([batch, s.model.config.vocab_size])))?;
         Ok(())
     };
@@ -520,7 +520,7 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
     let prompt: Vec<u32> = rows[0].ids.iter().copied().cycle().take(32).collect();
     let gen_opts = GenerateOptions { max_new_tokens: gen_tokens, ..Default::default() };
     let t2 = Instant::now();
-    let out = block_on(webpeft::generate::generate(&s.model, s.hook(Some("bench"))?, &prompt, &gen_opts, |_| {}))?;
+    let out = block_on(webpeft::generate::generate(&s.model, &s.stack(&["bench"])?, &prompt, &gen_opts, |_| {}))?;
     let gen_s = t2.elapsed().as_secs_f64();
     sample_mem(&mut peak);
     let reserved = device::memory_usage(&s.compute.device).map(|m| m.1);

@@ -109,6 +109,9 @@ pub struct Llama {
     /// [hidden, vocab]; None = tied to `embed`.
     pub lm_head: Option<Tensor<2>>,
     inv_freq: Vec<f32>,
+    /// cos/sin for positions 0..ROPE_CACHED on the device, [positions, head_dim]: computed
+    /// once at load, so a forward pass uploads no RoPE table.
+    rope_cache: (Tensor<2>, Tensor<2>),
     pub device: Device,
 }
 
@@ -118,6 +121,26 @@ fn take(t: &mut BTreeMap<String, HostTensor>, name: &str, shape: &[usize]) -> Re
         bail!(Shape, "tensor {name}: shape {:?}, expected {shape:?}", h.shape);
     }
     Ok(h)
+}
+
+/// Positions whose RoPE tables are kept on the device.
+const ROPE_CACHED: usize = 4096;
+
+/// cos/sin of positions `start..start+t` row-major [t, head_dim], in f32 as transformers
+/// computes them (freqs = inv_freq * pos; emb = cat(freqs, freqs)).
+fn rope_host(inv_freq: &[f32], start: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = t * inv_freq.len() * 2;
+    let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for p in start..start + t {
+        for _half in 0..2 {
+            for &f in inv_freq {
+                let a = f * p as f32;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    (cos, sin)
 }
 
 impl Llama {
@@ -168,7 +191,11 @@ impl Llama {
             bail!(Unsupported, "unexpected tensor {k} ({} unused): not a plain Llama checkpoint", tensors.len());
         }
         let inv_freq = c.rope_inv_freq();
-        Ok(Llama { config: c, embed, blocks, norm, lm_head, inv_freq, device: device.clone() })
+        let cached = c.max_position_embeddings.clamp(1, ROPE_CACHED);
+        let (cos, sin) = rope_host(&inv_freq, 0, cached);
+        let d = c.head_dim;
+        let rope_cache = (floats(cos, [cached, d], device), floats(sin, [cached, d], device));
+        Ok(Llama { config: c, embed, blocks, norm, lm_head, inv_freq, rope_cache, device: device.clone() })
     }
 
     /// RMSNorm with the frozen weight `w`, or the adapter's replacement for `site`.
@@ -181,21 +208,15 @@ impl Llama {
         }
     }
 
-    /// cos/sin tables for positions `start..start+t`, [1, 1, t, head_dim], computed on the
-    /// host in f32 as transformers does (freqs = inv_freq * pos; emb = cat(freqs, freqs)).
+    /// cos/sin tables for positions `start..start+t`, [1, 1, t, head_dim]: a slice of the
+    /// cached table, or (past it) computed on the host.
     fn rope_tables(&self, start: usize, t: usize) -> (Tensor<4>, Tensor<4>) {
         let d = self.config.head_dim;
-        let mut cos = Vec::with_capacity(t * d);
-        let mut sin = Vec::with_capacity(t * d);
-        for p in start..start + t {
-            for _half in 0..2 {
-                for &f in &self.inv_freq {
-                    let a = f * p as f32;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
-            }
+        let (cc, sc) = &self.rope_cache;
+        if start + t <= cc.dims()[0] {
+            return (cc.clone().narrow(0, start, t).reshape([1, 1, t, d]), sc.clone().narrow(0, start, t).reshape([1, 1, t, d]));
         }
+        let (cos, sin) = rope_host(&self.inv_freq, start, t);
         (floats(cos, [1, 1, t, d], &self.device), floats(sin, [1, 1, t, d], &self.device))
     }
 

@@ -2,18 +2,17 @@
 //! layers' weights, everything else frozen. Saved as peft does:
 //! `base_model.model.<norm module>.ln_tuning_layers.weight` [hidden].
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use burn::tensor::Tensor;
 use serde_json::{Value as Json, json};
 
-use crate::error::{Result, bail, err};
-use crate::io::safetensors::{self as st, HostTensor, OutTensor};
+use crate::error::{Result, bail};
+use crate::io::safetensors as st;
 use crate::models::hooks::{Adapter, Norm};
 use crate::models::llama::Llama;
 use crate::peft::targets::{Matcher, Targets};
-use crate::peft::{Layout, NamedParam};
-use crate::tensor::{read, upload};
+use crate::peft::{Layout, NamedParam, load_all_params, params_for_save};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LnTuningConfig {
@@ -84,30 +83,13 @@ impl LnTuningAdapter {
 
     pub fn from_peft(config: LnTuningConfig, bytes: &[u8], model: &Llama) -> Result<Self> {
         let tensors = st::read_all_f32(bytes).map_err(|e| e.context("adapter_model.safetensors"))?;
-        let h = model.config.hidden_size;
-        let mut used = HashSet::new();
-        let mut weights = BTreeMap::new();
-        for (n, _) in Self::targets(&config, model)? {
-            let k = key(n);
-            let t = tensors.get(&k).ok_or_else(|| err!(Format, "adapter_model.safetensors: missing {k}"))?;
-            if t.shape != [h] {
-                bail!(Shape, "adapter_model.safetensors: {k} has shape {:?}, expected [{h}]", t.shape);
-            }
-            weights.insert(n, upload(&HostTensor::new(vec![1, h], t.data.clone()), &model.device)?);
-            used.insert(k);
-        }
-        if let Some(extra) = tensors.keys().find(|k| !used.contains(*k)) {
-            bail!(Format, "adapter_model.safetensors: tensor {extra} does not belong to any targeted module");
-        }
-        Ok(LnTuningAdapter { config, weights })
+        let mut a = Self::new(config, model)?;
+        load_all_params(&mut a, &tensors)?;
+        Ok(a)
     }
 
-    pub async fn to_peft(&self) -> Result<(String, Vec<u8>)> {
-        let mut out = BTreeMap::new();
-        for (n, w) in &self.weights {
-            let h = read(w.clone()).await?;
-            out.insert(key(*n), OutTensor::F32(HostTensor::new(vec![h.data.len()], h.data)));
-        }
+    pub async fn to_peft(&mut self) -> Result<(String, Vec<u8>)> {
+        let out = params_for_save(self).await?;
         crate::peft::peft_files(self.config.to_json(), &out)
     }
 

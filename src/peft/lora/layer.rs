@@ -69,8 +69,4 @@ impl LoraLayer {
         };
         y + base * m.clone().sub_scalar(1.0) + lora * m
     }
-
-    pub fn rank(&self) -> usize {
-        self.a.dims()[1]
-    }
 }

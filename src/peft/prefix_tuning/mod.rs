@@ -10,12 +10,13 @@ use burn::tensor::Tensor;
 use serde_json::{Value as Json, json};
 
 use crate::error::{Result, bail, err};
-use crate::io::safetensors::{self as st, HostTensor, OutTensor};
+use crate::io::safetensors::{HostTensor, OutTensor};
 use crate::models::config::LlamaConfig;
 use crate::models::hooks::Adapter;
 use crate::models::llama::Llama;
 use crate::peft::reparam::{Activation, Mlp, normal_init};
-use crate::peft::{Layout, NamedParam, prompt_tuning::model::KEY};
+use crate::peft::prompt_tuning::model::{KEY, read_prompt_embeddings};
+use crate::peft::{Layout, NamedParam};
 use crate::tensor::{read, upload};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -93,16 +94,9 @@ impl PrefixTuningAdapter {
     }
 
     pub fn from_peft(config: PrefixTuningConfig, weights: &[u8], model: &Llama) -> Result<Self> {
-        let mut t = st::read_all_f32(weights).map_err(|e| e.context("adapter_model.safetensors"))?;
-        let e = t.remove(KEY).ok_or_else(|| err!(Format, "adapter_model.safetensors: missing {KEY}"))?;
-        if let Some(extra) = t.keys().next() {
-            bail!(Format, "adapter_model.safetensors: unexpected tensor {extra}");
-        }
         let c = &model.config;
         let want = [config.num_virtual_tokens, c.num_hidden_layers * 2 * Self::kv_dim(c)];
-        if e.shape != want {
-            bail!(Shape, "adapter_model.safetensors: {KEY} has shape {:?}, expected {want:?} (layers * 2 * kv_heads * head_dim)", e.shape);
-        }
+        let e = read_prompt_embeddings(weights, want).map_err(|e| e.context("prefix tuning (layers * 2 * kv_heads * head_dim)"))?;
         Ok(PrefixTuningAdapter { config, embedding: upload(&e, &model.device)?, projection: None, model_config: c.clone() })
     }
 

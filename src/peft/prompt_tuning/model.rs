@@ -18,6 +18,20 @@ use crate::tokenizer::Tokenizer;
 
 pub const KEY: &str = "prompt_embeddings";
 
+/// The one tensor of a prompt-learning adapter file (prompt, p- and prefix tuning), checked
+/// to be `prompt_embeddings` with shape `want`.
+pub fn read_prompt_embeddings(weights: &[u8], want: [usize; 2]) -> Result<HostTensor> {
+    let mut tensors = st::read_all_f32(weights).map_err(|e| e.context("adapter_model.safetensors"))?;
+    let t = tensors.remove(KEY).ok_or_else(|| err!(Format, "adapter_model.safetensors: missing {KEY}"))?;
+    if let Some(extra) = tensors.keys().next() {
+        bail!(Format, "adapter_model.safetensors: unexpected tensor {extra}");
+    }
+    if t.shape != want {
+        bail!(Shape, "adapter_model.safetensors: {KEY} has shape {:?}, expected {want:?}", t.shape);
+    }
+    Ok(t)
+}
+
 pub struct PromptTuningAdapter {
     pub config: PromptTuningConfig,
     /// [num_virtual_tokens, hidden]
@@ -71,15 +85,7 @@ impl PromptTuningAdapter {
 
     pub fn from_peft(config: PromptTuningConfig, weights: &[u8], model: &Llama) -> Result<Self> {
         Self::check(&config, model)?;
-        let mut tensors = st::read_all_f32(weights).map_err(|e| e.context("adapter_model.safetensors"))?;
-        let t = tensors.remove(KEY).ok_or_else(|| err!(Format, "adapter_model.safetensors: missing {KEY}"))?;
-        if let Some(extra) = tensors.keys().next() {
-            bail!(Format, "adapter_model.safetensors: unexpected tensor {extra}");
-        }
-        let want = [config.num_virtual_tokens, model.config.hidden_size];
-        if t.shape != want {
-            bail!(Shape, "adapter_model.safetensors: {KEY} has shape {:?}, expected {want:?}", t.shape);
-        }
+        let t = read_prompt_embeddings(weights, [config.num_virtual_tokens, model.config.hidden_size])?;
         let e = upload(&t, &model.device)?;
         Ok(Self::wrap(config, e, model))
     }
