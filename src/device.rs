@@ -2,8 +2,8 @@
 //! training, that it computes correctly: a broken shader on some WebGPU stacks returns stale
 //! or wrong data without an error, so a device that fails the check refuses to train.
 
-use burn::tensor::activation::silu;
 use burn::tensor::Device;
+use burn::tensor::activation::silu;
 
 use crate::error::{Result, bail, err};
 use crate::tensor::{floats, read};
@@ -70,11 +70,7 @@ pub fn select(choice: DeviceChoice) -> Result<Compute> {
 fn adapter_info() -> Option<(String, bool)> {
     use burn::tensor::wgpu::wgpu;
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-        power_preference: wgpu::PowerPreference::HighPerformance,
-        ..Default::default()
-    }))
-    .ok()?;
+    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() })).ok()?;
     let info = adapter.get_info();
     Some((format!("{} ({:?}, {})", info.name, info.backend, info.driver), info.device_type == wgpu::DeviceType::Cpu))
 }

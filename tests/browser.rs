@@ -119,8 +119,22 @@ async fn every_method_one_step_matches_pytorch() {
         ("prefix", "PREFIX_TUNING", fx!("tiny-adapters/prefix/adapter_config.json"), fx!("tiny-adapters/prefix/adapter_model.safetensors"), fx!("tiny-train-prefix.safetensors"), false),
         ("ptuning", "P_TUNING", fx!("tiny-adapters/ptuning/adapter_config.json"), fx!("tiny-adapters/ptuning/adapter_model.safetensors"), fx!("tiny-train-ptuning.safetensors"), true),
         ("ln", "LN_TUNING", fx!("tiny-adapters/ln/adapter_config.json"), fx!("tiny-adapters/ln/adapter_model.safetensors"), fx!("tiny-train-ln.safetensors"), false),
-        ("bottleneck_serial", "BOTTLENECK serial", fx!("tiny-adapters/bottleneck_serial/adapter_config.json"), fx!("tiny-adapters/bottleneck_serial/adapter_model.safetensors"), fx!("tiny-train-bottleneck_serial.safetensors"), false),
-        ("bottleneck_parallel", "BOTTLENECK parallel", fx!("tiny-adapters/bottleneck_parallel/adapter_config.json"), fx!("tiny-adapters/bottleneck_parallel/adapter_model.safetensors"), fx!("tiny-train-bottleneck_parallel.safetensors"), false),
+        (
+            "bottleneck_serial",
+            "BOTTLENECK serial",
+            fx!("tiny-adapters/bottleneck_serial/adapter_config.json"),
+            fx!("tiny-adapters/bottleneck_serial/adapter_model.safetensors"),
+            fx!("tiny-train-bottleneck_serial.safetensors"),
+            false,
+        ),
+        (
+            "bottleneck_parallel",
+            "BOTTLENECK parallel",
+            fx!("tiny-adapters/bottleneck_parallel/adapter_config.json"),
+            fx!("tiny-adapters/bottleneck_parallel/adapter_model.safetensors"),
+            fx!("tiny-train-bottleneck_parallel.safetensors"),
+            false,
+        ),
     ];
     let mut s = tiny().await;
     for (name, what, cfg, weights, train, trainable_config) in cases {

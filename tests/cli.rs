@@ -29,8 +29,33 @@ fn train_then_use_the_adapter() {
     let model = fixture("tiny-llama");
     let (m, d, out) = (model.to_str().unwrap(), data.to_str().unwrap(), tmp.join("adapter"));
     let (ok, stdout, stderr) = webpeft(&[
-        "train", "--model", m, "--data", d, "--out", out.to_str().unwrap(), "--r", "4", "--alpha", "8", "--target", "all-linear",
-        "--steps", "8", "--lr", "1e-2", "--batch", "3", "--seq-len", "32", "--schedule", "cosine", "--warmup", "1", "--seed", "1",
+        "train",
+        "--model",
+        m,
+        "--data",
+        d,
+        "--out",
+        out.to_str().unwrap(),
+        "--r",
+        "4",
+        "--alpha",
+        "8",
+        "--target",
+        "all-linear",
+        "--steps",
+        "8",
+        "--lr",
+        "1e-2",
+        "--batch",
+        "3",
+        "--seq-len",
+        "32",
+        "--schedule",
+        "cosine",
+        "--warmup",
+        "1",
+        "--seed",
+        "1",
     ]);
     assert!(ok, "train failed: {stderr}");
     let losses = step_losses(&stdout);
@@ -61,7 +86,25 @@ fn train_then_use_the_adapter() {
 
     // Continue training from the saved adapter.
     let out2 = tmp.join("adapter2");
-    let (ok, stdout2, e) = webpeft(&["train", "--model", m, "--data", d, "--out", out2.to_str().unwrap(), "--init-adapter", out.to_str().unwrap(), "--steps", "2", "--lr", "1e-3", "--batch", "3", "--seq-len", "32"]);
+    let (ok, stdout2, e) = webpeft(&[
+        "train",
+        "--model",
+        m,
+        "--data",
+        d,
+        "--out",
+        out2.to_str().unwrap(),
+        "--init-adapter",
+        out.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--batch",
+        "3",
+        "--seq-len",
+        "32",
+    ]);
     assert!(ok, "{e}");
     let first = step_losses(&stdout2)[0];
     assert!(first < losses[0] - 0.5, "resumed training starts from the trained adapter: {first} vs {}", losses[0]);
@@ -156,7 +199,25 @@ fn bitfit_trains_the_biases_of_a_model_that_has_them() {
     std::fs::write(&data, "Beautiful is better than ugly.\nExplicit is better than implicit.\n").unwrap();
     let model = fixture("tiny-llama-bias");
     let out = tmp.join("bitfit");
-    let (ok, stdout, e) = webpeft(&["train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--method", "bitfit", "--steps", "8", "--lr", "5e-2", "--batch", "2", "--seq-len", "32"]);
+    let (ok, stdout, e) = webpeft(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--method",
+        "bitfit",
+        "--steps",
+        "8",
+        "--lr",
+        "5e-2",
+        "--batch",
+        "2",
+        "--seq-len",
+        "32",
+    ]);
     assert!(ok, "{e}");
     let losses = step_losses(&stdout);
     assert!(losses[7] < losses[0] - 0.2, "{losses:?}");

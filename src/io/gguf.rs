@@ -132,9 +132,11 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| {
-            err!(Format, "truncated GGUF header: needed {n} bytes at offset {}, file has {}", self.pos, self.b.len())
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| err!(Format, "truncated GGUF header: needed {n} bytes at offset {}, file has {}", self.pos, self.b.len()))?;
         let s = &self.b[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -237,8 +239,7 @@ impl<'a> Gguf<'a> {
             let shape: Vec<usize> = ne.iter().rev().map(|&d| d as usize).collect();
             let numel = ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let numel = numel.filter(|&n| n < (1u64 << 40)).ok_or_else(|| err!(Format, "tensor {name}: absurd shape {shape:?}"))? as usize;
-            let ty = GgmlType::from_id(tid)
-                .ok_or_else(|| err!(Unsupported, "tensor {name}: ggml type {tid} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"))?;
+            let ty = GgmlType::from_id(tid).ok_or_else(|| err!(Unsupported, "tensor {name}: ggml type {tid} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"))?;
             let (bs, bb) = ty.block();
             if ne[0] as usize % bs != 0 {
                 bail!(Format, "tensor {name}: row length {} is not a multiple of the block size {bs}", ne[0]);

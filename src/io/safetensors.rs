@@ -84,9 +84,7 @@ pub fn write(tensors: &BTreeMap<String, OutTensor>, metadata: Option<std::collec
             OutTensor::I64(s, d) => (k.clone(), Dtype::I64, s.clone(), d.iter().flat_map(|x| x.to_le_bytes()).collect()),
         })
         .collect();
-    let views: Vec<(String, TensorView<'_>)> = bufs
-        .iter()
-        .map(|(k, dt, s, b)| Ok((k.clone(), TensorView::new(*dt, s.clone(), b).map_err(|e| err!(Shape, "tensor {k}: {e}"))?)))
-        .collect::<Result<_>>()?;
+    let views: Vec<(String, TensorView<'_>)> =
+        bufs.iter().map(|(k, dt, s, b)| Ok((k.clone(), TensorView::new(*dt, s.clone(), b).map_err(|e| err!(Shape, "tensor {k}: {e}"))?))).collect::<Result<_>>()?;
     safetensors::serialize(views, metadata).map_err(|e| err!(Format, "safetensors serialise: {e}"))
 }

@@ -25,12 +25,12 @@ use crate::tokenizer::Tokenizer;
 
 use bottleneck::{BottleneckAdapter, BottleneckConfig};
 use ia3::{Ia3Adapter, Ia3Config};
-use selective::{SelectiveAdapter, SelectiveConfig};
 use ln_tuning::{LnTuningAdapter, LnTuningConfig};
 use lora::{LoraAdapter, LoraConfig};
 use p_tuning::{PTuningAdapter, PTuningConfig};
 use prefix_tuning::{PrefixTuningAdapter, PrefixTuningConfig};
 use prompt_tuning::{PromptTuningAdapter, PromptTuningConfig};
+use selective::{SelectiveAdapter, SelectiveConfig};
 
 const SUPPORTED: &str = "supported: LORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LN_TUNING, BOTTLENECK, SELECTIVE";
 
@@ -45,8 +45,6 @@ macro_rules! trainable {
     )*};
 }
 trainable!(Ia3Adapter, PromptTuningAdapter, PTuningAdapter, PrefixTuningAdapter, LnTuningAdapter);
-
-
 
 /// The JSON object of an `adapter_config.json` whose `peft_type` must be `peft_type`.
 pub fn config_object<'a>(v: &'a Json, peft_type: &str) -> Result<&'a serde_json::Map<String, Json>> {

@@ -21,9 +21,9 @@ impl Targets {
             None | Some(Json::Null) => None,
             Some(Json::String(s)) if s == "all-linear" => Some(Targets::AllLinear),
             Some(Json::String(s)) => Some(Targets::Regex(s.clone())),
-            Some(Json::Array(a)) => Some(Targets::List(
-                a.iter().map(|x| x.as_str().map(str::to_string).ok_or_else(|| err!(Config, "target_modules entries must be strings"))).collect::<Result<_>>()?,
-            )),
+            Some(Json::Array(a)) => {
+                Some(Targets::List(a.iter().map(|x| x.as_str().map(str::to_string).ok_or_else(|| err!(Config, "target_modules entries must be strings"))).collect::<Result<_>>()?))
+            }
             Some(other) => bail!(Config, "target_modules must be a list or a string, got {other}"),
         })
     }
@@ -108,11 +108,7 @@ impl Matcher {
                 }
                 let found = Self::list_match(l, key);
                 match (&self.layers, found) {
-                    (Some(layers), true) if !layers.is_empty() => self
-                        .layer_re
-                        .captures(key)
-                        .and_then(|c| c[1].parse::<usize>().ok())
-                        .is_some_and(|i| layers.contains(&i)),
+                    (Some(layers), true) if !layers.is_empty() => self.layer_re.captures(key).and_then(|c| c[1].parse::<usize>().ok()).is_some_and(|i| layers.contains(&i)),
                     _ => found,
                 }
             }

@@ -104,7 +104,11 @@ impl Trainer {
             self.nonfinite += 1;
             stats.skipped = true;
             if self.nonfinite >= self.config.max_nonfinite {
-                bail!(Numeric, "loss or gradients were not finite for {} steps in a row (last loss {loss}); stopped, the adapter keeps its last good weights. Lower --lr or check the data", self.nonfinite);
+                bail!(
+                    Numeric,
+                    "loss or gradients were not finite for {} steps in a row (last loss {loss}); stopped, the adapter keeps its last good weights. Lower --lr or check the data",
+                    self.nonfinite
+                );
             }
             log::warn!("step {}: non-finite loss/gradient ({loss}, {grad_norm}); update skipped", stats.step);
             return Ok(stats);

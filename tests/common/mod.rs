@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use webpeft::device::{Compute, DeviceChoice, select};
+use webpeft::io::safetensors::{HostTensor, parse, view_to_f32, view_to_i64};
 use webpeft::io::source::ModelFiles;
 use webpeft::models::hooks::Adapter;
 use webpeft::models::llama::Inputs;
 use webpeft::session::Session;
 use webpeft::tensor::{block_on, ints, read};
-use webpeft::io::safetensors::{HostTensor, parse, view_to_f32, view_to_i64};
 
 pub fn compute() -> Compute {
     let choice = std::env::var("WEBPEFT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());

@@ -9,9 +9,9 @@ use crate::error::{Result, bail, err};
 use crate::io::safetensors::{self as st, HostTensor, OutTensor};
 use crate::models::hooks::{Adapter, Site};
 use crate::models::llama::Llama;
-use crate::peft::{Layout, NamedParam};
 use crate::peft::ia3::Ia3Config;
 use crate::peft::targets::Matcher;
+use crate::peft::{Layout, NamedParam};
 use crate::tensor::{read, upload};
 
 /// One scaling vector, stored [1, d] so it broadcasts over rows.

@@ -31,8 +31,7 @@ impl LnTuningConfig {
         let s = |k: &str| crate::peft::string_field(o, k);
         Ok(LnTuningConfig {
             // peft's default for Llama-family models.
-            target_modules: Targets::from_json(o.get("target_modules"))?
-                .unwrap_or_else(|| Targets::List(vec!["input_layernorm".into(), "post_attention_layernorm".into(), "norm".into()])),
+            target_modules: Targets::from_json(o.get("target_modules"))?.unwrap_or_else(|| Targets::List(vec!["input_layernorm".into(), "post_attention_layernorm".into(), "norm".into()])),
             exclude_modules: Targets::from_json(o.get("exclude_modules"))?,
             task_type: s("task_type"),
             base_model_name_or_path: s("base_model_name_or_path"),

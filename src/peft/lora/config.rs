@@ -149,8 +149,8 @@ impl LoraConfig {
         if !(0.0..1.0).contains(&lora_dropout) {
             bail!(Config, "lora_dropout must be in [0, 1), got {lora_dropout}");
         }
-        let target_modules = Targets::from_json(o.get("target_modules"))?
-            .ok_or_else(|| err!(Config, "target_modules is required (peft's per-architecture default is [\"q_proj\", \"v_proj\"] for Llama)"))?;
+        let target_modules =
+            Targets::from_json(o.get("target_modules"))?.ok_or_else(|| err!(Config, "target_modules is required (peft's per-architecture default is [\"q_proj\", \"v_proj\"] for Llama)"))?;
         let init_lora_weights = match o.get("init_lora_weights") {
             None | Some(Json::Null) | Some(Json::Bool(true)) => InitLora::Default,
             Some(Json::Bool(false)) => InitLora::Off,
@@ -160,7 +160,9 @@ impl LoraConfig {
         let layers_to_transform = match o.get("layers_to_transform") {
             None | Some(Json::Null) => None,
             Some(Json::Number(n)) => Some(vec![n.as_u64().ok_or_else(|| err!(Config, "layers_to_transform"))? as usize]),
-            Some(Json::Array(a)) => Some(a.iter().map(|x| x.as_u64().map(|v| v as usize).ok_or_else(|| err!(Config, "layers_to_transform entries must be integers"))).collect::<Result<_>>()?),
+            Some(Json::Array(a)) => {
+                Some(a.iter().map(|x| x.as_u64().map(|v| v as usize).ok_or_else(|| err!(Config, "layers_to_transform entries must be integers"))).collect::<Result<_>>()?)
+            }
             Some(other) => bail!(Config, "layers_to_transform = {other}"),
         };
         let layers_pattern = match o.get("layers_pattern") {

@@ -167,11 +167,7 @@ impl LoraAdapter {
         let tensors = st::read_all_f32(weights).map_err(|e| e.context("adapter_model.safetensors"))?;
         // Tolerate keys that still carry the adapter name (`lora_A.default.weight`).
         // peft also saves the frozen embedding when LoRA targets it (`base_layer.weight`).
-        let tensors = tensors
-            .into_iter()
-            .filter(|(k, _)| !k.ends_with(".base_layer.weight"))
-            .map(|(k, v)| (k.replace(".default.", ".").replace(".default", ""), v))
-            .collect();
+        let tensors = tensors.into_iter().filter(|(k, _)| !k.ends_with(".base_layer.weight")).map(|(k, v)| (k.replace(".default.", ".").replace(".default", ""), v)).collect();
         let mut a = Self::new(config, model, 0)?;
         load_all_params(&mut a, &tensors)?;
         Ok(a)

@@ -14,8 +14,8 @@ use crate::io::safetensors::{HostTensor, OutTensor};
 use crate::models::config::LlamaConfig;
 use crate::models::hooks::Adapter;
 use crate::models::llama::Llama;
-use crate::peft::reparam::{Activation, Mlp, normal_init};
 use crate::peft::prompt_tuning::model::{KEY, read_prompt_embeddings};
+use crate::peft::reparam::{Activation, Mlp, normal_init};
 use crate::peft::{Layout, NamedParam};
 use crate::tensor::{read, upload};
 

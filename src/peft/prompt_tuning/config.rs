@@ -40,7 +40,11 @@ impl PromptTuningConfig {
             "RANDOM" => PromptInit::Random,
             "SAMPLE_VOCAB" => PromptInit::SampleVocab,
             "TEXT" => PromptInit::Text(
-                o.get("prompt_tuning_init_text").and_then(Json::as_str).filter(|t| !t.is_empty()).ok_or_else(|| err!(Config, "prompt_tuning_init TEXT needs prompt_tuning_init_text"))?.to_string(),
+                o.get("prompt_tuning_init_text")
+                    .and_then(Json::as_str)
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| err!(Config, "prompt_tuning_init TEXT needs prompt_tuning_init_text"))?
+                    .to_string(),
             ),
             other => bail!(Config, "prompt_tuning_init {other:?} (RANDOM, SAMPLE_VOCAB, TEXT)"),
         };

@@ -11,8 +11,8 @@ use crate::error::{Result, bail, err};
 use crate::io::safetensors::{self as st, HostTensor, OutTensor};
 use crate::models::hooks::Adapter;
 use crate::models::llama::Llama;
-use crate::peft::{Layout, NamedParam};
 use crate::peft::prompt_tuning::{PromptInit, PromptTuningConfig};
+use crate::peft::{Layout, NamedParam};
 use crate::tensor::{ints, read, upload};
 use crate::tokenizer::Tokenizer;
 

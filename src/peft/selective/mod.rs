@@ -78,7 +78,12 @@ impl SelectiveAdapter {
         }
         let params: BTreeMap<_, _> = all.into_iter().filter(|(_, n, _)| re.is_match(n)).map(|(t, n, w)| (t, (format!("base_model.model.{n}"), w))).collect();
         if params.is_empty() {
-            bail!(Config, "parameters {:?} matches no parameter of the model (names look like model.layers.0.self_attn.q_proj.weight; this model has {} biases)", config.parameters, if model.config.qkv_bias { "q/k/v" } else { "no" });
+            bail!(
+                Config,
+                "parameters {:?} matches no parameter of the model (names look like model.layers.0.self_attn.q_proj.weight; this model has {} biases)",
+                config.parameters,
+                if model.config.qkv_bias { "q/k/v" } else { "no" }
+            );
         }
         Ok(SelectiveAdapter { config, params })
     }
