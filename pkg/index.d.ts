@@ -73,7 +73,8 @@ export interface StepReport {
 }
 
 export interface GenerateOptions {
-  adapter?: string;
+  /** An adapter, or several applied together. */
+  adapter?: string | string[];
   maxNewTokens?: number;
   /** 0 = greedy. */
   temperature?: number;
@@ -81,13 +82,40 @@ export interface GenerateOptions {
   seed?: number;
   /** Wrap the prompt in the model's chat template. */
   chat?: boolean;
-  onToken?: (id: number) => void;
+  /**
+   * Each generated token with the text it adds ('' while a character is incomplete); the
+   * pieces add up to the result. A last call with id null flushes text still held back.
+   */
+  onToken?: (id: number | null, text: string) => void;
   timeoutMs?: number;
 }
 
 export interface PeftFiles {
   'adapter_config.json': string;
   'adapter_model.safetensors': Uint8Array;
+}
+
+export type Combination =
+  | 'svd' | 'linear' | 'cat' | 'ties' | 'ties_svd' | 'dare_linear' | 'dare_linear_svd'
+  | 'dare_ties' | 'dare_ties_svd' | 'magnitude_prune' | 'magnitude_prune_svd';
+
+export interface CombineOptions {
+  /** Default 'svd'. */
+  combinationType?: Combination;
+  /** Rank of the result for the svd types (default: the largest input rank). */
+  svdRank?: number;
+  /** Quantile at which the SVD factors are clamped. */
+  svdClamp?: number;
+  /** Fraction kept by ties / dare / magnitude_prune. */
+  density?: number;
+  majoritySignMethod?: 'total' | 'frequency';
+  /** Seed of DARE's random pruning. */
+  seed?: number;
+}
+
+export interface Logits {
+  shape: number[];
+  data: Float32Array;
 }
 
 export class Model {
@@ -99,5 +127,12 @@ export class Model {
   saveAdapter(name: string): Promise<PeftFiles>;
   train(examples: Example[], options?: TrainOptions, onStep?: (r: StepReport) => boolean | void): Promise<StepReport[]>;
   generate(prompt: string, options?: GenerateOptions): Promise<string>;
-  logits(ids: ArrayLike<number>, adapter?: string): Promise<{ shape: number[]; data: Float32Array }>;
+  logits(ids: ArrayLike<number>, adapter?: string | string[]): Promise<Logits>;
+  logitsPerRow(rows: ArrayLike<number>[], adapters: (string | null)[]): Promise<Logits>;
+  adapters(): { name: string; method: string }[];
+  deleteAdapter(name: string): Promise<void>;
+  addWeightedAdapter(name: string, adapters: string[], weights: number[], options?: CombineOptions): Promise<void>;
+  mergeAdapter(name: string): Promise<void>;
+  unmergeAdapter(name: string): Promise<void>;
+  exportModel(): Promise<Record<string, string | Uint8Array>>;
 }

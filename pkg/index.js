@@ -157,12 +157,48 @@ export class Model {
     return guard(this.#core.train(examples, opts, onStep), timeoutMs);
   }
 
-  /** Generate text. options: {adapter, maxNewTokens, temperature, topP, seed, chat, onToken, timeoutMs} */
+  /**
+   * Generate text. options: {adapter (a name or a list applied together), maxNewTokens,
+   * temperature, topP, seed, chat, onToken(id, text), timeoutMs}. `onToken` streams each
+   * token with the text it adds.
+   */
   generate(prompt, options = {}) {
     const { onToken, timeoutMs, ...opts } = options;
     return guard(this.#core.generate(prompt, opts, onToken), timeoutMs);
   }
 
-  /** Logits for token ids: `{shape: [1, T, V], data: Float32Array}`. */
+  /** Logits for token ids: `{shape: [1, T, V], data: Float32Array}`; `adapter`: a name, a list applied together, or none. */
   logits(ids, adapter) { return guard(this.#core.logits(Uint32Array.from(ids), adapter)); }
+
+  /**
+   * Logits of several sequences in one batch, each row with its own adapter (`null`: the base
+   * model), like peft's `adapter_names=`: `{shape: [rows, T, V], data}` (short rows padded).
+   */
+  logitsPerRow(rows, adapters) { return guard(this.#core.logitsPerRow(rows.map((r) => Array.from(r)), adapters)); }
+
+  /** The loaded adapters: `[{name, method}]`. */
+  adapters() { return this.#core.adapters(); }
+
+  /** Remove an adapter (the base model stays loaded). */
+  async deleteAdapter(name) { return this.#core.deleteAdapter(name); }
+
+  /**
+   * Combine LoRA adapters into a new one, as peft's `add_weighted_adapter`. options:
+   * {combinationType: 'svd' (default) | 'linear' | 'cat' | 'ties' | 'ties_svd' | 'dare_linear' |
+   * 'dare_linear_svd' | 'dare_ties' | 'dare_ties_svd' | 'magnitude_prune' | 'magnitude_prune_svd',
+   * svdRank, svdClamp, density, majoritySignMethod: 'total' | 'frequency', seed}
+   */
+  addWeightedAdapter(name, adapters, weights, options = {}) {
+    return guard(this.#core.addWeightedAdapter(name, adapters, Float64Array.from(weights), options));
+  }
+
+  /** Fold a LoRA / DoRA / IA3 adapter into the base weights; `unmergeAdapter` restores them exactly. */
+  async mergeAdapter(name) { return this.#core.mergeAdapter(name); }
+  async unmergeAdapter(name) { return this.#core.unmergeAdapter(name); }
+
+  /**
+   * The model, with merged adapters folded in, as a Hugging Face folder that transformers loads:
+   * `{'config.json': string, 'model.safetensors': Uint8Array, 'tokenizer.json': string, ...}`.
+   */
+  exportModel() { return guard(this.#core.exportModel()); }
 }

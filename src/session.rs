@@ -10,11 +10,13 @@ use crate::error::{Result, bail, err};
 use crate::generate::{GenerateOptions, generate};
 use crate::io::gguf::Gguf;
 use crate::io::safetensors::HostTensor;
+use crate::io::safetensors::{OutTensor, read_all_f32};
 use crate::io::source::ModelFiles;
-use crate::models::hooks::{Adapter, Stack};
+use crate::models::hooks::{Adapter, PerRow, Stack};
 use crate::models::llama::{Inputs, Llama};
+use crate::peft::lora::combine::{CombineOptions, Weighted, add_weighted_adapter};
 use crate::peft::lora::{LoraAdapter, LoraConfig};
-use crate::peft::{AnyAdapter, Group, set_trainable};
+use crate::peft::{AnyAdapter, Group, peft_files, set_trainable};
 use crate::tensor::{ints, read};
 use crate::tokenizer::Tokenizer;
 use crate::train::data::{Batch, Batcher, Example, tokenize};
@@ -48,7 +50,19 @@ pub struct TrainOptions {
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        TrainOptions { steps: 10, batch: 1, seq_len: 128, grad_accum: 1, lr: 2e-4, warmup: 0, schedule: Schedule::Constant, weight_decay: 0.0, max_grad_norm: Some(1.0), seed: 0, append_eos: false }
+        TrainOptions {
+            steps: 10,
+            batch: 1,
+            seq_len: 128,
+            grad_accum: 1,
+            lr: 2e-4,
+            warmup: 0,
+            schedule: Schedule::Constant,
+            weight_decay: 0.0,
+            max_grad_norm: Some(1.0),
+            seed: 0,
+            append_eos: false,
+        }
     }
 }
 
@@ -78,7 +92,7 @@ impl Session {
     pub fn load(files: &ModelFiles, compute: Compute) -> Result<Self> {
         let weights = files.load_weights()?;
         let tokenizer = match files {
-            ModelFiles::HfFolder { tokenizer: Some(t), .. } => Tokenizer::from_json(t, None, weights.config.bos_token_id, weights.config.eos_token_id)?,
+            ModelFiles::HfFolder { tokenizer: Some(t), chat_template, .. } => Tokenizer::from_json(t, chat_template.clone(), weights.config.bos_token_id, weights.config.eos_token_id)?,
             ModelFiles::HfFolder { tokenizer: None, .. } => bail!(Io, "tokenizer.json missing from the model folder"),
             ModelFiles::Gguf { bytes, .. } => Tokenizer::from_gguf(&Gguf::parse(bytes)?)?,
         };
@@ -147,6 +161,92 @@ impl Session {
         Ok(())
     }
 
+    /// Drop adapter `name` (the base is untouched).
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        if self.merged.iter().any(|(n, ..)| n == name) {
+            bail!(Config, "adapter {name:?} is merged into the weights: unmerge it first");
+        }
+        self.adapters.remove(name).map(|_| ()).ok_or_else(|| err!(Config, "no adapter named {name:?}"))
+    }
+
+    /// The loaded adapters: (name, method), by name.
+    pub fn adapter_list(&self) -> Vec<(String, &'static str)> {
+        self.adapters.iter().map(|(n, a)| (n.clone(), a.method())).collect()
+    }
+
+    /// A new LoRA adapter `new_name` combining LoRA adapters with weights, as peft's
+    /// `add_weighted_adapter` (see [`crate::peft::lora::combine`]).
+    pub async fn add_weighted_adapter(&mut self, new_name: &str, parts: &[(&str, f64)], o: &CombineOptions) -> Result<()> {
+        if self.adapters.contains_key(new_name) {
+            bail!(Config, "an adapter named {new_name:?} exists already");
+        }
+        let mut files = Vec::new();
+        for (name, _) in parts {
+            let a = self.adapters.get_mut(*name).ok_or_else(|| err!(Config, "no adapter named {name:?}"))?;
+            let AnyAdapter::Lora(l) = a else { bail!(Unsupported, "adapter {name:?} is {}: only LoRA adapters can be combined", a.method()) };
+            let (_, bytes) = l.to_peft().await?;
+            files.push((l.config.clone(), read_all_f32(&bytes)?));
+        }
+        let inputs: Vec<Weighted<'_>> = files.iter().zip(parts).map(|((config, tensors), (_, weight))| Weighted { config, tensors, weight: *weight }).collect();
+        let (config, tensors) = add_weighted_adapter(&inputs, o)?;
+        let out = tensors.into_iter().map(|(k, v)| (k, OutTensor::F32(v))).collect();
+        let (config_json, bytes) = peft_files(config.to_json(), &out)?;
+        let a = AnyAdapter::from_peft(&config_json, &bytes, &self.model)?;
+        self.adapters.insert(new_name.to_string(), a);
+        Ok(())
+    }
+
+    /// The model as a Hugging Face folder (`config.json`, `model.safetensors`,
+    /// `tokenizer.json`, `tokenizer_config.json`), with the merged adapters folded in.
+    pub async fn export_model(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        crate::io::export::hf_folder(&self.model, &self.tokenizer).await
+    }
+
+    /// Logits [rows, T, vocab] of several sequences in one batch, each with its own adapter
+    /// (`None`: the frozen model), like peft's `adapter_names=`. Shorter rows are padded on
+    /// the right; their logits past the end are meaningless.
+    pub async fn logits_per_row(&self, rows: &[Vec<u32>], adapters: &[Option<&str>]) -> Result<HostTensor> {
+        if rows.is_empty() || rows.len() != adapters.len() {
+            bail!(Config, "give one adapter (or none) per row: {} rows, {} adapters", rows.len(), adapters.len());
+        }
+        let v = self.model.config.vocab_size;
+        let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+        if rows.iter().any(Vec::is_empty) {
+            bail!(Data, "an empty row");
+        }
+        if let Some(bad) = rows.iter().flatten().find(|&&i| i as usize >= v) {
+            bail!(Data, "token id {bad} is outside the vocabulary ({v})");
+        }
+        let mut names: Vec<&str> = adapters.iter().flatten().copied().collect();
+        names.sort();
+        names.dedup();
+        let mut parts: Vec<&dyn Adapter> = Vec::new();
+        for n in &names {
+            let a = self.adapter(n)?;
+            let mixable = match a {
+                AnyAdapter::Lora(l) => l.extra.is_none(),
+                AnyAdapter::Ia3(_) | AnyAdapter::Bottleneck(_) => true,
+                _ => false,
+            };
+            if !mixable {
+                bail!(Unsupported, "adapter {n:?} ({}) cannot be mixed per row: only LoRA (without modules_to_save / trained biases), IA3 and bottleneck adapters", a.method());
+            }
+            parts.push(a);
+        }
+        let which: Vec<Option<usize>> = adapters.iter().map(|a| a.map(|n| names.iter().position(|m| *m == n).expect("listed"))).collect();
+        let hook = PerRow::new(parts, &which, t, &self.model.device);
+        let pad = self.tokenizer.eos_id.unwrap_or(0) as i64;
+        let mut ids = Vec::with_capacity(rows.len() * t);
+        let mut mask = Vec::with_capacity(rows.len() * t);
+        for r in rows {
+            ids.extend(r.iter().map(|&i| i as i64).chain(std::iter::repeat_n(pad, t - r.len())));
+            mask.extend(std::iter::repeat_n(1i64, r.len()).chain(std::iter::repeat_n(0, t - r.len())));
+        }
+        let ragged = mask.contains(&0);
+        let inputs = Inputs { ids: ints(ids, [rows.len(), t], &self.model.device), attention_mask: ragged.then_some(mask) };
+        read(self.model.forward(&inputs, &hook, None)?).await
+    }
+
     pub async fn save_adapter(&mut self, name: &str) -> Result<(String, Vec<u8>)> {
         self.adapters.get_mut(name).ok_or_else(|| err!(Config, "no adapter named {name:?}"))?.to_peft().await
     }
@@ -202,7 +302,9 @@ impl Session {
             let mut right = 0usize;
             let mut total = 0usize;
             for e in examples {
-                let Example::PromptCompletion { prompt, completion } = e else { continue };
+                let Example::PromptCompletion { prompt, completion } = e else {
+                    continue;
+                };
                 let rows = choices
                     .iter()
                     .map(|c| tokenize(&self.tokenizer, &Example::PromptCompletion { prompt: prompt.clone(), completion: c.clone() }, false, seq_len))

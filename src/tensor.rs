@@ -6,25 +6,45 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::error::{Result, err};
 use crate::io::safetensors::HostTensor;
 
+thread_local! {
+    static UPLOADED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Bytes this thread has sent host → device through these helpers (every upload in the
+/// crate goes through them): lets tests assert that e.g. switching adapters re-sends nothing
+/// of the base.
+pub fn uploaded_bytes() -> u64 {
+    UPLOADED.with(|u| u.get())
+}
+
+fn count(bytes: usize) {
+    UPLOADED.with(|u| u.set(u.get() + bytes as u64));
+}
+
 pub fn upload<const D: usize>(t: &HostTensor, device: &Device) -> Result<Tensor<D>> {
     if t.shape.len() != D {
         return Err(err!(Shape, "expected a {D}-D tensor, got shape {:?}", t.shape));
     }
+    count(t.data.len() * 4);
     Ok(Tensor::from_data(TensorData::new(t.data.clone(), t.shape.clone()), device))
 }
 
 pub fn floats<const D: usize>(data: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    count(data.len() * 4);
     Tensor::from_data(TensorData::new(data, shape), device)
 }
 
 pub fn ints<const D: usize>(data: Vec<i64>, shape: [usize; D], device: &Device) -> Tensor<D, Int> {
+    count(data.len() * 8);
     Tensor::from_data(TensorData::new(data, shape), device)
 }
 
 /// `table` with row `row` cut out of the autodiff graph (same values, no gradient there).
 pub fn freeze_row(table: Tensor<2>, row: Option<usize>) -> Tensor<2> {
     let [v, _] = table.dims();
-    let Some(row) = row.filter(|&r| r < v) else { return table };
+    let Some(row) = row.filter(|&r| r < v) else {
+        return table;
+    };
     if !table.is_require_grad() && !table.is_tracked() {
         return table;
     }

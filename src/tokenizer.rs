@@ -33,11 +33,7 @@ impl Tokenizer {
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?;
-        let types: Vec<u64> = g
-            .get("tokenizer.ggml.token_type")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
-            .unwrap_or_default();
+        let types: Vec<u64> = g.get("tokenizer.ggml.token_type").and_then(Value::as_array).map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect()).unwrap_or_default();
         let id = |k: &str| g.get(k).and_then(Value::as_u64).map(|v| v as u32);
         let bos_id = id("tokenizer.ggml.bos_token_id");
         let eos_id = id("tokenizer.ggml.eos_token_id");
@@ -113,6 +109,24 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The tokenizer as `tokenizer.json` text (what `tokenizers` and transformers load).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(|e| err!(Format, "tokenizer.json: {e}"))
+    }
+
+    /// The `tokenizer_config.json` transformers needs besides `tokenizer.json`: the special
+    /// tokens and the chat template.
+    pub fn config_json(&self) -> String {
+        let tok = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i)).map_or(serde_json::Value::Null, serde_json::Value::from);
+        let v = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": tok(self.bos_id),
+            "eos_token": tok(self.eos_id),
+            "clean_up_tokenization_spaces": false,
+        });
+        serde_json::to_string_pretty(&v).expect("serialisable")
+    }
+
     pub fn token_to_id(&self, t: &str) -> Option<u32> {
         self.inner.token_to_id(t)
     }
@@ -135,9 +149,7 @@ impl Tokenizer {
             "bos_token": self.token_str(self.bos_id),
             "eos_token": self.token_str(self.eos_id),
         });
-        env.get_template("chat")
-            .and_then(|t| t.render(ctx))
-            .map_err(|e| err!(Data, "chat template: {e}"))
+        env.get_template("chat").and_then(|t| t.render(ctx)).map_err(|e| err!(Data, "chat template: {e}"))
     }
 }
 
@@ -156,7 +168,9 @@ fn pre_tokenizer(pre: Option<&str>) -> Json {
             byte_level(false)]})
     };
     match pre {
-        Some("smollm") => json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        Some("smollm") => {
+            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]})
+        }
         Some("llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx") => split(LLAMA3_SPLIT),
         Some("qwen2" | "deepseek-r1-qwen") => split(QWEN2_SPLIT),
         _ => byte_level(true),

@@ -17,6 +17,7 @@ use crate::device::{Compute, init_webgpu, self_check};
 use crate::error::{Error, ErrorCode, Result, err};
 use crate::generate::GenerateOptions;
 use crate::io::source::ModelFiles;
+use crate::peft::lora::combine::{Combination, CombineOptions, SignMethod};
 use crate::session::{Session, TrainOptions};
 use crate::train::Schedule;
 use crate::train::data::Example;
@@ -148,20 +149,37 @@ fn files_of(files: &JsValue) -> Result<BTreeMap<String, Vec<u8>>> {
 /// Options objects go through JSON so that unknown keys are refused (serde-wasm-bindgen
 /// only looks up the fields it knows).
 fn from_js<T: for<'de> Deserialize<'de>>(v: JsValue, what: &str) -> Result<T> {
-    let text = if v.is_undefined() || v.is_null() {
-        "{}".to_string()
-    } else {
-        js_sys::JSON::stringify(&v).map(String::from).map_err(|_| err!(Config, "{what}: not a plain object"))?
-    };
+    let text = if v.is_undefined() || v.is_null() { "{}".to_string() } else { js_sys::JSON::stringify(&v).map(String::from).map_err(|_| err!(Config, "{what}: not a plain object"))? };
     serde_json::from_str(&text).map_err(|e| err!(Config, "{what}: {e}"))
 }
 
-/// One adapter name, or several trained together.
+/// One adapter name, or several (trained or applied together).
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Names {
     One(String),
     Many(Vec<String>),
+}
+
+impl Names {
+    fn list(o: Option<Names>) -> Vec<String> {
+        match o {
+            None => vec![],
+            Some(Names::One(n)) => vec![n],
+            Some(Names::Many(v)) => v,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+struct JsCombineOptions {
+    combination_type: Option<String>,
+    svd_rank: Option<usize>,
+    svd_clamp: Option<f64>,
+    density: Option<f64>,
+    majority_sign_method: Option<String>,
+    seed: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -184,12 +202,32 @@ struct JsTrainOptions {
 #[derive(Deserialize, Default)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 struct JsGenerateOptions {
-    adapter: Option<String>,
+    adapter: Option<Names>,
     max_new_tokens: Option<usize>,
     temperature: Option<f64>,
     top_p: Option<f64>,
     seed: Option<u64>,
     chat: Option<bool>,
+}
+
+/// An optional value (undefined / null = None).
+fn from_js_opt<T: for<'de> Deserialize<'de>>(v: JsValue, what: &str) -> Result<Option<T>> {
+    if v.is_undefined() || v.is_null() {
+        return Ok(None);
+    }
+    serde_wasm_bindgen::from_value(v).map(Some).map_err(|e| err!(Config, "{what}: {e}"))
+}
+
+/// `{ shape, data: Float32Array }`.
+fn tensor_js(t: &crate::io::safetensors::HostTensor) -> JsValue {
+    let o = Object::new();
+    let shape = Array::new();
+    t.shape.iter().for_each(|&d| {
+        shape.push(&(d as u32).into());
+    });
+    set(&o, "shape", shape);
+    set(&o, "data", js_sys::Float32Array::from(&t.data[..]));
+    o.into()
 }
 
 fn examples_of(v: JsValue) -> Result<Vec<Example>> {
@@ -371,8 +409,10 @@ impl Model {
         })
     }
 
-    /// Generate text after `prompt`. Options: adapter, maxNewTokens, temperature (0 =
-    /// greedy), topP, seed, chat (wrap in the chat template). `onToken(id)` streams tokens.
+    /// Generate text after `prompt`. Options: adapter (a name or a list applied together),
+    /// maxNewTokens, temperature (0 = greedy), topP, seed, chat (wrap in the chat template).
+    /// `onToken(id, text)` streams each token with the text it adds (a last call with id null
+    /// flushes text held back at an incomplete character).
     pub fn generate(&self, prompt: String, options: JsValue, on_token: Option<Function>) -> Promise {
         let s = self.session();
         promise(async move {
@@ -386,30 +426,147 @@ impl Model {
                 stop: None,
             };
             let sess = s.try_borrow().map_err(|_| busy())?;
+            let names = Names::list(o.adapter);
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            // Stream text as well as ids: decode everything so far and pass on what is new. A
+            // token may end inside a UTF-8 character (shown as U+FFFD): that text waits for the
+            // next token, and whatever is still held at the end comes in a last call with id null.
+            let mut ids = Vec::new();
+            let mut shown = 0usize;
             let text = sess
-                .generate(&prompt, o.chat.unwrap_or(false), &g, &o.adapter.as_deref().into_iter().collect::<Vec<_>>(), |t| {
+                .generate(&prompt, o.chat.unwrap_or(false), &g, &names, |t| {
+                    ids.push(t);
                     if let Some(f) = &on_token {
-                        let _ = f.call1(&JsValue::NULL, &t.into());
+                        let full = sess.tokenizer.decode(&ids, true).unwrap_or_default();
+                        let piece = if full.len() >= shown && full.is_char_boundary(shown) && !full.ends_with('\u{FFFD}') {
+                            let p = full[shown..].to_string();
+                            shown = full.len();
+                            p
+                        } else {
+                            String::new()
+                        };
+                        let _ = f.call2(&JsValue::NULL, &t.into(), &piece.into());
                     }
                 })
                 .await?;
+            if let Some(f) = &on_token
+                && text.len() > shown
+                && text.is_char_boundary(shown)
+            {
+                let _ = f.call2(&JsValue::NULL, &JsValue::NULL, &text[shown..].into());
+            }
             Ok(JsValue::from(text))
         })
     }
 
     /// Logits of token ids: resolves to `{ shape: [1, T, V], data: Float32Array }`.
-    pub fn logits(&self, ids: Vec<u32>, adapter: Option<String>) -> Promise {
+    /// `adapter`: a name, a list applied together, or nothing (the base model).
+    pub fn logits(&self, ids: Vec<u32>, adapter: JsValue) -> Promise {
         let s = self.session();
         promise(async move {
+            let names = Names::list(from_js_opt(adapter, "adapter")?);
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
             let sess = s.try_borrow().map_err(|_| busy())?;
-            let t = sess.logits(&ids, &adapter.as_deref().into_iter().collect::<Vec<_>>()).await?;
+            Ok(tensor_js(&sess.logits(&ids, &names).await?))
+        })
+    }
+
+    /// Logits of several sequences in one batch, each with its own adapter (`null`: the
+    /// base), like peft's `adapter_names=`: resolves to `{ shape: [rows, T, V], data }`.
+    #[wasm_bindgen(js_name = logitsPerRow)]
+    pub fn logits_per_row(&self, rows: JsValue, adapters: JsValue) -> Promise {
+        let s = self.session();
+        promise(async move {
+            let rows: Vec<Vec<u32>> = serde_wasm_bindgen::from_value(rows).map_err(|e| err!(Data, "rows: {e}"))?;
+            let adapters: Vec<Option<String>> = serde_wasm_bindgen::from_value(adapters).map_err(|e| err!(Config, "adapters: {e}"))?;
+            let adapters: Vec<Option<&str>> = adapters.iter().map(Option::as_deref).collect();
+            let sess = s.try_borrow().map_err(|_| busy())?;
+            Ok(tensor_js(&sess.logits_per_row(&rows, &adapters).await?))
+        })
+    }
+
+    /// The loaded adapters: `[{ name, method }]`.
+    pub fn adapters(&self) -> std::result::Result<Array, JsValue> {
+        let s = self.inner.try_borrow().map_err(|_| js_error(&busy()))?;
+        let out = Array::new();
+        for (name, method) in s.adapter_list() {
             let o = Object::new();
-            let shape = Array::new();
-            t.shape.iter().for_each(|&d| {
-                shape.push(&(d as u32).into());
-            });
-            set(&o, "shape", shape);
-            set(&o, "data", js_sys::Float32Array::from(&t.data[..]));
+            set(&o, "name", name);
+            set(&o, "method", method);
+            out.push(&o);
+        }
+        Ok(out)
+    }
+
+    /// Remove an adapter; the base model stays loaded.
+    #[wasm_bindgen(js_name = deleteAdapter)]
+    pub fn delete_adapter(&self, name: String) -> std::result::Result<(), JsValue> {
+        let mut s = self.inner.try_borrow_mut().map_err(|_| js_error(&busy()))?;
+        s.delete_adapter(&name).map_err(|e| js_error(&e))
+    }
+
+    /// A new LoRA adapter combining LoRA `adapters` with `weights`, as peft's
+    /// `add_weighted_adapter`. Options: combinationType (svd, linear, cat, ties, ties_svd,
+    /// dare_linear, dare_linear_svd, dare_ties, dare_ties_svd, magnitude_prune,
+    /// magnitude_prune_svd; default svd), svdRank, svdClamp, density, majoritySignMethod
+    /// ("total" | "frequency"), seed.
+    #[wasm_bindgen(js_name = addWeightedAdapter)]
+    pub fn add_weighted_adapter(&self, name: String, adapters: Vec<String>, weights: Vec<f64>, options: JsValue) -> Promise {
+        let s = self.session();
+        promise(async move {
+            if adapters.len() != weights.len() {
+                return Err(err!(Config, "{} adapters but {} weights", adapters.len(), weights.len()));
+            }
+            let o: JsCombineOptions = from_js(options, "combine options")?;
+            let opts = CombineOptions {
+                combination: Combination::parse(o.combination_type.as_deref().unwrap_or("svd"))?,
+                svd_rank: o.svd_rank,
+                svd_clamp: o.svd_clamp,
+                density: o.density,
+                majority_sign: match o.majority_sign_method.as_deref() {
+                    None | Some("total") => SignMethod::Total,
+                    Some("frequency") => SignMethod::Frequency,
+                    Some(other) => {
+                        return Err(err!(Config, "majoritySignMethod {other:?} (total, frequency)"));
+                    }
+                },
+                seed: o.seed.unwrap_or(0),
+            };
+            let parts: Vec<(&str, f64)> = adapters.iter().map(String::as_str).zip(weights).collect();
+            s.try_borrow_mut().map_err(|_| busy())?.add_weighted_adapter(&name, &parts, &opts).await?;
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// Fold a LoRA / DoRA / IA3 adapter into the base weights (then the base alone computes
+    /// base + adapter); `unmergeAdapter` restores the original weights exactly.
+    #[wasm_bindgen(js_name = mergeAdapter)]
+    pub fn merge_adapter(&self, name: String) -> std::result::Result<(), JsValue> {
+        let mut s = self.inner.try_borrow_mut().map_err(|_| js_error(&busy()))?;
+        s.merge_adapter(&name).map_err(|e| js_error(&e))
+    }
+
+    #[wasm_bindgen(js_name = unmergeAdapter)]
+    pub fn unmerge_adapter(&self, name: String) -> std::result::Result<(), JsValue> {
+        let mut s = self.inner.try_borrow_mut().map_err(|_| js_error(&busy()))?;
+        s.unmerge_adapter(&name).map_err(|e| js_error(&e))
+    }
+
+    /// The model (with merged adapters folded in) as a Hugging Face folder:
+    /// `{ "config.json": string, "model.safetensors": Uint8Array, "tokenizer.json": string, ... }`.
+    #[wasm_bindgen(js_name = exportModel)]
+    pub fn export_model(&self) -> Promise {
+        let s = self.session();
+        promise(async move {
+            let files = s.try_borrow().map_err(|_| busy())?.export_model().await?;
+            let o = Object::new();
+            for (name, bytes) in files {
+                if name.ends_with(".safetensors") {
+                    set(&o, &name, Uint8Array::from(&bytes[..]));
+                } else {
+                    set(&o, &name, String::from_utf8(bytes).map_err(|_| err!(Format, "{name} is not UTF-8"))?);
+                }
+            }
             Ok(JsValue::from(o))
         })
     }

@@ -225,3 +225,37 @@ fn bitfit_trains_the_biases_of_a_model_that_has_them() {
     assert!(!saved.is_empty() && saved.keys().all(|k| k.ends_with(".bias")), "{:?}", saved.keys().collect::<Vec<_>>());
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+fn logits_file(p: &std::path::Path) -> Vec<f32> {
+    let bytes = std::fs::read(p).unwrap();
+    let st = parse(&bytes).unwrap();
+    view_to_f32("logits", &st.tensor("logits").unwrap()).unwrap().data
+}
+
+#[test]
+fn combine_and_export_merged() {
+    let tmp = std::env::temp_dir().join(format!("webpeft-cli-combine-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let model = fixture("tiny-llama");
+    let m = model.to_str().unwrap();
+    let (x, y) = (fixture("tiny-combine/x"), fixture("tiny-combine/y"));
+    let out = tmp.join("cat");
+    let (ok, _, stderr) = webpeft(&["combine", "--model", m, "--adapter", x.to_str().unwrap(), "--adapter", y.to_str().unwrap(), "--weights", "0.7,-0.4", "--combination", "cat", "--out", out.to_str().unwrap()]);
+    assert!(ok, "combine failed: {stderr}");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(8), Some(8.0)));
+    // Its logits (through `logits --adapter`) are peft's, and merged + exported they stay so.
+    let text = "Beautiful is better than ugly.";
+    let (with, merged) = (tmp.join("with.safetensors"), tmp.join("merged.safetensors"));
+    let (ok, _, stderr) = webpeft(&["logits", "--model", m, "--adapter", out.to_str().unwrap(), "--text", text, "--out", with.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let folder = tmp.join("exported");
+    let (ok, _, stderr) = webpeft(&["export", "--model", m, "--adapter", out.to_str().unwrap(), "--out", folder.to_str().unwrap()]);
+    assert!(ok, "export failed: {stderr}");
+    let (ok, _, stderr) = webpeft(&["logits", "--model", folder.to_str().unwrap(), "--text", text, "--out", merged.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert_close("exported merged model vs model + combined adapter", &logits_file(&merged), &logits_file(&with), 1e-4);
+    let (ok, _, stderr) = webpeft(&["combine", "--model", m, "--adapter", x.to_str().unwrap(), "--weights", "1,2", "--out", out.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("1 adapters but 2 weights"), "{stderr}");
+    std::fs::remove_dir_all(&tmp).ok();
+}

@@ -40,6 +40,33 @@ fn tiny_llama_logits_match_transformers() {
 }
 
 #[test]
+fn tiny_qwen2_logits_match_transformers() {
+    // Qwen2: biases on q/k/v (none on o_proj), rope_theta 1e6 under rope_parameters; the tied
+    // variant also has linear RoPE scaling; plus a peft LoRA on q/k/v.
+    for (dir, adapter) in [("tiny-qwen2", Some("tiny-qwen2/lora")), ("tiny-qwen2-tied", None)] {
+        let mut s = tiny(dir);
+        assert_eq!(s.model.config.model_type, "qwen2");
+        assert!(s.model.config.qkv_bias && !s.model.config.o_bias);
+        let fx = load(&format!("{dir}/expected.safetensors"));
+        let got = logits(&s.model, &fx.i64["input_ids"], None);
+        assert_close(&format!("{dir} logits"), &got, &fx.f32["logits"].data, 1e-4);
+        if let Some(a) = adapter {
+            load_dir(&mut s, "lora", a);
+            let want = load(&format!("{a}/expected.safetensors"));
+            assert_close(&format!("{dir} + peft LoRA"), &logits_with_ids(&s, "lora", &want.i64["input_ids"]), &want.f32["logits"].data, 1e-4);
+        }
+    }
+    let cfg = std::fs::read_to_string(fixture("tiny-qwen2/config.json")).unwrap();
+    let e = webpeft::models::config::LlamaConfig::from_json(&cfg.replace("\"use_sliding_window\": false", "\"use_sliding_window\": true")).unwrap_err();
+    assert!(e.message.contains("sliding"), "{e}");
+}
+
+fn logits_with_ids(s: &Session, adapter: &str, ids: &(Vec<usize>, Vec<i64>)) -> Vec<f32> {
+    let inputs = Inputs { ids: ints(ids.1.clone(), [ids.0[0], ids.0[1]], &s.model.device), attention_mask: None };
+    block_on(read(s.model.forward(&inputs, &s.adapters[adapter], None).unwrap())).unwrap().data
+}
+
+#[test]
 fn tiny_gguf_all_types_match_transformers() {
     let fx = load("tiny-gguf/logits.safetensors");
     let ids = &fx.i64["input_ids"];

@@ -1,4 +1,4 @@
-//! The native command line: `webpeft logits | train | generate | bench`.
+//! The native command line: `webpeft logits | train | generate | eval | export | combine | bench`.
 //! Every subcommand exits non-zero with a one-line reason on bad input.
 
 use std::collections::BTreeMap;
@@ -189,7 +189,12 @@ impl MethodArgs {
                 };
                 serde_json::json!({"peft_type": "SELECTIVE", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "parameters": parameters})
             }
-            other => return Err(Error::new(ErrorCode::Unsupported, format!("--method {other}: supported are lora, dora, ia3, prompt-tuning, p-tuning, prefix-tuning, ln-tuning, adapter, parallel-adapter, bitfit, full, selective"))),
+            other => {
+                return Err(Error::new(
+                    ErrorCode::Unsupported,
+                    format!("--method {other}: supported are lora, dora, ia3, prompt-tuning, p-tuning, prefix-tuning, ln-tuning, adapter, parallel-adapter, bitfit, full, selective"),
+                ));
+            }
         })
     }
 }
@@ -291,6 +296,46 @@ enum Cmd {
         #[arg(long)]
         choices: Option<String>,
     },
+    /// Merge PEFT adapter(s) into the model and write it as a Hugging Face folder
+    /// (config.json, model.safetensors, tokenizer files) that transformers loads.
+    Export {
+        #[command(flatten)]
+        common: Common,
+        /// PEFT folder(s) to merge first (LoRA, DoRA, IA3), in order; none: export as is.
+        #[arg(long)]
+        adapter: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Combine LoRA adapters into a new one with peft's add_weighted_adapter semantics.
+    Combine {
+        #[command(flatten)]
+        common: Common,
+        /// PEFT folders to combine (repeat).
+        #[arg(long, required = true)]
+        adapter: Vec<PathBuf>,
+        /// One weight per adapter, comma-separated (e.g. 0.7,0.3).
+        #[arg(long, value_delimiter = ',', required = true)]
+        weights: Vec<f64>,
+        /// svd | linear | cat | ties | ties_svd | dare_linear | dare_linear_svd | dare_ties |
+        /// dare_ties_svd | magnitude_prune | magnitude_prune_svd
+        #[arg(long, default_value = "svd")]
+        combination: String,
+        #[arg(long)]
+        svd_rank: Option<usize>,
+        #[arg(long)]
+        svd_clamp: Option<f64>,
+        #[arg(long)]
+        density: Option<f64>,
+        /// total | frequency (TIES sign election)
+        #[arg(long, default_value = "total")]
+        majority_sign_method: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output PEFT folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Time training, forward and generation; print one JSON object.
     Bench {
         #[command(flatten)]
@@ -372,6 +417,53 @@ fn run(cli: Cli) -> Result<()> {
             std::fs::write(&out, st::write(&m, None)?)?;
             eprintln!("wrote {} tokens of logits to {}", ids.len(), out.display());
         }
+        Cmd::Export { common, adapter, out } => {
+            let mut s = open(&common)?;
+            for (i, d) in adapter.iter().enumerate() {
+                let name = format!("merge{i}");
+                load_adapter_dir(&mut s, &name, d)?;
+                s.merge_adapter(&name).map_err(|e| e.context(d.display()))?;
+            }
+            let files = block_on(s.export_model())?;
+            std::fs::create_dir_all(&out)?;
+            for (name, bytes) in files {
+                let tmp = out.join(format!(".{name}.tmp"));
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(&tmp, out.join(&name))?;
+            }
+            eprintln!("wrote the model with {} merged adapter(s) to {}", adapter.len(), out.display());
+        }
+        Cmd::Combine { common, adapter, weights, combination, svd_rank, svd_clamp, density, majority_sign_method, seed, out } => {
+            use webpeft::peft::lora::combine::{Combination, CombineOptions, SignMethod};
+            if adapter.len() != weights.len() {
+                return Err(Error::new(ErrorCode::Config, format!("{} adapters but {} weights", adapter.len(), weights.len())));
+            }
+            let o = CombineOptions {
+                combination: Combination::parse(&combination)?,
+                svd_rank,
+                svd_clamp,
+                density,
+                majority_sign: match majority_sign_method.as_str() {
+                    "total" => SignMethod::Total,
+                    "frequency" => SignMethod::Frequency,
+                    other => {
+                        return Err(Error::new(ErrorCode::Config, format!("--majority-sign-method {other:?} (total, frequency)")));
+                    }
+                },
+                seed,
+            };
+            let mut s = open(&common)?;
+            let names: Vec<String> = (0..adapter.len()).map(|i| format!("in{i}")).collect();
+            for (n, d) in names.iter().zip(&adapter) {
+                load_adapter_dir(&mut s, n, d)?;
+            }
+            let parts: Vec<(&str, f64)> = names.iter().map(String::as_str).zip(weights).collect();
+            let t0 = Instant::now();
+            block_on(s.add_weighted_adapter("default", &parts, &o))?;
+            eprintln!("combined {} adapters ({combination}) in {:.2} s", adapter.len(), t0.elapsed().as_secs_f64());
+            write_adapter(&mut s, "default", &out)?;
+            eprintln!("wrote {}", out.display());
+        }
         Cmd::Train { common, data, out, init_adapter, config, method, steps, lr, batch, seq_len, grad_accum, warmup, schedule, weight_decay, max_grad_norm, seed, append_eos } => {
             let examples = parse_examples(&read_text(&data)?).map_err(|e| e.context(data.display()))?;
             let opts = TrainOptions {
@@ -390,7 +482,9 @@ fn run(cli: Cli) -> Result<()> {
             let mut s = open(&common)?;
             block_on(device::self_check(&s.compute.device))?;
             let names = match (&init_adapter, &config) {
-                (Some(_), Some(_)) => return Err(Error::new(ErrorCode::Config, "give --init-adapter or --config, not both")),
+                (Some(_), Some(_)) => {
+                    return Err(Error::new(ErrorCode::Config, "give --init-adapter or --config, not both"));
+                }
                 (Some(d), None) => load_adapters(&mut s, d)?,
                 (None, Some(c)) => {
                     let v: serde_json::Value = serde_json::from_str(&read_text(c)?).map_err(|e| Error::new(ErrorCode::Parse, format!("{}: {e}", c.display())))?;

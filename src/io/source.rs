@@ -12,7 +12,7 @@ use crate::models::config::LlamaConfig;
 /// The files of a model, as bytes.
 pub enum ModelFiles {
     /// A Hugging Face folder: `config.json`, one or more safetensors shards, `tokenizer.json`.
-    HfFolder { config: String, shards: Vec<(String, Vec<u8>)>, tokenizer: Option<String> },
+    HfFolder { config: String, shards: Vec<(String, Vec<u8>)>, tokenizer: Option<String>, chat_template: Option<String> },
     /// A GGUF file (weights, config and tokenizer in one).
     Gguf { name: String, bytes: Vec<u8> },
 }
@@ -32,6 +32,17 @@ impl ModelFiles {
         };
         let config = text(&mut files, "config.json")?.ok_or_else(|| err!(Io, "model files: config.json missing (or give a .gguf file)"))?;
         let tokenizer = text(&mut files, "tokenizer.json")?;
+        // transformers 5 saves the template as chat_template.jinja; older folders keep it in
+        // tokenizer_config.json.
+        let chat_template = match text(&mut files, "chat_template.jinja")? {
+            Some(t) => Some(t),
+            None => match text(&mut files, "tokenizer_config.json")? {
+                Some(c) => {
+                    serde_json::from_str::<serde_json::Value>(&c).map_err(|e| err!(Parse, "tokenizer_config.json: {e}"))?.get("chat_template").and_then(|t| t.as_str()).map(str::to_string)
+                }
+                None => None,
+            },
+        };
         let shards = if let Some(index) = text(&mut files, "model.safetensors.index.json")? {
             let names = shard_names(&index)?;
             names
@@ -45,7 +56,7 @@ impl ModelFiles {
             let b = files.remove("model.safetensors").ok_or_else(|| err!(Io, "model files: model.safetensors (or model.safetensors.index.json) missing"))?;
             vec![("model.safetensors".to_string(), b)]
         };
-        Ok(ModelFiles::HfFolder { config, shards, tokenizer })
+        Ok(ModelFiles::HfFolder { config, shards, tokenizer, chat_template })
     }
 
     /// Read a Hugging Face folder or a .gguf file from disk.
@@ -61,7 +72,7 @@ impl ModelFiles {
             bail!(Io, "{}: no such file or folder", path.display());
         }
         let mut files = BTreeMap::new();
-        for n in ["config.json", "tokenizer.json", "model.safetensors", "model.safetensors.index.json"] {
+        for n in ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "model.safetensors", "model.safetensors.index.json"] {
             let p = path.join(n);
             if p.is_file() {
                 files.insert(n.to_string(), read(&p)?);

@@ -11,9 +11,16 @@ use crate::io::gguf::Gguf;
 pub enum RopeScaling {
     None,
     /// Position interpolation: frequencies divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.x scaling.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +69,7 @@ struct RawConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
+    use_sliding_window: Option<bool>,
     bos_token_id: Option<Json>,
     eos_token_id: Option<Json>,
     pad_token_id: Option<Json>,
@@ -76,7 +84,9 @@ fn first_id(v: &Option<Json>) -> Option<u32> {
 }
 
 fn parse_rope_scaling(v: Option<&Json>) -> Result<RopeScaling> {
-    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(RopeScaling::None) };
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(RopeScaling::None);
+    };
     let ty = v.get("rope_type").or_else(|| v.get("type")).and_then(Json::as_str).unwrap_or("default");
     let num = |k: &str| v.get(k).and_then(Json::as_f64).ok_or_else(|| err!(Config, "rope_scaling.{k} missing"));
     Ok(match ty {
@@ -118,6 +128,9 @@ impl LlamaConfig {
         let rope_theta = raw.rope_theta.or_else(|| rp.and_then(|p| p.get("rope_theta")).and_then(Json::as_f64)).unwrap_or(10000.0);
         let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref().or(rp))?;
         let is_qwen2 = model_type == "qwen2";
+        if raw.use_sliding_window == Some(true) {
+            bail!(Unsupported, "config.json: use_sliding_window = true (sliding-window attention) is not supported");
+        }
         let attention_bias = raw.attention_bias.unwrap_or(false);
         Ok(LlamaConfig {
             vocab_size: raw.vocab_size,
@@ -131,7 +144,7 @@ impl LlamaConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(!is_qwen2 && false),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: is_qwen2 || attention_bias,
             o_bias: attention_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
@@ -152,11 +165,7 @@ impl LlamaConfig {
         let hidden = g.get_u64(&k("embedding_length"))? as usize;
         let heads = g.get_u64(&k("attention.head_count"))? as usize;
         let kv = g.get(&k("attention.head_count_kv")).and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(heads);
-        let (vocab_rows, _) = g
-            .tensors
-            .get("token_embd.weight")
-            .map(|t| (t.shape[0], t.shape[1]))
-            .ok_or_else(|| err!(Format, "GGUF has no token_embd.weight"))?;
+        let (vocab_rows, _) = g.tensors.get("token_embd.weight").map(|t| (t.shape[0], t.shape[1])).ok_or_else(|| err!(Format, "GGUF has no token_embd.weight"))?;
         let head_dim = g.get(&k("attention.key_length")).and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(hidden / heads.max(1));
         if heads == 0 || kv == 0 || heads % kv != 0 {
             bail!(Format, "GGUF: bad head counts {heads}/{kv}");

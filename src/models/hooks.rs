@@ -170,3 +170,49 @@ impl Adapter for Stack<'_> {
         Some(it.fold(first, |acc, more| acc.into_iter().zip(more).map(|((k1, v1), (k2, v2))| (Tensor::cat(vec![k1, k2], 2), Tensor::cat(vec![v1, v2], 2))).collect()))
     }
 }
+
+/// Different adapters for different rows of one batch (peft's `adapter_names=`): row `b`
+/// gets adapter `rows[b]` (or none). Each adapter's change is masked to its own rows, so
+/// one forward pass serves every row. Only methods that change values in place (LoRA, IA3,
+/// bottleneck adapters, embedding LoRA) can be mixed; the caller checks that.
+pub struct PerRow<'a> {
+    /// (adapter, mask [batch * seq, 1] with 1 on its rows)
+    parts: Vec<(&'a dyn Adapter, Tensor<2>)>,
+}
+
+impl<'a> PerRow<'a> {
+    /// `rows[b]` indexes `adapters` (None: the frozen model) for a batch of `rows.len()`
+    /// sequences of `seq` tokens.
+    pub fn new(adapters: Vec<&'a dyn Adapter>, rows: &[Option<usize>], seq: usize, device: &burn::tensor::Device) -> Self {
+        let parts = adapters
+            .into_iter()
+            .enumerate()
+            .filter(|(k, _)| rows.contains(&Some(*k)))
+            .map(|(k, a)| {
+                let mask: Vec<f32> = rows.iter().flat_map(|r| std::iter::repeat_n(if *r == Some(k) { 1.0 } else { 0.0 }, seq)).collect();
+                (a, crate::tensor::floats(mask, [rows.len() * seq, 1], device))
+            })
+            .collect();
+        PerRow { parts }
+    }
+
+    /// `base` where no adapter applies, each adapter's `f(base)` on its rows.
+    fn mix(&self, base: Tensor<2>, f: impl Fn(&dyn Adapter, Tensor<2>) -> Tensor<2>) -> Tensor<2> {
+        self.parts.iter().fold(base.clone(), |acc, (a, m)| acc + (f(*a, base.clone()) - base.clone()) * m.clone())
+    }
+}
+
+impl Adapter for PerRow<'_> {
+    fn linear_input(&self, site: Site, x: Tensor<2>) -> Tensor<2> {
+        self.mix(x, |a, x| a.linear_input(site, x))
+    }
+    fn linear_output(&self, site: Site, x: &Tensor<2>, y: Tensor<2>) -> Tensor<2> {
+        self.mix(y, |a, y| a.linear_output(site, x, y))
+    }
+    fn sublayer_output(&self, layer: usize, which: Sublayer, normed: &Tensor<2>, out: Tensor<2>) -> Tensor<2> {
+        self.mix(out, |a, o| a.sublayer_output(layer, which, normed, o))
+    }
+    fn embed_output(&self, ids: &Tensor<1, Int>, x: Tensor<2>) -> Tensor<2> {
+        self.mix(x, |a, x| a.embed_output(ids, x))
+    }
+}

@@ -1,6 +1,7 @@
 //! LoRA (Hu et al. 2021) with peft's semantics: `y = x W + s * (dropout(x) A) B`, computed
 //! without materialising `W + s A B`, so autodiff only ever sees rank-r tensors.
 
+pub mod combine;
 pub mod config;
 pub mod layer;
 pub mod model;
