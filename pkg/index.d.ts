@@ -70,6 +70,8 @@ export interface StepReport {
   epoch: number;
   skipped: boolean;
   memoryInUse?: number;
+  /** Multi-task training (`trainTasks`): each task's mean loss in this step (NaN if it had no row). */
+  taskLosses?: Record<string, number>;
 }
 
 export interface GenerateOptions {
@@ -126,6 +128,7 @@ export class Model {
   loadAdapter(name: string, files: PeftFiles | Record<string, Uint8Array | ArrayBuffer | Blob | string>): Promise<void>;
   saveAdapter(name: string): Promise<PeftFiles>;
   train(examples: Example[], options?: TrainOptions, onStep?: (r: StepReport) => boolean | void): Promise<StepReport[]>;
+  trainTasks(tasks: Record<string, Example[]>, options?: Omit<TrainOptions, 'adapter'>, onStep?: (r: StepReport) => boolean | void): Promise<StepReport[]>;
   generate(prompt: string, options?: GenerateOptions): Promise<string>;
   logits(ids: ArrayLike<number>, adapter?: string | string[]): Promise<Logits>;
   logitsPerRow(rows: ArrayLike<number>[], adapters: (string | null)[]): Promise<Logits>;

@@ -158,6 +158,18 @@ export class Model {
   }
 
   /**
+   * Multi-task training: `tasks` = `{adapterName: examples}`; the adapters (LoRA, IA3 or
+   * bottleneck, added beforehand) train together over the shared base, every batch mixing the
+   * tasks' rows, each routed to its own adapter. Reports add `taskLosses: {name: loss}`.
+   * `options` as `train` (without `adapter`).
+   */
+  trainTasks(tasks, options = {}, onStep) {
+    const { timeoutMs, ...opts } = options;
+    if (opts.seed !== undefined) opts.seed = Number(opts.seed);
+    return guard(this.#core.trainTasks(tasks, opts, onStep), timeoutMs);
+  }
+
+  /**
    * Generate text. options: {adapter (a name or a list applied together), maxNewTokens,
    * temperature, topP, seed, chat, onToken(id, text), timeoutMs}. `onToken` streams each
    * token with the text it adds.

@@ -16,7 +16,7 @@ use crate::models::hooks::{Adapter, PerRow, Stack};
 use crate::models::llama::{Inputs, Llama};
 use crate::peft::lora::combine::{CombineOptions, Weighted, add_weighted_adapter};
 use crate::peft::lora::{LoraAdapter, LoraConfig};
-use crate::peft::{AnyAdapter, Group, peft_files, set_trainable};
+use crate::peft::{AnyAdapter, Group, MultiTask, Trainable, peft_files, set_trainable};
 use crate::tensor::{ints, read};
 use crate::tokenizer::Tokenizer;
 use crate::train::data::{Batch, Batcher, Example, tokenize};
@@ -85,6 +85,8 @@ pub struct StepReport {
     pub epoch: usize,
     /// Device memory in use after the step (bytes), when the backend reports it.
     pub memory_in_use: Option<u64>,
+    /// Multi-task training: the adapter of each entry of `stats.task_losses`.
+    pub task_names: Vec<String>,
 }
 
 impl Session {
@@ -223,12 +225,7 @@ impl Session {
         let mut parts: Vec<&dyn Adapter> = Vec::new();
         for n in &names {
             let a = self.adapter(n)?;
-            let mixable = match a {
-                AnyAdapter::Lora(l) => l.extra.is_none(),
-                AnyAdapter::Ia3(_) | AnyAdapter::Bottleneck(_) => true,
-                _ => false,
-            };
-            if !mixable {
+            if !a.mixable() {
                 bail!(Unsupported, "adapter {n:?} ({}) cannot be mixed per row: only LoRA (without modules_to_save / trained biases), IA3 and bottleneck adapters", a.method());
             }
             parts.push(a);
@@ -333,58 +330,108 @@ impl Session {
 
     /// Train several adapters at once (a hybrid of methods): they are applied together and
     /// their parameters share one optimizer.
-    pub async fn train_together(&mut self, names: &[&str], examples: &[Example], o: &TrainOptions, mut on_step: impl FnMut(&StepReport) -> bool) -> Result<Vec<StepReport>> {
-        if o.steps == 0 || o.batch == 0 || o.grad_accum == 0 || o.seq_len < 2 {
-            bail!(Config, "steps, batch and grad-accum must be >= 1 and seq-len >= 2");
-        }
-        if !(o.lr.is_finite() && o.lr > 0.0) {
-            bail!(Config, "lr must be a positive number");
-        }
+    pub async fn train_together(&mut self, names: &[&str], examples: &[Example], o: &TrainOptions, on_step: impl FnMut(&StepReport) -> bool) -> Result<Vec<StepReport>> {
+        check_options(o)?;
         let rows = examples.iter().map(|e| tokenize(&self.tokenizer, e, o.append_eos, o.seq_len)).collect::<Result<Vec<_>>>()?;
         let pad = self.tokenizer.eos_id.unwrap_or(0);
-        let mut batcher = Batcher::new(rows, o.batch, pad, o.seed)?;
-        self.compute.device.seed(o.seed);
-        let config = TrainConfig {
-            optim: AdamWConfig { lr: o.lr, weight_decay: o.weight_decay, ..Default::default() },
-            schedule: o.schedule,
-            warmup: o.warmup,
-            total_steps: o.steps,
-            max_grad_norm: o.max_grad_norm,
-            ..Default::default()
-        };
-        let mut trainer = Trainer::new(config);
-        if let Some(missing) = names.iter().find(|n| !self.adapters.contains_key(**n)) {
-            bail!(Config, "no adapter named {missing:?}");
-        }
-        let mut by_name: BTreeMap<&str, &mut AnyAdapter> = self.adapters.iter_mut().filter(|(k, _)| names.contains(&k.as_str())).map(|(k, a)| (k.as_str(), a)).collect();
-        let members = names.iter().map(|n| by_name.remove(n).ok_or_else(|| err!(Config, "adapter {n:?} named twice"))).collect::<Result<Vec<_>>>()?;
-        let mut group = Group(members);
-        let adapter = &mut group;
-        set_trainable(adapter, true);
-        let mut reports = Vec::new();
-        let result = async {
-            for _ in 0..o.steps {
-                let micro = (0..o.grad_accum).map(|_| batcher.next_batch()).collect::<Result<Vec<_>>>()?;
-                let t0 = Instant::now();
-                let stats = trainer.step(&self.model, adapter, &micro).await?;
-                let seconds = t0.elapsed().as_secs_f64();
-                let r = StepReport {
-                    tokens_per_second: stats.tokens as f64 / seconds.max(1e-9),
-                    stats,
-                    seconds,
-                    epoch: batcher.epoch,
-                    memory_in_use: memory_usage(&self.compute.device).map(|m| m.0),
-                };
-                let go_on = on_step(&r);
-                reports.push(r);
-                if !go_on {
-                    break;
-                }
-            }
-            Ok::<(), crate::Error>(())
-        }
-        .await;
-        set_trainable(adapter, false);
-        result.map(|_| reports)
+        let batcher = Batcher::new(rows, o.batch, pad, o.seed)?;
+        let members = pick(&mut self.adapters, names)?;
+        run_training(&self.model, &self.compute, &mut Group(members), batcher, o, &[], on_step).await
     }
+
+    /// Multi-task training: task `k`'s examples train adapter `tasks[k].0`, all over the shared
+    /// base in one run. Batches mix the tasks' rows (in proportion to their sizes), each row
+    /// routed to its task's adapter; each step reports every task's loss (`task_losses`).
+    pub async fn train_multitask(&mut self, tasks: &[(&str, &[Example])], o: &TrainOptions, on_step: impl FnMut(&StepReport) -> bool) -> Result<Vec<StepReport>> {
+        check_options(o)?;
+        if tasks.is_empty() {
+            bail!(Config, "no tasks");
+        }
+        let mut rows = Vec::new();
+        let mut labels = Vec::new();
+        for (k, (name, examples)) in tasks.iter().enumerate() {
+            if examples.is_empty() {
+                bail!(Data, "task {name:?} has no examples");
+            }
+            for e in examples.iter() {
+                rows.push(tokenize(&self.tokenizer, e, o.append_eos, o.seq_len).map_err(|e| e.context(format!("task {name:?}")))?);
+                labels.push(k);
+            }
+        }
+        let pad = self.tokenizer.eos_id.unwrap_or(0);
+        let batcher = Batcher::with_tasks(rows, labels, o.batch, pad, o.seed)?;
+        let names: Vec<&str> = tasks.iter().map(|t| t.0).collect();
+        let members = pick(&mut self.adapters, &names)?;
+        let mut multi = MultiTask::new(members, &self.model.device)?;
+        let task_names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        run_training(&self.model, &self.compute, &mut multi, batcher, o, &task_names, on_step).await
+    }
+}
+
+fn check_options(o: &TrainOptions) -> Result<()> {
+    if o.steps == 0 || o.batch == 0 || o.grad_accum == 0 || o.seq_len < 2 {
+        bail!(Config, "steps, batch and grad-accum must be >= 1 and seq-len >= 2");
+    }
+    if !(o.lr.is_finite() && o.lr > 0.0) {
+        bail!(Config, "lr must be a positive number");
+    }
+    Ok(())
+}
+
+/// The named adapters, mutably, in the given order.
+fn pick<'a>(adapters: &'a mut BTreeMap<String, AnyAdapter>, names: &[&str]) -> Result<Vec<&'a mut AnyAdapter>> {
+    if let Some(missing) = names.iter().find(|n| !adapters.contains_key(**n)) {
+        bail!(Config, "no adapter named {missing:?}");
+    }
+    let mut by_name: BTreeMap<&str, &mut AnyAdapter> = adapters.iter_mut().filter(|(k, _)| names.contains(&k.as_str())).map(|(k, a)| (k.as_str(), a)).collect();
+    names.iter().map(|n| by_name.remove(n).ok_or_else(|| err!(Config, "adapter {n:?} named twice"))).collect()
+}
+
+/// The training loop shared by single-adapter, hybrid and multi-task runs.
+async fn run_training(
+    model: &Llama,
+    compute: &Compute,
+    adapter: &mut dyn Trainable,
+    mut batcher: Batcher,
+    o: &TrainOptions,
+    task_names: &[String],
+    mut on_step: impl FnMut(&StepReport) -> bool,
+) -> Result<Vec<StepReport>> {
+    compute.device.seed(o.seed);
+    let config = TrainConfig {
+        optim: AdamWConfig { lr: o.lr, weight_decay: o.weight_decay, ..Default::default() },
+        schedule: o.schedule,
+        warmup: o.warmup,
+        total_steps: o.steps,
+        max_grad_norm: o.max_grad_norm,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(config);
+    set_trainable(adapter, true);
+    let mut reports = Vec::new();
+    let result = async {
+        for _ in 0..o.steps {
+            let micro = (0..o.grad_accum).map(|_| batcher.next_batch()).collect::<Result<Vec<_>>>()?;
+            let t0 = Instant::now();
+            let stats = trainer.step(model, adapter, &micro).await?;
+            let seconds = t0.elapsed().as_secs_f64();
+            let r = StepReport {
+                tokens_per_second: stats.tokens as f64 / seconds.max(1e-9),
+                stats,
+                seconds,
+                epoch: batcher.epoch,
+                memory_in_use: memory_usage(&compute.device).map(|m| m.0),
+                task_names: task_names.to_vec(),
+            };
+            let go_on = on_step(&r);
+            reports.push(r);
+            if !go_on {
+                break;
+            }
+        }
+        Ok::<(), crate::Error>(())
+    }
+    .await;
+    set_trainable(adapter, false);
+    result.map(|_| reports)
 }

@@ -249,6 +249,55 @@ fn examples_of(v: JsValue) -> Result<Vec<Example>> {
         .collect()
 }
 
+impl JsTrainOptions {
+    fn options(&self) -> Result<TrainOptions> {
+        let d = TrainOptions::default();
+        Ok(TrainOptions {
+            steps: self.steps.unwrap_or(d.steps),
+            batch: self.batch.unwrap_or(d.batch),
+            seq_len: self.seq_len.unwrap_or(d.seq_len),
+            grad_accum: self.grad_accum.unwrap_or(d.grad_accum),
+            lr: self.lr.unwrap_or(d.lr),
+            warmup: self.warmup.unwrap_or(d.warmup),
+            schedule: self.schedule.as_deref().map(Schedule::parse).transpose()?.unwrap_or(d.schedule),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            max_grad_norm: match self.max_grad_norm {
+                Some(x) if x <= 0.0 => None,
+                Some(x) => Some(x),
+                None => d.max_grad_norm,
+            },
+            seed: self.seed.unwrap_or(d.seed),
+            append_eos: self.append_eos.unwrap_or(d.append_eos),
+        })
+    }
+}
+
+/// A step report as a JS object, kept in `all` and passed to `on_step`; returns whether to go on.
+fn report_step(r: &crate::session::StepReport, all: &Array, on_step: Option<&Function>) -> bool {
+    let j = Object::new();
+    set(&j, "step", r.stats.step as u32);
+    set(&j, "loss", r.stats.loss);
+    set(&j, "lr", r.stats.lr);
+    set(&j, "gradNorm", r.stats.grad_norm);
+    set(&j, "tokens", r.stats.tokens as u32);
+    set(&j, "tokensPerSecond", r.tokens_per_second);
+    set(&j, "seconds", r.seconds);
+    set(&j, "epoch", r.epoch as u32);
+    set(&j, "skipped", r.stats.skipped);
+    if let Some(m) = r.memory_in_use {
+        set(&j, "memoryInUse", m as f64);
+    }
+    if !r.task_names.is_empty() {
+        let t = Object::new();
+        for (n, l) in r.task_names.iter().zip(&r.stats.task_losses) {
+            set(&t, n, *l);
+        }
+        set(&j, "taskLosses", t);
+    }
+    all.push(&j);
+    on_step.is_none_or(|f| f.call1(&JsValue::NULL, &j).map(|v| v != JsValue::FALSE).unwrap_or(true))
+}
+
 fn set(o: &Object, k: &str, v: impl Into<JsValue>) {
     let _ = Reflect::set(o, &k.into(), &v.into());
 }
@@ -351,60 +400,51 @@ impl Model {
     }
 
     /// Train adapter `options.adapter` (default "default"; a list trains several together)
-    /// on `examples` (strings,
-    /// `{text}` or `{prompt, completion}`). `onStep(report)` is called after each step; it may
-    /// return `false` to stop. Resolves to the list of reports.
+    /// on `examples` (strings, `{text}` or `{prompt, completion}`). `onStep(report)` is called
+    /// after each step; it may return `false` to stop. Resolves to the list of reports.
     pub fn train(&self, examples: JsValue, options: JsValue, on_step: Option<Function>) -> Promise {
         let s = self.session();
         promise(async move {
             let ex = examples_of(examples)?;
             let o: JsTrainOptions = from_js(options, "train options")?;
-            let d = TrainOptions::default();
-            let opts = TrainOptions {
-                steps: o.steps.unwrap_or(d.steps),
-                batch: o.batch.unwrap_or(d.batch),
-                seq_len: o.seq_len.unwrap_or(d.seq_len),
-                grad_accum: o.grad_accum.unwrap_or(d.grad_accum),
-                lr: o.lr.unwrap_or(d.lr),
-                warmup: o.warmup.unwrap_or(d.warmup),
-                schedule: o.schedule.as_deref().map(Schedule::parse).transpose()?.unwrap_or(d.schedule),
-                weight_decay: o.weight_decay.unwrap_or(d.weight_decay),
-                max_grad_norm: match o.max_grad_norm {
-                    Some(x) if x <= 0.0 => None,
-                    Some(x) => Some(x),
-                    None => d.max_grad_norm,
-                },
-                seed: o.seed.unwrap_or(d.seed),
-                append_eos: o.append_eos.unwrap_or(d.append_eos),
-            };
+            let opts = o.options()?;
             let names = match o.adapter {
                 None => vec!["default".to_string()],
-                Some(Names::One(n)) => vec![n],
-                Some(Names::Many(v)) => v,
+                some => Names::list(some),
             };
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             let mut sess = s.try_borrow_mut().map_err(|_| busy())?;
             let all = Array::new();
-            let reports = sess
-                .train_together(&names, &ex, &opts, |r| {
-                    let j = Object::new();
-                    set(&j, "step", r.stats.step as u32);
-                    set(&j, "loss", r.stats.loss);
-                    set(&j, "lr", r.stats.lr);
-                    set(&j, "gradNorm", r.stats.grad_norm);
-                    set(&j, "tokens", r.stats.tokens as u32);
-                    set(&j, "tokensPerSecond", r.tokens_per_second);
-                    set(&j, "seconds", r.seconds);
-                    set(&j, "epoch", r.epoch as u32);
-                    set(&j, "skipped", r.stats.skipped);
-                    if let Some(m) = r.memory_in_use {
-                        set(&j, "memoryInUse", m as f64);
-                    }
-                    all.push(&j);
-                    on_step.as_ref().is_none_or(|f| f.call1(&JsValue::NULL, &j).map(|v| v != JsValue::FALSE).unwrap_or(true))
-                })
-                .await?;
-            drop(reports);
+            sess.train_together(&names, &ex, &opts, |r| report_step(r, &all, on_step.as_ref())).await?;
+            Ok(JsValue::from(all))
+        })
+    }
+
+    /// Multi-task training: `tasks` maps adapter names to their examples; all adapters train
+    /// together over the shared base, each batch mixing the tasks' rows, each row routed to its
+    /// own adapter (LoRA, IA3 or bottleneck adapters). Step reports add `taskLosses`
+    /// (`{name: loss}`). Options as `train` (without `adapter`).
+    #[wasm_bindgen(js_name = trainTasks)]
+    pub fn train_tasks(&self, tasks: JsValue, options: JsValue, on_step: Option<Function>) -> Promise {
+        let s = self.session();
+        promise(async move {
+            let obj: Object = tasks.dyn_into().map_err(|_| err!(Data, "tasks: expected an object {{adapter: examples}}"))?;
+            let mut data = Vec::new();
+            for entry in Object::entries(&obj).iter() {
+                let pair = Array::from(&entry);
+                let name = pair.get(0).as_string().unwrap_or_default();
+                let ex = examples_of(pair.get(1)).map_err(|e| e.context(format!("task {name:?}")))?;
+                data.push((name, ex));
+            }
+            let o: JsTrainOptions = from_js(options, "train options")?;
+            if o.adapter.is_some() {
+                return Err(err!(Config, "trainTasks: the tasks name the adapters; drop options.adapter"));
+            }
+            let opts = o.options()?;
+            let refs: Vec<(&str, &[Example])> = data.iter().map(|(n, e)| (n.as_str(), e.as_slice())).collect();
+            let mut sess = s.try_borrow_mut().map_err(|_| busy())?;
+            let all = Array::new();
+            sess.train_multitask(&refs, &opts, |r| report_step(r, &all, on_step.as_ref())).await?;
             Ok(JsValue::from(all))
         })
     }

@@ -186,3 +186,40 @@ fn merged_model_exports_as_a_folder_with_the_adapter_logits() {
     assert_close("GGUF export reloads", &block_on(s.logits(&ids, &[])).unwrap().data, &before.data, 1e-5);
     let _ = NoHook;
 }
+
+#[test]
+fn multitask_training_routes_each_row_to_its_adapter() {
+    use webpeft::session::TrainOptions;
+    use webpeft::train::data::Example;
+    let tx: Vec<Example> = ["Beautiful is better than ugly.", "Explicit is better than implicit."].iter().map(|t| Example::Text(t.to_string())).collect();
+    let ty: Vec<Example> = ["Simple is better than complex.", "Flat is better than nested, sparse better than dense."].iter().map(|t| Example::Text(t.to_string())).collect();
+    let o = TrainOptions { steps: 3, batch: 4, seq_len: 32, lr: 1e-2, max_grad_norm: None, ..Default::default() };
+    let mut s = with_x_and_y();
+    let before_x = block_on(s.evaluate(&["x"], &tx, 32, 4, &[])).unwrap().loss;
+    let before_y = block_on(s.evaluate(&["y"], &ty, 32, 4, &[])).unwrap().loss;
+    let reports = block_on(s.train_multitask(&[("x", &tx), ("y", &ty)], &o, |_| true)).unwrap();
+    // Every step sees all four rows: step 1's per-task losses are each adapter's loss on its
+    // own examples before any update.
+    let t = &reports[0].stats.task_losses;
+    assert!((t[0] as f64 - before_x).abs() < 1e-4 && (t[1] as f64 - before_y).abs() < 1e-4, "{t:?} vs {before_x} {before_y}");
+    assert!(reports[2].stats.task_losses.iter().zip(t).all(|(a, b)| a < b), "both tasks' losses fall: {:?}", reports.iter().map(|r| r.stats.task_losses.clone()).collect::<Vec<_>>());
+    // Adam is invariant to the loss scale, so each adapter ends where training it alone on its
+    // own rows takes it; had rows leaked to the other adapter, it would not.
+    let (_, multi_x) = block_on(s.save_adapter("x")).unwrap();
+    let (_, multi_y) = block_on(s.save_adapter("y")).unwrap();
+    for (name, data, multi) in [("x", &tx, &multi_x), ("y", &ty, &multi_y)] {
+        let mut alone = with_x_and_y();
+        block_on(alone.train(name, data, &TrainOptions { batch: 2, ..o.clone() }, |_| true)).unwrap();
+        let (_, w) = block_on(alone.save_adapter(name)).unwrap();
+        let (a, b) = (read_all_f32(multi).unwrap(), read_all_f32(&w).unwrap());
+        let init = read_all_f32(&std::fs::read(fixture(&format!("tiny-combine/{name}/adapter_model.safetensors"))).unwrap()).unwrap();
+        for (k, t) in &a {
+            assert_close(&format!("multi-task {name} {k} vs alone"), &t.data, &b[k].data, 1e-4);
+            assert!(max_abs_diff(&t.data, &init[k].data) > 1e-3, "{k} trained");
+        }
+    }
+    let mut s = with_x_and_y();
+    load_dir(&mut s, "prompt", "tiny-adapters/prompt");
+    let e = block_on(s.train_multitask(&[("x", &tx), ("prompt", &ty)], &o, |_| true)).unwrap_err();
+    assert!(e.message.contains("cannot share a batch"), "{e}");
+}

@@ -90,7 +90,7 @@ async fn one_training_step_matches_pytorch() {
     s.load_adapter("qv", std::str::from_utf8(fx!("tiny-adapters/qv/adapter_config.json")).unwrap(), fx!("tiny-adapters/qv/adapter_model.safetensors")).unwrap();
     let t = fx!("tiny-train.safetensors");
     let (shape, input_ids) = ids_of(t, "input_ids");
-    let batch = Batch { batch: shape[0], len: shape[1], input_ids, attention_mask: ids_of(t, "attention_mask").1, labels: ids_of(t, "labels").1 };
+    let batch = Batch { batch: shape[0], len: shape[1], input_ids, attention_mask: ids_of(t, "attention_mask").1, labels: ids_of(t, "labels").1, tasks: vec![] };
     let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() }, ..Default::default() });
     let a = s.adapters.get_mut("qv").unwrap();
     webpeft::peft::set_trainable(a, true);
@@ -161,7 +161,7 @@ async fn every_method_one_step_matches_pytorch() {
         let a = s.adapters.get_mut(name).unwrap();
         webpeft::peft::load_params(a, &init).unwrap();
         let (shape, input_ids) = ids_of(train, "input_ids");
-        let batch = Batch { batch: shape[0], len: shape[1], input_ids, attention_mask: ids_of(train, "attention_mask").1, labels: ids_of(train, "labels").1 };
+        let batch = Batch { batch: shape[0], len: shape[1], input_ids, attention_mask: ids_of(train, "attention_mask").1, labels: ids_of(train, "labels").1, tasks: vec![] };
         let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() }, ..Default::default() });
         webpeft::peft::set_trainable(a, true);
         let r = tr.step(&s.model, a, std::slice::from_ref(&batch)).await.unwrap();

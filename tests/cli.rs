@@ -240,7 +240,21 @@ fn combine_and_export_merged() {
     let m = model.to_str().unwrap();
     let (x, y) = (fixture("tiny-combine/x"), fixture("tiny-combine/y"));
     let out = tmp.join("cat");
-    let (ok, _, stderr) = webpeft(&["combine", "--model", m, "--adapter", x.to_str().unwrap(), "--adapter", y.to_str().unwrap(), "--weights", "0.7,-0.4", "--combination", "cat", "--out", out.to_str().unwrap()]);
+    let (ok, _, stderr) = webpeft(&[
+        "combine",
+        "--model",
+        m,
+        "--adapter",
+        x.to_str().unwrap(),
+        "--adapter",
+        y.to_str().unwrap(),
+        "--weights",
+        "0.7,-0.4",
+        "--combination",
+        "cat",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(ok, "combine failed: {stderr}");
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(8), Some(8.0)));
@@ -257,5 +271,53 @@ fn combine_and_export_merged() {
     assert_close("exported merged model vs model + combined adapter", &logits_file(&merged), &logits_file(&with), 1e-4);
     let (ok, _, stderr) = webpeft(&["combine", "--model", m, "--adapter", x.to_str().unwrap(), "--weights", "1,2", "--out", out.to_str().unwrap()]);
     assert!(!ok && stderr.contains("1 adapters but 2 weights"), "{stderr}");
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+#[test]
+fn multitask_training_writes_one_adapter_per_task() {
+    let tmp = std::env::temp_dir().join(format!("webpeft-cli-tasks-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let (a, b) = (tmp.join("zen.txt"), tmp.join("qa.jsonl"));
+    std::fs::write(&a, "Beautiful is better than ugly.\nExplicit is better than implicit.\n").unwrap();
+    std::fs::write(&b, "{\"prompt\": \"Is it spam?\", \"completion\": \" yes\"}\n{\"prompt\": \"Is it ham?\", \"completion\": \" no\"}\n").unwrap();
+    let model = fixture("tiny-llama");
+    let out = tmp.join("out");
+    let (zen, qa) = (format!("zen={}", a.display()), format!("qa={}", b.display()));
+    let args = [
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--task",
+        &zen,
+        "--task",
+        &qa,
+        "--steps",
+        "5",
+        "--batch",
+        "4",
+        "--seq-len",
+        "32",
+        "--lr",
+        "1e-2",
+        "--r",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (ok, stdout, stderr) = webpeft(&args);
+    assert!(ok, "multi-task train failed: {stderr}");
+    // Each step line carries both tasks' losses; both fall.
+    let task_loss = |line: &str, name: &str| -> f32 { line.split(&format!("{name} ")).nth(1).unwrap().split([',', ']']).next().unwrap().parse().unwrap() };
+    let steps: Vec<&str> = stdout.lines().filter(|l| l.starts_with("step")).collect();
+    assert_eq!(steps.len(), 5);
+    for name in ["zen", "qa"] {
+        assert!(task_loss(steps[4], name) < task_loss(steps[0], name) - 0.5, "{name}: {stdout}");
+    }
+    for name in ["zen", "qa"] {
+        assert!(out.join(name).join("adapter_model.safetensors").is_file(), "{name} written");
+    }
+    let (ok, _, stderr) = webpeft(&["train", "--model", model.to_str().unwrap(), "--task", "nodata", "--out", out.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("NAME=DATA"), "{stderr}");
     std::fs::remove_dir_all(&tmp).ok();
 }

@@ -94,7 +94,7 @@ fn train_setup(steps: usize, clip: Option<f64>, schedule: Schedule, warmup: usiz
     load_dir(&mut s, "qv", "tiny-adapters/qv");
     let fx = load("tiny-train.safetensors");
     let (shape, ids) = &fx.i64["input_ids"];
-    let batch = Batch { batch: shape[0], len: shape[1], input_ids: ids.clone(), attention_mask: fx.i64["attention_mask"].1.clone(), labels: fx.i64["labels"].1.clone() };
+    let batch = Batch { batch: shape[0], len: shape[1], input_ids: ids.clone(), attention_mask: fx.i64["attention_mask"].1.clone(), labels: fx.i64["labels"].1.clone(), tasks: vec![] };
     let cfg = TrainConfig {
         optim: AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
         schedule,
@@ -154,6 +154,7 @@ fn gradient_accumulation_equals_the_full_batch() {
         input_ids: batch.input_ids[b * batch.len..(b + 1) * batch.len].to_vec(),
         attention_mask: batch.attention_mask[b * batch.len..(b + 1) * batch.len].to_vec(),
         labels: batch.labels[b * batch.len..(b + 1) * batch.len].to_vec(),
+        tasks: vec![],
     };
     let a = s.adapters.get_mut("qv").unwrap();
     let st = block_on(tr.step(&s.model, a, &[row(0), row(1)])).unwrap();
@@ -238,7 +239,7 @@ fn one_step_matches(name: &str, train_file: &str, weight_tol: f32) {
     load_dir(&mut s, name, &format!("tiny-adapters/{name}"));
     let fx = load(train_file);
     let (shape, ids) = &fx.i64["input_ids"];
-    let batch = Batch { batch: shape[0], len: shape[1], input_ids: ids.clone(), attention_mask: fx.i64["attention_mask"].1.clone(), labels: fx.i64["labels"].1.clone() };
+    let batch = Batch { batch: shape[0], len: shape[1], input_ids: ids.clone(), attention_mask: fx.i64["attention_mask"].1.clone(), labels: fx.i64["labels"].1.clone(), tasks: vec![] };
     let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }, ..Default::default() });
     let a = s.adapters.get_mut(name).unwrap();
     webpeft::peft::set_trainable(a, true);

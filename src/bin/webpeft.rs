@@ -220,8 +220,13 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
         /// Plain text (one example per line) or JSONL ({"text"} or {"prompt","completion"}).
-        #[arg(long)]
-        data: PathBuf,
+        #[arg(long, required_unless_present = "task", conflicts_with = "task")]
+        data: Option<PathBuf>,
+        /// Multi-task training: NAME=DATA, repeated; each task trains its own adapter (one
+        /// --method) on the shared base, rows of all tasks mixed in every batch; written to
+        /// OUT/NAME/.
+        #[arg(long, value_name = "NAME=DATA")]
+        task: Vec<String>,
         #[arg(long)]
         out: PathBuf,
         /// Continue from a saved PEFT adapter.
@@ -399,6 +404,48 @@ fn write_adapter(s: &mut Session, name: &str, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `train --task NAME=DATA ...`: one adapter per task, trained together with per-row routing.
+fn train_tasks(common: &Common, tasks: &[String], method: &MethodArgs, opts: &TrainOptions, out: &Path) -> Result<()> {
+    let configs = method.configs(&common.model)?;
+    let [(_, cfg)] = &configs[..] else { return Err(Error::new(ErrorCode::Config, "multi-task training takes one --method")) };
+    let mut data = Vec::new();
+    for t in tasks {
+        let (name, path) = t.split_once('=').ok_or_else(|| Error::new(ErrorCode::Config, format!("--task {t:?}: expected NAME=DATA")))?;
+        if name.is_empty() || name.contains(['/', '\\', '.']) {
+            return Err(Error::new(ErrorCode::Config, format!("--task {t:?}: the name must be a plain folder name")));
+        }
+        let p = PathBuf::from(path);
+        data.push((name.to_string(), parse_examples(&read_text(&p)?).map_err(|e| e.context(p.display()))?));
+    }
+    let mut s = open(common)?;
+    block_on(device::self_check(&s.compute.device))?;
+    for (name, _) in &data {
+        s.add_adapter(name, cfg, opts.seed)?;
+    }
+    let refs: Vec<(&str, &[webpeft::train::data::Example])> = data.iter().map(|(n, e)| (n.as_str(), e.as_slice())).collect();
+    eprintln!("multi-task training: {}", data.iter().map(|(n, e)| format!("{n} ({} examples)", e.len())).collect::<Vec<_>>().join(", "));
+    let t0 = Instant::now();
+    block_on(s.train_multitask(&refs, opts, |r| {
+        let per_task: Vec<String> = data.iter().zip(&r.stats.task_losses).map(|((n, _), l)| format!("{n} {l:.4}")).collect();
+        println!(
+            "step {:>4}  loss {:.4}  [{}]  lr {:.3e}  grad_norm {:.3}  {:.0} tok/s  {:.0} ms",
+            r.stats.step,
+            r.stats.loss,
+            per_task.join(", "),
+            r.stats.lr,
+            r.stats.grad_norm,
+            r.tokens_per_second,
+            r.seconds * 1e3
+        );
+        true
+    }))?;
+    for (name, _) in &data {
+        write_adapter(&mut s, name, out)?;
+    }
+    eprintln!("trained {} steps in {:.1} s; adapters written to {}/<task>", opts.steps, t0.elapsed().as_secs_f64(), out.display());
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Logits { common, adapter, merge, text, out } => {
@@ -464,8 +511,8 @@ fn run(cli: Cli) -> Result<()> {
             write_adapter(&mut s, "default", &out)?;
             eprintln!("wrote {}", out.display());
         }
-        Cmd::Train { common, data, out, init_adapter, config, method, steps, lr, batch, seq_len, grad_accum, warmup, schedule, weight_decay, max_grad_norm, seed, append_eos } => {
-            let examples = parse_examples(&read_text(&data)?).map_err(|e| e.context(data.display()))?;
+        Cmd::Train { common, data, task, out, init_adapter, config, method, steps, lr, batch, seq_len, grad_accum, warmup, schedule, weight_decay, max_grad_norm, seed, append_eos } => {
+            let read_examples = |p: &Path| parse_examples(&read_text(p)?).map_err(|e| e.context(p.display()));
             let opts = TrainOptions {
                 steps,
                 batch,
@@ -479,6 +526,10 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
                 append_eos,
             };
+            let Some(data) = data else {
+                return train_tasks(&common, &task, &method, &opts, &out);
+            };
+            let examples = read_examples(&data)?;
             let mut s = open(&common)?;
             block_on(device::self_check(&s.compute.device))?;
             let names = match (&init_adapter, &config) {

@@ -180,19 +180,29 @@ pub struct PerRow<'a> {
     parts: Vec<(&'a dyn Adapter, Tensor<2>)>,
 }
 
+/// For each of `n` adapters, the mask [rows * seq, 1] of the rows routed to it (None when no
+/// row is), given `rows[b]` = the adapter of row `b` (None: the frozen model).
+pub fn row_masks(n: usize, rows: &[Option<usize>], seq: usize, device: &burn::tensor::Device) -> Vec<Option<Tensor<2>>> {
+    (0..n)
+        .map(|k| {
+            rows.contains(&Some(k)).then(|| {
+                let mask: Vec<f32> = rows.iter().flat_map(|r| std::iter::repeat_n(if *r == Some(k) { 1.0 } else { 0.0 }, seq)).collect();
+                crate::tensor::floats(mask, [rows.len() * seq, 1], device)
+            })
+        })
+        .collect()
+}
+
 impl<'a> PerRow<'a> {
     /// `rows[b]` indexes `adapters` (None: the frozen model) for a batch of `rows.len()`
     /// sequences of `seq` tokens.
     pub fn new(adapters: Vec<&'a dyn Adapter>, rows: &[Option<usize>], seq: usize, device: &burn::tensor::Device) -> Self {
-        let parts = adapters
-            .into_iter()
-            .enumerate()
-            .filter(|(k, _)| rows.contains(&Some(*k)))
-            .map(|(k, a)| {
-                let mask: Vec<f32> = rows.iter().flat_map(|r| std::iter::repeat_n(if *r == Some(k) { 1.0 } else { 0.0 }, seq)).collect();
-                (a, crate::tensor::floats(mask, [rows.len() * seq, 1], device))
-            })
-            .collect();
+        let masks = row_masks(adapters.len(), rows, seq, device);
+        PerRow { parts: adapters.into_iter().zip(masks).filter_map(|(a, m)| m.map(|m| (a, m))).collect() }
+    }
+
+    /// From adapters with their row masks.
+    pub fn from_masks(parts: Vec<(&'a dyn Adapter, Tensor<2>)>) -> Self {
         PerRow { parts }
     }
 

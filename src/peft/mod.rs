@@ -19,7 +19,7 @@ use burn::tensor::Tensor;
 use serde_json::Value as Json;
 
 use crate::error::{Result, bail, err};
-use crate::models::hooks::{Adapter, Norm, Site, Stack, Sublayer};
+use crate::models::hooks::{Adapter, Norm, PerRow, Site, Stack, Sublayer, row_masks};
 use crate::models::llama::Llama;
 use crate::tokenizer::Tokenizer;
 
@@ -157,6 +157,12 @@ pub trait Trainable: Adapter {
     fn params_mut(&mut self) -> Vec<NamedParam<'_>>;
     /// Switch dropout and the like (not gradient tracking: see [`set_trainable`]).
     fn set_training(&mut self, _on: bool) {}
+    /// Called before each micro-batch's forward pass (multi-task routing reads the rows' tasks).
+    fn prepare(&mut self, _batch: &crate::train::data::Batch) {}
+    /// How many tasks a multi-task adapter routes to (0: not multi-task).
+    fn num_tasks(&self) -> usize {
+        0
+    }
 }
 
 /// Track gradients of every trainable tensor (on), or drop the autodiff graph (off).
@@ -228,6 +234,16 @@ impl AnyAdapter {
             AnyAdapter::LnTuning(a) => a.to_peft().await,
             AnyAdapter::Bottleneck(a) => a.to_peft().await,
             AnyAdapter::Selective(a) => a.to_peft().await,
+        }
+    }
+
+    /// Whether the adapter can share a batch with others, each on its own rows (it changes
+    /// values in place: LoRA without trained base tensors, IA3, bottleneck adapters).
+    pub fn mixable(&self) -> bool {
+        match self {
+            AnyAdapter::Lora(l) => l.extra.is_none(),
+            AnyAdapter::Ia3(_) | AnyAdapter::Bottleneck(_) => true,
+            _ => false,
         }
     }
 
@@ -342,6 +358,51 @@ impl Group<'_> {
 }
 
 delegate_adapter!(Group<'_>, self => self.stack());
+
+/// Multi-task training: several adapters over the shared base, each batch row routed to its
+/// task's adapter (as a mixed `adapter_names=` batch), their parameters updated together.
+pub struct MultiTask<'a> {
+    pub adapters: Vec<&'a mut AnyAdapter>,
+    masks: Vec<Option<Tensor<2>>>,
+    device: burn::tensor::Device,
+}
+
+impl<'a> MultiTask<'a> {
+    pub fn new(adapters: Vec<&'a mut AnyAdapter>, device: &burn::tensor::Device) -> Result<Self> {
+        for a in &adapters {
+            if !a.mixable() {
+                bail!(
+                    Unsupported,
+                    "{} adapters cannot share a batch with others: multi-task training takes LoRA (without modules_to_save / trained biases), IA3 and bottleneck adapters",
+                    a.method()
+                );
+            }
+        }
+        Ok(MultiTask { adapters, masks: Vec::new(), device: device.clone() })
+    }
+
+    fn view(&self) -> PerRow<'_> {
+        PerRow::from_masks(self.adapters.iter().zip(&self.masks).filter_map(|(a, m)| m.clone().map(|m| (&**a as &dyn Adapter, m))).collect())
+    }
+}
+
+delegate_adapter!(MultiTask<'_>, self => self.view());
+
+impl Trainable for MultiTask<'_> {
+    fn params_mut(&mut self) -> Vec<NamedParam<'_>> {
+        self.adapters.iter_mut().flat_map(|a| a.params_mut()).collect()
+    }
+    fn set_training(&mut self, on: bool) {
+        self.adapters.iter_mut().for_each(|a| a.set_training(on));
+    }
+    fn prepare(&mut self, batch: &crate::train::data::Batch) {
+        let rows: Vec<Option<usize>> = batch.tasks.iter().map(|&t| Some(t)).collect();
+        self.masks = row_masks(self.adapters.len(), &rows, batch.len, &self.device);
+    }
+    fn num_tasks(&self) -> usize {
+        self.adapters.len()
+    }
+}
 
 impl Trainable for Group<'_> {
     fn params_mut(&mut self) -> Vec<NamedParam<'_>> {

@@ -95,12 +95,14 @@ pub struct Batch {
     pub input_ids: Vec<i64>,
     pub attention_mask: Vec<i64>,
     pub labels: Vec<i64>,
+    /// Multi-task training: the task (adapter) of each row; empty = one task.
+    pub tasks: Vec<usize>,
 }
 
 impl Batch {
     pub fn new(rows: &[Tokenized], pad_id: u32) -> Result<Self> {
         let len = rows.iter().map(|r| r.ids.len()).max().ok_or_else(|| err!(Data, "empty batch"))?;
-        let mut b = Batch { batch: rows.len(), len, input_ids: vec![], attention_mask: vec![], labels: vec![] };
+        let mut b = Batch { batch: rows.len(), len, input_ids: vec![], attention_mask: vec![], labels: vec![], tasks: vec![] };
         for r in rows {
             let pad = len - r.ids.len();
             b.input_ids.extend(r.ids.iter().map(|&i| i as i64).chain(std::iter::repeat_n(pad_id as i64, pad)));
@@ -144,6 +146,8 @@ impl Batch {
 /// An endless, seeded, epoch-wise shuffled stream of batches.
 pub struct Batcher {
     rows: Vec<Tokenized>,
+    /// The task of each row (multi-task training), or empty.
+    tasks: Vec<usize>,
     order: Vec<usize>,
     pos: usize,
     rng: SmallRng,
@@ -157,13 +161,25 @@ impl Batcher {
         if rows.is_empty() || batch == 0 {
             bail!(Data, "no examples or batch size 0");
         }
-        let mut b = Batcher { order: (0..rows.len()).collect(), rows, pos: 0, rng: SmallRng::seed_from_u64(seed), batch, pad_id, epoch: 0 };
+        let mut b = Batcher { order: (0..rows.len()).collect(), rows, tasks: vec![], pos: 0, rng: SmallRng::seed_from_u64(seed), batch, pad_id, epoch: 0 };
         b.order.shuffle(&mut b.rng);
+        Ok(b)
+    }
+
+    /// Rows of several tasks mixed in one stream (examples-proportional mixing): each batch
+    /// records the task of each of its rows.
+    pub fn with_tasks(rows: Vec<Tokenized>, tasks: Vec<usize>, batch: usize, pad_id: u32, seed: u64) -> Result<Self> {
+        if tasks.len() != rows.len() {
+            bail!(Data, "{} rows but {} task labels", rows.len(), tasks.len());
+        }
+        let mut b = Self::new(rows, batch, pad_id, seed)?;
+        b.tasks = tasks;
         Ok(b)
     }
 
     pub fn next_batch(&mut self) -> Result<Batch> {
         let mut picked = Vec::with_capacity(self.batch);
+        let mut tasks = Vec::new();
         while picked.len() < self.batch {
             if self.pos == self.order.len() {
                 self.order.shuffle(&mut self.rng);
@@ -171,9 +187,14 @@ impl Batcher {
                 self.epoch += 1;
             }
             picked.push(self.rows[self.order[self.pos]].clone());
+            if let Some(&t) = self.tasks.get(self.order[self.pos]) {
+                tasks.push(t);
+            }
             self.pos += 1;
         }
-        Batch::new(&picked, self.pad_id)
+        let mut b = Batch::new(&picked, self.pad_id)?;
+        b.tasks = tasks;
+        Ok(b)
     }
 }
 

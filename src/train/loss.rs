@@ -22,6 +22,30 @@ pub fn causal_lm_loss(model: &Llama, hook: &dyn Adapter, batch: &Batch, denomina
     Ok(logp.sum().neg().div_scalar(denominator as f64))
 }
 
+/// The loss as [`causal_lm_loss`] plus, for a multi-task batch (`batch.tasks` set), each
+/// task's summed negative log-likelihood [n_tasks] and its number of targets (host side).
+pub fn causal_lm_loss_by_task(model: &Llama, hook: &dyn Adapter, batch: &Batch, denominator: usize, n_tasks: usize) -> Result<(Tensor<1>, Option<(Tensor<1>, Vec<usize>)>)> {
+    let (logp, rows) = target_log_probs(model, hook, batch)?;
+    if denominator == 0 {
+        bail!(Data, "the batch has no position to predict (all labels are -100)");
+    }
+    let loss = logp.clone().sum().neg().div_scalar(denominator as f64);
+    if batch.tasks.is_empty() || n_tasks == 0 {
+        return Ok((loss, None));
+    }
+    let per_row = batch.len + hook.prefix().map_or(0, |p| p.dims()[0]);
+    let mut onehot = vec![0f32; n_tasks * rows.len()];
+    let mut counts = vec![0usize; n_tasks];
+    for (j, &r) in rows.iter().enumerate() {
+        let task = batch.tasks[r as usize / per_row];
+        onehot[task * rows.len() + j] = 1.0;
+        counts[task] += 1;
+    }
+    let m = crate::tensor::floats(onehot, [n_tasks, rows.len()], &model.device);
+    let sums = m.matmul(logp.detach()).neg().reshape([n_tasks]);
+    Ok((loss, Some((sums, counts))))
+}
+
 /// Negative log-likelihood of each row's targets, [B] (e.g. to score choices).
 pub fn row_nll(model: &Llama, hook: &dyn Adapter, batch: &Batch) -> Result<Tensor<1>> {
     let (logp, rows) = target_log_probs(model, hook, batch)?;

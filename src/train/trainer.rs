@@ -8,7 +8,7 @@ use crate::models::llama::Llama;
 use crate::peft::Trainable;
 use crate::tensor::read;
 use crate::train::data::Batch;
-use crate::train::loss::causal_lm_loss;
+use crate::train::loss::causal_lm_loss_by_task;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::schedule::Schedule;
 
@@ -41,6 +41,9 @@ pub struct StepStats {
     pub tokens: usize,
     /// True when the loss or gradients were not finite and the update was skipped.
     pub skipped: bool,
+    /// Multi-task training: each task's mean loss over its targets in this step (NaN when
+    /// the step had no row of that task).
+    pub task_losses: Vec<f32>,
 }
 
 pub struct Trainer {
@@ -68,8 +71,19 @@ impl Trainer {
         let tokens = micro.iter().map(Batch::num_tokens).sum();
         let mut loss_sum: Option<Tensor<1>> = None;
         let mut acc: Vec<Option<Tensor<2>>> = Vec::new();
+        let n_tasks = adapter.num_tasks();
+        let mut task_sums: Option<Tensor<1>> = None;
+        let mut task_counts = vec![0usize; n_tasks];
         for mb in micro {
-            let loss = causal_lm_loss(model, &*adapter, mb, total)?;
+            adapter.prepare(mb);
+            let (loss, by_task) = causal_lm_loss_by_task(model, &*adapter, mb, total, n_tasks)?;
+            if let Some((sums, counts)) = by_task {
+                task_counts.iter_mut().zip(counts).for_each(|(a, c)| *a += c);
+                task_sums = Some(match task_sums {
+                    Some(s) => s + sums,
+                    None => sums,
+                });
+            }
             let grads = loss.backward();
             let params = adapter.params_mut();
             acc.resize_with(params.len(), || None);
@@ -96,10 +110,12 @@ impl Trainer {
             let coef: Tensor<2> = coef.unsqueeze();
             grads = grads.into_iter().map(|g| g * coef.clone()).collect();
         }
-        let both = read(Tensor::cat(vec![loss, norm], 0)).await?;
+        // One readback per step: the loss, the gradient norm and the per-task sums.
+        let both = read(Tensor::cat(vec![loss, norm].into_iter().chain(task_sums).collect(), 0)).await?;
         let (loss, grad_norm) = (both.data[0], both.data[1]);
+        let task_losses = task_counts.iter().enumerate().map(|(k, &c)| if c == 0 { f32::NAN } else { both.data[2 + k] / c as f32 }).collect();
         let lr = self.lr();
-        let mut stats = StepStats { step: self.opt.step + 1, loss, grad_norm, lr, tokens, skipped: false };
+        let mut stats = StepStats { step: self.opt.step + 1, loss, grad_norm, lr, tokens, skipped: false, task_losses };
         if !loss.is_finite() || !grad_norm.is_finite() {
             self.nonfinite += 1;
             stats.skipped = true;
