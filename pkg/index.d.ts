@@ -56,7 +56,22 @@ export interface TrainOptions {
   maxGradNorm?: number;
   seed?: number;
   appendEos?: boolean;
+  /** Differentially private training (DP-SGD); `maxGradNorm` above then does not apply. */
+  dp?: DpOptions;
   timeoutMs?: number;
+}
+
+export interface DpOptions {
+  /** σ: Gaussian noise of std σ·maxGradNorm is added to the sum of clipped per-example gradients. */
+  noiseMultiplier: number;
+  /** Per-example gradient norm bound C (default 1). */
+  maxGradNorm?: number;
+  /** δ of the reported (ε, δ) (default 1e-5). */
+  delta?: number;
+  /** Stop before ε would exceed this budget. */
+  targetEpsilon?: number;
+  /** 'poisson' (default: what the accountant assumes) or 'shuffle' (fixed-size batches). */
+  sampling?: 'poisson' | 'shuffle';
 }
 
 export interface StepReport {
@@ -72,6 +87,8 @@ export interface StepReport {
   memoryInUse?: number;
   /** Multi-task training (`trainTasks`): each task's mean loss in this step (NaN if it had no row). */
   taskLosses?: Record<string, number>;
+  /** DP-SGD: ε spent so far (RDP accountant) for `dp.delta`. */
+  epsilon?: number;
 }
 
 export interface GenerateOptions {

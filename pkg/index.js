@@ -149,7 +149,7 @@ export class Model {
   /**
    * Train an adapter. `examples`: strings, `{text}` or `{prompt, completion}`.
    * `options`: {adapter, steps, batch, seqLen, gradAccum, lr, warmup, schedule, weightDecay,
-   * maxGradNorm, seed, appendEos, timeoutMs}. `onStep(report)` may return false to stop.
+   * maxGradNorm, seed, appendEos, dp: {noiseMultiplier, maxGradNorm, delta, targetEpsilon, sampling}, timeoutMs}. `onStep(report)` may return false to stop.
    */
   train(examples, options = {}, onStep) {
     const { timeoutMs, ...opts } = options;

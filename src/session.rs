@@ -21,6 +21,7 @@ use crate::tensor::{ints, read};
 use crate::tokenizer::Tokenizer;
 use crate::train::data::{Batch, Batcher, Example, tokenize};
 use crate::train::loss::{causal_lm_loss, row_nll};
+use crate::train::privacy::{self, DpConfig};
 use crate::train::{AdamWConfig, Schedule, StepStats, TrainConfig, Trainer};
 
 pub struct Session {
@@ -46,6 +47,8 @@ pub struct TrainOptions {
     pub max_grad_norm: Option<f64>,
     pub seed: u64,
     pub append_eos: bool,
+    /// DP-SGD (per-example clipping, noise, accountant); `max_grad_norm` then does not apply.
+    pub dp: Option<DpConfig>,
 }
 
 impl Default for TrainOptions {
@@ -62,6 +65,7 @@ impl Default for TrainOptions {
             max_grad_norm: Some(1.0),
             seed: 0,
             append_eos: false,
+            dp: None,
         }
     }
 }
@@ -87,6 +91,8 @@ pub struct StepReport {
     pub memory_in_use: Option<u64>,
     /// Multi-task training: the adapter of each entry of `stats.task_losses`.
     pub task_names: Vec<String>,
+    /// DP-SGD: the (ε, δ = `dp.delta`) spent so far, from the RDP accountant.
+    pub epsilon: Option<f64>,
 }
 
 impl Session {
@@ -398,19 +404,45 @@ async fn run_training(
     mut on_step: impl FnMut(&StepReport) -> bool,
 ) -> Result<Vec<StepReport>> {
     compute.device.seed(o.seed);
-    let config = TrainConfig {
+    let mut config = TrainConfig {
         optim: AdamWConfig { lr: o.lr, weight_decay: o.weight_decay, ..Default::default() },
         schedule: o.schedule,
         warmup: o.warmup,
         total_steps: o.steps,
         max_grad_norm: o.max_grad_norm,
+        seed: o.seed,
         ..Default::default()
+    };
+    // DP-SGD: the accountant's RDP of one step, at Opacus's orders.
+    let orders = privacy::default_orders();
+    let mut dp_rdp = None;
+    if let Some(dp) = o.dp {
+        dp.validate()?;
+        if dp.poisson {
+            batcher.set_poisson();
+        }
+        config.dp = Some(dp);
+        config.dp_expected_batch = o.batch * o.grad_accum;
+        config.max_grad_norm = None;
+        let q = ((o.batch * o.grad_accum) as f64 / batcher.num_rows() as f64).min(1.0);
+        dp_rdp = Some(privacy::compute_rdp(q, dp.noise_multiplier, 1, &orders));
+    }
+    let epsilon_after = |steps: usize| -> Option<f64> {
+        let (dp, rdp) = (o.dp?, dp_rdp.as_ref()?);
+        let total: Vec<f64> = rdp.iter().map(|r| r * steps as f64).collect();
+        Some(privacy::privacy_spent(&orders, &total, dp.delta).0)
     };
     let mut trainer = Trainer::new(config);
     set_trainable(adapter, true);
     let mut reports = Vec::new();
     let result = async {
-        for _ in 0..o.steps {
+        for step in 0..o.steps {
+            if let (Some(budget), Some(next)) = (o.dp.and_then(|d| d.target_epsilon), epsilon_after(step + 1))
+                && next > budget
+            {
+                log::warn!("DP: stopping after {step} steps: the next would spend epsilon {next:.3} > budget {budget}");
+                break;
+            }
             let micro = (0..o.grad_accum).map(|_| batcher.next_batch()).collect::<Result<Vec<_>>>()?;
             let t0 = Instant::now();
             let stats = trainer.step(model, adapter, &micro).await?;
@@ -422,6 +454,7 @@ async fn run_training(
                 epoch: batcher.epoch,
                 memory_in_use: memory_usage(&compute.device).map(|m| m.0),
                 task_names: task_names.to_vec(),
+                epsilon: epsilon_after(step + 1),
             };
             let go_on = on_step(&r);
             reports.push(r);

@@ -197,6 +197,19 @@ struct JsTrainOptions {
     max_grad_norm: Option<f64>,
     seed: Option<u64>,
     append_eos: Option<bool>,
+    dp: Option<JsDpOptions>,
+}
+
+/// DP-SGD options of `train` / `trainTasks`.
+#[derive(Deserialize, Default, Clone)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+struct JsDpOptions {
+    noise_multiplier: Option<f64>,
+    max_grad_norm: Option<f64>,
+    delta: Option<f64>,
+    target_epsilon: Option<f64>,
+    /// "poisson" (default) or "shuffle".
+    sampling: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -268,6 +281,20 @@ impl JsTrainOptions {
             },
             seed: self.seed.unwrap_or(d.seed),
             append_eos: self.append_eos.unwrap_or(d.append_eos),
+            dp: match &self.dp {
+                None => None,
+                Some(p) => Some(crate::train::privacy::DpConfig {
+                    noise_multiplier: p.noise_multiplier.ok_or_else(|| err!(Config, "dp.noiseMultiplier is required"))?,
+                    max_grad_norm: p.max_grad_norm.unwrap_or(1.0),
+                    delta: p.delta.unwrap_or(1e-5),
+                    target_epsilon: p.target_epsilon,
+                    poisson: match p.sampling.as_deref() {
+                        None | Some("poisson") => true,
+                        Some("shuffle") => false,
+                        Some(other) => return Err(err!(Config, "dp.sampling {other:?} (poisson, shuffle)")),
+                    },
+                }),
+            },
         })
     }
 }
@@ -286,6 +313,9 @@ fn report_step(r: &crate::session::StepReport, all: &Array, on_step: Option<&Fun
     set(&j, "skipped", r.stats.skipped);
     if let Some(m) = r.memory_in_use {
         set(&j, "memoryInUse", m as f64);
+    }
+    if let Some(e) = r.epsilon {
+        set(&j, "epsilon", e);
     }
     if !r.task_names.is_empty() {
         let t = Object::new();

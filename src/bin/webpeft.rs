@@ -199,6 +199,43 @@ impl MethodArgs {
     }
 }
 
+/// Differentially private training (DP-SGD).
+#[derive(Args, Clone)]
+struct DpArgs {
+    /// Turn on DP-SGD with this noise multiplier σ (noise std σ·C on the clipped sum).
+    #[arg(long)]
+    dp_noise: Option<f64>,
+    /// DP-SGD: clip each example's gradient to this norm C.
+    #[arg(long, default_value_t = 1.0)]
+    dp_clip: f64,
+    /// DP-SGD: the δ of the reported (ε, δ).
+    #[arg(long, default_value_t = 1e-5)]
+    dp_delta: f64,
+    /// DP-SGD: stop before ε would pass this budget.
+    #[arg(long)]
+    dp_epsilon: Option<f64>,
+    /// DP-SGD batches: poisson (as the accountant assumes) or shuffle (fixed size).
+    #[arg(long, default_value = "poisson")]
+    dp_sampling: String,
+}
+
+impl DpArgs {
+    fn config(&self) -> Result<Option<webpeft::train::privacy::DpConfig>> {
+        let Some(noise) = self.dp_noise else {
+            if self.dp_epsilon.is_some() {
+                return Err(Error::new(ErrorCode::Config, "--dp-epsilon needs --dp-noise (DP-SGD is on when a noise multiplier is given)"));
+            }
+            return Ok(None);
+        };
+        let poisson = match self.dp_sampling.as_str() {
+            "poisson" => true,
+            "shuffle" => false,
+            other => return Err(Error::new(ErrorCode::Config, format!("--dp-sampling {other:?} (poisson, shuffle)"))),
+        };
+        Ok(Some(webpeft::train::privacy::DpConfig { max_grad_norm: self.dp_clip, noise_multiplier: noise, delta: self.dp_delta, target_epsilon: self.dp_epsilon, poisson }))
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Write input_ids and logits of a text to a safetensors file.
@@ -262,6 +299,8 @@ enum Cmd {
         /// Append EOS to plain-text examples.
         #[arg(long)]
         append_eos: bool,
+        #[command(flatten)]
+        dp: DpArgs,
     },
     /// Generate text (greedy when --temperature 0), with the KV cache.
     Generate {
@@ -511,7 +550,7 @@ fn run(cli: Cli) -> Result<()> {
             write_adapter(&mut s, "default", &out)?;
             eprintln!("wrote {}", out.display());
         }
-        Cmd::Train { common, data, task, out, init_adapter, config, method, steps, lr, batch, seq_len, grad_accum, warmup, schedule, weight_decay, max_grad_norm, seed, append_eos } => {
+        Cmd::Train { common, data, task, out, init_adapter, config, method, steps, lr, batch, seq_len, grad_accum, warmup, schedule, weight_decay, max_grad_norm, seed, append_eos, dp } => {
             let read_examples = |p: &Path| parse_examples(&read_text(p)?).map_err(|e| e.context(p.display()));
             let opts = TrainOptions {
                 steps,
@@ -525,6 +564,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
                 seed,
                 append_eos,
+                dp: dp.config()?,
             };
             let Some(data) = data else {
                 return train_tasks(&common, &task, &method, &opts, &out);
@@ -559,14 +599,15 @@ fn run(cli: Cli) -> Result<()> {
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             block_on(s.train_together(&refs, &examples, &opts, |r| {
                 println!(
-                    "step {:>4}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  {:.0} tok/s  {:.0} ms{}",
+                    "step {:>4}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  {:.0} tok/s  {:.0} ms{}{}",
                     r.stats.step,
                     r.stats.loss,
                     r.stats.lr,
                     r.stats.grad_norm,
                     r.tokens_per_second,
                     r.seconds * 1e3,
-                    if r.stats.skipped { "  (skipped: non-finite)" } else { "" }
+                    if r.stats.skipped { "  (skipped: non-finite)" } else { "" },
+                    r.epsilon.map(|e| format!("  epsilon {e:.3}")).unwrap_or_default()
                 );
                 true
             }))?;

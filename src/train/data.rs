@@ -1,8 +1,8 @@
 //! Examples, their tokenisation (with loss masks) and padded batches.
 
-use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 
 use crate::error::{Result, bail, err};
 use crate::tokenizer::Tokenizer;
@@ -138,6 +138,23 @@ impl Batch {
         self.num_targets_with_prefix(0)
     }
 
+    /// Each row as its own one-row batch (same padded length).
+    pub fn rows(&self) -> Vec<Batch> {
+        (0..self.batch)
+            .map(|b| {
+                let r = b * self.len..(b + 1) * self.len;
+                Batch {
+                    batch: 1,
+                    len: self.len,
+                    input_ids: self.input_ids[r.clone()].to_vec(),
+                    attention_mask: self.attention_mask[r.clone()].to_vec(),
+                    labels: self.labels[r].to_vec(),
+                    tasks: self.tasks.get(b).map(|&t| vec![t]).unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
     pub fn num_tokens(&self) -> usize {
         self.attention_mask.iter().filter(|&&m| m != 0).count()
     }
@@ -148,6 +165,9 @@ pub struct Batcher {
     rows: Vec<Tokenized>,
     /// The task of each row (multi-task training), or empty.
     tasks: Vec<usize>,
+    /// Poisson sampling rate (DP-SGD): each row joins each batch independently with this
+    /// probability, so batches vary in size and may be empty.
+    poisson: Option<f64>,
     order: Vec<usize>,
     pos: usize,
     rng: SmallRng,
@@ -161,7 +181,7 @@ impl Batcher {
         if rows.is_empty() || batch == 0 {
             bail!(Data, "no examples or batch size 0");
         }
-        let mut b = Batcher { order: (0..rows.len()).collect(), rows, tasks: vec![], pos: 0, rng: SmallRng::seed_from_u64(seed), batch, pad_id, epoch: 0 };
+        let mut b = Batcher { order: (0..rows.len()).collect(), rows, tasks: vec![], poisson: None, pos: 0, rng: SmallRng::seed_from_u64(seed), batch, pad_id, epoch: 0 };
         b.order.shuffle(&mut b.rng);
         Ok(b)
     }
@@ -177,9 +197,44 @@ impl Batcher {
         Ok(b)
     }
 
+    /// Switch to Poisson sampling with rate `batch / rows` (the expected batch size stays).
+    pub fn set_poisson(&mut self) {
+        self.poisson = Some((self.batch as f64 / self.rows.len() as f64).min(1.0));
+    }
+
+    /// The sampling rate q of a step: batch / rows (Poisson) or its fixed-size equivalent.
+    pub fn sample_rate(&self) -> f64 {
+        (self.batch as f64 / self.rows.len() as f64).min(1.0)
+    }
+
+    pub fn num_rows(&self) -> usize {
+        self.rows.len()
+    }
+
     pub fn next_batch(&mut self) -> Result<Batch> {
         let mut picked = Vec::with_capacity(self.batch);
         let mut tasks = Vec::new();
+        if let Some(q) = self.poisson {
+            for i in 0..self.rows.len() {
+                if self.rng.random::<f64>() < q {
+                    picked.push(self.rows[i].clone());
+                    if let Some(&t) = self.tasks.get(i) {
+                        tasks.push(t);
+                    }
+                }
+            }
+            self.pos += self.batch;
+            if self.pos >= self.rows.len() {
+                self.pos = 0;
+                self.epoch += 1;
+            }
+            if picked.is_empty() {
+                return Ok(Batch { batch: 0, len: 0, input_ids: vec![], attention_mask: vec![], labels: vec![], tasks: vec![] });
+            }
+            let mut b = Batch::new(&picked, self.pad_id)?;
+            b.tasks = tasks;
+            return Ok(b);
+        }
         while picked.len() < self.batch {
             if self.pos == self.order.len() {
                 self.order.shuffle(&mut self.rng);

@@ -4,6 +4,7 @@
 pub mod data;
 pub mod loss;
 pub mod optim;
+pub mod privacy;
 pub mod schedule;
 pub mod trainer;
 

@@ -2,14 +2,18 @@
 //! LR schedule and AdamW; non-finite losses skip the update and, repeated, stop training.
 
 use burn::tensor::Tensor;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
 
 use crate::error::{Result, bail};
 use crate::models::llama::Llama;
 use crate::peft::Trainable;
+use crate::tensor::floats;
 use crate::tensor::read;
 use crate::train::data::Batch;
-use crate::train::loss::causal_lm_loss_by_task;
+use crate::train::loss::{causal_lm_loss, causal_lm_loss_by_task};
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::privacy::{self, DpConfig};
 use crate::train::schedule::Schedule;
 
 #[derive(Debug, Clone)]
@@ -21,11 +25,17 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     /// Consecutive non-finite steps tolerated before training stops with an error.
     pub max_nonfinite: usize,
+    /// DP-SGD: per-example clipping and Gaussian noise (`max_grad_norm` then does not apply).
+    pub dp: Option<DpConfig>,
+    /// DP-SGD: the expected number of examples per step (the noisy sum is divided by it).
+    pub dp_expected_batch: usize,
+    /// Seed of the DP noise (drawn on the host, so runs repeat on every backend).
+    pub seed: u64,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { optim: AdamWConfig::default(), schedule: Schedule::Constant, warmup: 0, total_steps: 1, max_grad_norm: None, max_nonfinite: 5 }
+        TrainConfig { optim: AdamWConfig::default(), schedule: Schedule::Constant, warmup: 0, total_steps: 1, max_grad_norm: None, max_nonfinite: 5, dp: None, dp_expected_batch: 1, seed: 0 }
     }
 }
 
@@ -50,11 +60,12 @@ pub struct Trainer {
     pub config: TrainConfig,
     pub opt: AdamW,
     nonfinite: usize,
+    noise: SmallRng,
 }
 
 impl Trainer {
     pub fn new(config: TrainConfig) -> Self {
-        Trainer { opt: AdamW::new(config.optim), config, nonfinite: 0 }
+        Trainer { opt: AdamW::new(config.optim), noise: SmallRng::seed_from_u64(config.seed ^ 0x5eed_d9_5d), config, nonfinite: 0 }
     }
 
     /// Learning rate of the next optimizer step.
@@ -66,6 +77,9 @@ impl Trainer {
     /// over all micro-batches divided by their total number of targets, as transformers'
     /// Trainer computes it). The adapter must be trainable (`peft::set_trainable(.., true)`).
     pub async fn step(&mut self, model: &Llama, adapter: &mut dyn Trainable, micro: &[Batch]) -> Result<StepStats> {
+        if let Some(dp) = self.config.dp {
+            return self.step_dp(model, adapter, micro, dp).await;
+        }
         let n = adapter.prefix().map_or(0, |p| p.dims()[0]);
         let total: usize = micro.iter().map(|b| b.num_targets_with_prefix(n)).sum();
         let tokens = micro.iter().map(Batch::num_tokens).sum();
@@ -131,6 +145,75 @@ impl Trainer {
         }
         self.nonfinite = 0;
         let mut params = adapter.params_mut();
+        let mut refs: Vec<&mut Tensor<2>> = params.iter_mut().map(|p| &mut *p.tensor).collect();
+        self.opt.update(&mut refs, grads, lr);
+        Ok(stats)
+    }
+
+    /// A DP-SGD step: every example's gradient (of its own mean loss) is clipped to norm C,
+    /// the clipped gradients are summed, Gaussian noise N(0, σ²C²) is added to each
+    /// coordinate, and the result is divided by the expected batch size (Opacus's
+    /// semantics); then AdamW. An empty batch (Poisson sampling) still takes a noise step.
+    /// The reported loss is the mean of the examples' losses; the gradient norm is the noisy
+    /// gradient's.
+    async fn step_dp(&mut self, model: &Llama, adapter: &mut dyn Trainable, micro: &[Batch], dp: DpConfig) -> Result<StepStats> {
+        let rows: Vec<Batch> = micro.iter().flat_map(Batch::rows).collect();
+        let tokens = rows.iter().map(Batch::num_tokens).sum();
+        let n_prefix = adapter.prefix().map_or(0, |p| p.dims()[0]);
+        let mut sum: Vec<Option<Tensor<2>>> = Vec::new();
+        let mut losses: Vec<Tensor<1>> = Vec::new();
+        for row in rows.iter().filter(|r| r.num_targets_with_prefix(n_prefix) > 0) {
+            adapter.prepare(row);
+            let loss = causal_lm_loss(model, &*adapter, row, row.num_targets_with_prefix(n_prefix))?;
+            let grads = loss.backward();
+            let params = adapter.params_mut();
+            let g: Vec<Tensor<2>> = params.iter().map(|p| p.tensor.grad(&grads).unwrap_or_else(|| p.tensor.clone().without_autodiff().zeros_like())).collect();
+            // c = min(1, C / (||g|| + 1e-6)), on the device: no readback per example.
+            let norm = Tensor::cat(g.iter().map(|t| t.clone().square().sum()).collect(), 0).sum().sqrt();
+            let c: Tensor<2> = norm.add_scalar(1e-6).recip().mul_scalar(dp.max_grad_norm).clamp_max(1.0).unsqueeze();
+            sum.resize_with(g.len(), || None);
+            for (s, t) in sum.iter_mut().zip(g) {
+                let t = t * c.clone();
+                *s = Some(match s.take() {
+                    Some(prev) => prev + t,
+                    None => t,
+                });
+            }
+            losses.push(loss.without_autodiff());
+        }
+        let expected = self.config.dp_expected_batch.max(1) as f64;
+        let std = dp.noise_multiplier * dp.max_grad_norm;
+        let mut params = adapter.params_mut();
+        let grads: Vec<Tensor<2>> = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let zero = p.tensor.clone().without_autodiff().zeros_like();
+                let s = sum.get(i).cloned().flatten().unwrap_or_else(|| zero.clone());
+                let noisy = if std > 0.0 {
+                    let [r, c] = zero.dims();
+                    let z: Vec<f32> = (0..r * c).map(|_| (privacy::gaussian(&mut self.noise) * std) as f32).collect();
+                    s + floats(z, [r, c], &zero.device())
+                } else {
+                    s
+                };
+                noisy.div_scalar(expected)
+            })
+            .collect();
+        let norm = Tensor::cat(grads.iter().map(|g| g.clone().square().sum()).collect(), 0).sum().sqrt();
+        let n = losses.len();
+        let loss = if n == 0 { norm.zeros_like() } else { Tensor::cat(losses, 0).sum().div_scalar(n as f64).reshape([1]) };
+        let both = read(Tensor::cat(vec![loss, norm], 0)).await?;
+        let (loss, grad_norm) = (if n == 0 { f32::NAN } else { both.data[0] }, both.data[1]);
+        let lr = self.lr();
+        let stats = StepStats { step: self.opt.step + 1, loss, grad_norm, lr, tokens, skipped: false, task_losses: Vec::new() };
+        if !grad_norm.is_finite() || (n > 0 && !loss.is_finite()) {
+            bail!(
+                Numeric,
+                "DP step {}: the loss or gradients are not finite (loss {loss}); stopped, the adapter keeps its last good weights. Lower the learning rate or check the data",
+                stats.step
+            );
+        }
         let mut refs: Vec<&mut Tensor<2>> = params.iter_mut().map(|p| &mut *p.tensor).collect();
         self.opt.update(&mut refs, grads, lr);
         Ok(stats)
