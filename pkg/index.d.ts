@@ -63,12 +63,12 @@ export interface TrainOptions {
 
 export interface DpOptions {
   /** σ: Gaussian noise of std σ·maxGradNorm is added to the sum of clipped per-example gradients. */
-  noiseMultiplier: number;
+  noiseMultiplier?: number;
   /** Per-example gradient norm bound C (default 1). */
   maxGradNorm?: number;
   /** δ of the reported (ε, δ) (default 1e-5). */
   delta?: number;
-  /** Stop before ε would exceed this budget. */
+  /** Stop before ε would exceed this budget; without noiseMultiplier, the smallest σ that keeps ε within it for the run. */
   targetEpsilon?: number;
   /** 'poisson' (default: what the accountant assumes) or 'shuffle' (fixed-size batches). */
   sampling?: 'poisson' | 'shuffle';

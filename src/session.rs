@@ -416,8 +416,21 @@ async fn run_training(
     // DP-SGD: the accountant's RDP of one step, at Opacus's orders.
     let orders = privacy::default_orders();
     let mut dp_rdp = None;
-    if let Some(dp) = o.dp {
-        dp.validate()?;
+    let dp_config = match o.dp {
+        Some(mut dp) => {
+            dp.validate()?;
+            if dp.noise_multiplier.is_none() {
+                let q = ((o.batch * o.grad_accum) as f64 / batcher.num_rows() as f64).min(1.0);
+                let target = dp.target_epsilon.expect("validated");
+                let sigma = privacy::noise_for_epsilon(target, q, o.steps, dp.delta, 0.01)?;
+                log::info!("DP: noise multiplier {sigma:.4} keeps epsilon <= {target} over {} steps at q = {q:.4}", o.steps);
+                dp.noise_multiplier = Some(sigma);
+            }
+            Some(dp)
+        }
+        None => None,
+    };
+    if let Some(dp) = dp_config {
         if dp.poisson {
             batcher.set_poisson();
         }
@@ -425,10 +438,10 @@ async fn run_training(
         config.dp_expected_batch = o.batch * o.grad_accum;
         config.max_grad_norm = None;
         let q = ((o.batch * o.grad_accum) as f64 / batcher.num_rows() as f64).min(1.0);
-        dp_rdp = Some(privacy::compute_rdp(q, dp.noise_multiplier, 1, &orders));
+        dp_rdp = Some(privacy::compute_rdp(q, dp.noise_multiplier.expect("resolved"), 1, &orders));
     }
     let epsilon_after = |steps: usize| -> Option<f64> {
-        let (dp, rdp) = (o.dp?, dp_rdp.as_ref()?);
+        let (dp, rdp) = (dp_config?, dp_rdp.as_ref()?);
         let total: Vec<f64> = rdp.iter().map(|r| r * steps as f64).collect();
         Some(privacy::privacy_spent(&orders, &total, dp.delta).0)
     };

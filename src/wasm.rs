@@ -284,7 +284,7 @@ impl JsTrainOptions {
             dp: match &self.dp {
                 None => None,
                 Some(p) => Some(crate::train::privacy::DpConfig {
-                    noise_multiplier: p.noise_multiplier.ok_or_else(|| err!(Config, "dp.noiseMultiplier is required"))?,
+                    noise_multiplier: p.noise_multiplier,
                     max_grad_norm: p.max_grad_norm.unwrap_or(1.0),
                     delta: p.delta.unwrap_or(1e-5),
                     target_epsilon: p.target_epsilon,

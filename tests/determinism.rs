@@ -27,7 +27,7 @@ fn same_seed_gives_byte_identical_adapters() {
         seq_len: 32,
         lr: 1e-2,
         seed: 11,
-        dp: Some(DpConfig { max_grad_norm: 0.5, noise_multiplier: 1.0, delta: 1e-5, target_epsilon: None, poisson: true }),
+        dp: Some(DpConfig { max_grad_norm: 0.5, noise_multiplier: Some(1.0), delta: 1e-5, target_epsilon: None, poisson: true }),
         ..Default::default()
     };
     let first = run(&o);

@@ -202,7 +202,8 @@ impl MethodArgs {
 /// Differentially private training (DP-SGD).
 #[derive(Args, Clone)]
 struct DpArgs {
-    /// Turn on DP-SGD with this noise multiplier σ (noise std σ·C on the clipped sum).
+    /// Turn on DP-SGD with this noise multiplier σ (noise std σ·C on the clipped sum);
+    /// without it, --dp-epsilon alone picks the smallest σ that keeps ε within it for the run.
     #[arg(long)]
     dp_noise: Option<f64>,
     /// DP-SGD: clip each example's gradient to this norm C.
@@ -221,18 +222,15 @@ struct DpArgs {
 
 impl DpArgs {
     fn config(&self) -> Result<Option<webpeft::train::privacy::DpConfig>> {
-        let Some(noise) = self.dp_noise else {
-            if self.dp_epsilon.is_some() {
-                return Err(Error::new(ErrorCode::Config, "--dp-epsilon needs --dp-noise (DP-SGD is on when a noise multiplier is given)"));
-            }
+        if self.dp_noise.is_none() && self.dp_epsilon.is_none() {
             return Ok(None);
-        };
+        }
         let poisson = match self.dp_sampling.as_str() {
             "poisson" => true,
             "shuffle" => false,
             other => return Err(Error::new(ErrorCode::Config, format!("--dp-sampling {other:?} (poisson, shuffle)"))),
         };
-        Ok(Some(webpeft::train::privacy::DpConfig { max_grad_norm: self.dp_clip, noise_multiplier: noise, delta: self.dp_delta, target_epsilon: self.dp_epsilon, poisson }))
+        Ok(Some(webpeft::train::privacy::DpConfig { max_grad_norm: self.dp_clip, noise_multiplier: self.dp_noise, delta: self.dp_delta, target_epsilon: self.dp_epsilon, poisson }))
     }
 }
 

@@ -12,8 +12,10 @@ use crate::error::{Result, bail};
 pub struct DpConfig {
     /// Per-example gradient norm bound C.
     pub max_grad_norm: f64,
-    /// σ: the noise added to the sum of clipped gradients has standard deviation σ C.
-    pub noise_multiplier: f64,
+    /// σ: the noise added to the sum of clipped gradients has standard deviation σ C. None:
+    /// the smallest σ that keeps ε within `target_epsilon` for the whole run (as Opacus's
+    /// `make_private_with_epsilon`).
+    pub noise_multiplier: Option<f64>,
     /// The δ of the reported (ε, δ).
     pub delta: f64,
     /// Stop before a step that would take ε past this budget.
@@ -29,8 +31,10 @@ impl DpConfig {
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm > 0.0) {
             bail!(Config, "DP: the per-example clipping norm must be a positive number");
         }
-        if !(self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0) {
-            bail!(Config, "DP: the noise multiplier must be >= 0");
+        match self.noise_multiplier {
+            Some(s) if !(s.is_finite() && s >= 0.0) => bail!(Config, "DP: the noise multiplier must be >= 0"),
+            None if self.target_epsilon.is_none() => bail!(Config, "DP: give a noise multiplier or an epsilon target"),
+            _ => {}
         }
         if !(self.delta > 0.0 && self.delta < 1.0) {
             bail!(Config, "DP: delta must be in (0, 1)");
@@ -167,6 +171,34 @@ pub fn privacy_spent(orders: &[f64], rdp: &[f64], delta: f64) -> (f64, f64) {
 pub fn epsilon(q: f64, sigma: f64, steps: usize, delta: f64) -> f64 {
     let orders = default_orders();
     privacy_spent(&orders, &compute_rdp(q, sigma, steps, &orders), delta).0
+}
+
+/// The noise multiplier σ that keeps ε ≤ `target_epsilon` after `steps` steps at sampling
+/// rate `q` (Opacus's `get_noise_multiplier` procedure: double σ until ε is under the target,
+/// then bisect until ε is within `tolerance` of it; returns the upper end).
+pub fn noise_for_epsilon(target_epsilon: f64, q: f64, steps: usize, delta: f64, tolerance: f64) -> Result<f64> {
+    if !(target_epsilon > 0.0) || !(q > 0.0 && q <= 1.0) || steps == 0 {
+        bail!(Config, "DP: need a positive epsilon target, a sampling rate in (0, 1] and at least one step");
+    }
+    let (mut low, mut high, mut eps_high) = (0.0f64, 10.0f64, f64::INFINITY);
+    while eps_high > target_epsilon {
+        high *= 2.0;
+        eps_high = epsilon(q, high, steps, delta);
+        if high > 1e6 {
+            bail!(Config, "DP: no noise multiplier reaches epsilon {target_epsilon} in {steps} steps at q = {q}");
+        }
+    }
+    while target_epsilon - eps_high > tolerance {
+        let sigma = (low + high) / 2.0;
+        let eps = epsilon(q, sigma, steps, delta);
+        if eps < target_epsilon {
+            high = sigma;
+            eps_high = eps;
+        } else {
+            low = sigma;
+        }
+    }
+    Ok(high)
 }
 
 #[cfg(test)]

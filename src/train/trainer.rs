@@ -157,8 +157,30 @@ impl Trainer {
     /// The reported loss is the mean of the examples' losses; the gradient norm is the noisy
     /// gradient's.
     async fn step_dp(&mut self, model: &Llama, adapter: &mut dyn Trainable, micro: &[Batch], dp: DpConfig) -> Result<StepStats> {
+        let tokens = micro.iter().map(Batch::num_tokens).sum();
+        let (grads, loss, n) = self.dp_gradients(model, adapter, micro, dp)?;
+        let norm = Tensor::cat(grads.iter().map(|g| g.clone().square().sum()).collect(), 0).sum().sqrt();
+        let both = read(Tensor::cat(vec![loss, norm], 0)).await?;
+        let (loss, grad_norm) = (if n == 0 { f32::NAN } else { both.data[0] }, both.data[1]);
+        let lr = self.lr();
+        let stats = StepStats { step: self.opt.step + 1, loss, grad_norm, lr, tokens, skipped: false, task_losses: Vec::new() };
+        if !grad_norm.is_finite() || (n > 0 && !loss.is_finite()) {
+            bail!(
+                Numeric,
+                "DP step {}: the loss or gradients are not finite (loss {loss}); stopped, the adapter keeps its last good weights. Lower the learning rate or check the data",
+                stats.step
+            );
+        }
+        let mut params = adapter.params_mut();
+        let mut refs: Vec<&mut Tensor<2>> = params.iter_mut().map(|p| &mut *p.tensor).collect();
+        self.opt.update(&mut refs, grads, lr);
+        Ok(stats)
+    }
+
+    /// The DP-SGD gradient of each trainable tensor (in `params_mut` order), the mean of the
+    /// examples' losses [1] and the number of examples.
+    pub fn dp_gradients(&mut self, model: &Llama, adapter: &mut dyn Trainable, micro: &[Batch], dp: DpConfig) -> Result<(Vec<Tensor<2>>, Tensor<1>, usize)> {
         let rows: Vec<Batch> = micro.iter().flat_map(Batch::rows).collect();
-        let tokens = rows.iter().map(Batch::num_tokens).sum();
         let n_prefix = adapter.prefix().map_or(0, |p| p.dims()[0]);
         let mut sum: Vec<Option<Tensor<2>>> = Vec::new();
         let mut losses: Vec<Tensor<1>> = Vec::new();
@@ -182,8 +204,8 @@ impl Trainer {
             losses.push(loss.without_autodiff());
         }
         let expected = self.config.dp_expected_batch.max(1) as f64;
-        let std = dp.noise_multiplier * dp.max_grad_norm;
-        let mut params = adapter.params_mut();
+        let std = dp.noise_multiplier.unwrap_or(0.0) * dp.max_grad_norm;
+        let params = adapter.params_mut();
         let grads: Vec<Tensor<2>> = params
             .iter()
             .enumerate()
@@ -200,22 +222,8 @@ impl Trainer {
                 noisy.div_scalar(expected)
             })
             .collect();
-        let norm = Tensor::cat(grads.iter().map(|g| g.clone().square().sum()).collect(), 0).sum().sqrt();
         let n = losses.len();
-        let loss = if n == 0 { norm.zeros_like() } else { Tensor::cat(losses, 0).sum().div_scalar(n as f64).reshape([1]) };
-        let both = read(Tensor::cat(vec![loss, norm], 0)).await?;
-        let (loss, grad_norm) = (if n == 0 { f32::NAN } else { both.data[0] }, both.data[1]);
-        let lr = self.lr();
-        let stats = StepStats { step: self.opt.step + 1, loss, grad_norm, lr, tokens, skipped: false, task_losses: Vec::new() };
-        if !grad_norm.is_finite() || (n > 0 && !loss.is_finite()) {
-            bail!(
-                Numeric,
-                "DP step {}: the loss or gradients are not finite (loss {loss}); stopped, the adapter keeps its last good weights. Lower the learning rate or check the data",
-                stats.step
-            );
-        }
-        let mut refs: Vec<&mut Tensor<2>> = params.iter_mut().map(|p| &mut *p.tensor).collect();
-        self.opt.update(&mut refs, grads, lr);
-        Ok(stats)
+        let loss = if n == 0 { floats(vec![0.0], [1], &model.device) } else { Tensor::cat(losses, 0).sum().div_scalar(n as f64).reshape([1]) };
+        Ok((grads, loss, n))
     }
 }
