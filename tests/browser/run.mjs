@@ -1,6 +1,7 @@
 // Serve the repository on 127.0.0.1, open tests/browser/pkg.html in headless Chromium with
-// WebGPU, and report its checks. Fails on any failed check and on any request that leaves
-// the local server (the library must make no other network request).
+// WebGPU, and report its checks. Fails on any failed check, on any request that leaves the
+// local server (the library must make no other network request); the page is served with a
+// strict Content-Security-Policy (no eval: only 'wasm-unsafe-eval') and checks it was obeyed.
 import http from 'node:http';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -9,11 +10,16 @@ import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+// What a careful host page would set: scripts only from the origin (and the test page's own
+// inline module, by nonce), WebAssembly compilation but no eval, no connections elsewhere.
+const CSP = "default-src 'self'; script-src 'self' 'wasm-unsafe-eval' 'nonce-webpeft-test'; connect-src 'self'; object-src 'none'; base-uri 'none'";
 const types = { '.html': 'text/html', '.js': 'text/javascript', '.mjs': 'text/javascript', '.wasm': 'application/wasm', '.json': 'application/json' };
 const server = http.createServer((req, res) => {
   const p = path.join(root, decodeURIComponent(new URL(req.url, 'http://x').pathname));
   if (!p.startsWith(root) || !fs.existsSync(p) || !fs.statSync(p).isFile()) { res.writeHead(404); res.end(); return; }
-  res.writeHead(200, { 'content-type': types[path.extname(p)] ?? 'application/octet-stream', 'content-length': fs.statSync(p).size });
+  const headers = { 'content-type': types[path.extname(p)] ?? 'application/octet-stream', 'content-length': fs.statSync(p).size };
+  if (path.extname(p) === '.html') headers['content-security-policy'] = CSP;
+  res.writeHead(200, headers);
   fs.createReadStream(p).pipe(res);
 });
 await new Promise((r) => server.listen(0, '127.0.0.1', r));
