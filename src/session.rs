@@ -432,7 +432,9 @@ async fn run_training(
     };
     if let Some(dp) = dp_config {
         if dp.poisson {
-            batcher.set_poisson();
+            // One Poisson sample per step (rate batch * grad_accum / N), as the accountant
+            // assumes; DP processes examples one by one anyway, so it is not split further.
+            batcher.set_poisson_batch(o.batch * o.grad_accum);
         }
         config.dp = Some(dp);
         config.dp_expected_batch = o.batch * o.grad_accum;
@@ -456,7 +458,8 @@ async fn run_training(
                 log::warn!("DP: stopping after {step} steps: the next would spend epsilon {next:.3} > budget {budget}");
                 break;
             }
-            let micro = (0..o.grad_accum).map(|_| batcher.next_batch()).collect::<Result<Vec<_>>>()?;
+            let draws = if dp_config.is_some_and(|d| d.poisson) { 1 } else { o.grad_accum };
+            let micro = (0..draws).map(|_| batcher.next_batch()).collect::<Result<Vec<_>>>()?;
             let t0 = Instant::now();
             let stats = trainer.step(model, adapter, &micro).await?;
             let seconds = t0.elapsed().as_secs_f64();

@@ -197,6 +197,12 @@ impl Batcher {
         Ok(b)
     }
 
+    /// Switch to Poisson sampling with rate `batch / rows` for an expected batch of `batch`.
+    pub fn set_poisson_batch(&mut self, batch: usize) {
+        self.batch = batch.max(1);
+        self.set_poisson();
+    }
+
     /// Switch to Poisson sampling with rate `batch / rows` (the expected batch size stays).
     pub fn set_poisson(&mut self) {
         self.poisson = Some((self.batch as f64 / self.rows.len() as f64).min(1.0));
