@@ -10,13 +10,12 @@ use crate::error::{Result, bail, err};
 use crate::generate::{GenerateOptions, generate};
 use crate::io::gguf::Gguf;
 use crate::io::safetensors::HostTensor;
-use crate::io::safetensors::{OutTensor, read_all_f32};
 use crate::io::source::ModelFiles;
 use crate::models::hooks::{Adapter, PerRow, Stack};
 use crate::models::llama::{Inputs, Llama};
 use crate::peft::lora::combine::{CombineOptions, Weighted, add_weighted_adapter};
 use crate::peft::lora::{LoraAdapter, LoraConfig};
-use crate::peft::{AnyAdapter, Group, MultiTask, Trainable, peft_files, set_trainable};
+use crate::peft::{AnyAdapter, Group, MultiTask, Trainable, load_all_params, read_params, set_trainable};
 use crate::tensor::{ints, read};
 use crate::tokenizer::Tokenizer;
 use crate::train::data::{Batch, Batcher, Example, tokenize};
@@ -192,15 +191,13 @@ impl Session {
         for (name, _) in parts {
             let a = self.adapters.get_mut(*name).ok_or_else(|| err!(Config, "no adapter named {name:?}"))?;
             let AnyAdapter::Lora(l) = a else { bail!(Unsupported, "adapter {name:?} is {}: only LoRA adapters can be combined", a.method()) };
-            let (_, bytes) = l.to_peft().await?;
-            files.push((l.config.clone(), read_all_f32(&bytes)?));
+            files.push((l.config.clone(), read_params(l).await?));
         }
         let inputs: Vec<Weighted<'_>> = files.iter().zip(parts).map(|((config, tensors), (_, weight))| Weighted { config, tensors, weight: *weight }).collect();
         let (config, tensors) = add_weighted_adapter(&inputs, o)?;
-        let out = tensors.into_iter().map(|(k, v)| (k, OutTensor::F32(v))).collect();
-        let (config_json, bytes) = peft_files(config.to_json(), &out)?;
-        let a = AnyAdapter::from_peft(&config_json, &bytes, &self.model)?;
-        self.adapters.insert(new_name.to_string(), a);
+        let mut a = LoraAdapter::new(config, &self.model, 0)?;
+        load_all_params(&mut a, &tensors)?;
+        self.adapters.insert(new_name.to_string(), AnyAdapter::Lora(a));
         Ok(())
     }
 

@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use webpeft::io::safetensors::read_all_f32;
 use webpeft::io::source::ModelFiles;
-use webpeft::models::hooks::NoHook;
 use webpeft::peft::AnyAdapter;
 use webpeft::peft::lora::combine::{Combination, CombineOptions, SignMethod};
 use webpeft::session::Session;
@@ -184,7 +183,6 @@ fn merged_model_exports_as_a_folder_with_the_adapter_logits() {
     let files = block_on(s.export_model()).unwrap();
     s = Session::load(&ModelFiles::from_named(files.into_iter().collect()).unwrap(), compute()).unwrap();
     assert_close("GGUF export reloads", &block_on(s.logits(&ids, &[])).unwrap().data, &before.data, 1e-5);
-    let _ = NoHook;
 }
 
 #[test]

@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use webpeft::session::TrainOptions;
 use webpeft::tensor::block_on;
-use webpeft::train::data::Example;
 use webpeft::train::privacy::DpConfig;
 
 #[test]
@@ -17,7 +16,7 @@ fn same_seed_gives_byte_identical_adapters() {
         let mut s = tiny();
         let cfg = serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]});
         s.add_adapter("a", &cfg, 3).unwrap();
-        block_on(s.train("a", &zen(), o, |_| true)).unwrap();
+        block_on(s.train("a", &zen_examples(), o, |_| true)).unwrap();
         block_on(s.save_adapter("a")).unwrap().1
     };
     // Dropout, shuffling, Poisson sampling and DP noise all draw from the seed.
@@ -35,11 +34,4 @@ fn same_seed_gives_byte_identical_adapters() {
     assert_ne!(first, run(&TrainOptions { seed: 12, ..o.clone() }), "another seed differs");
     let plain = TrainOptions { dp: None, ..o.clone() };
     assert_eq!(run(&plain), run(&plain));
-}
-
-fn zen() -> Vec<Example> {
-    ["Beautiful is better than ugly.", "Explicit is better than implicit.", "Simple is better than complex.", "Complex is better than complicated.", "Flat is better than nested."]
-        .iter()
-        .map(|t| Example::Text(t.to_string()))
-        .collect()
 }

@@ -130,6 +130,17 @@ pub async fn params_for_save(a: &mut dyn Trainable) -> Result<std::collections::
     Ok(out)
 }
 
+/// The tensors of an `adapter_model.safetensors`.
+pub fn read_weights(bytes: &[u8]) -> Result<std::collections::BTreeMap<String, crate::io::safetensors::HostTensor>> {
+    crate::io::safetensors::read_all_f32(bytes).map_err(|e| e.context("adapter_model.safetensors"))
+}
+
+/// The two PEFT files of an adapter saved as its trainable tensors (under their names).
+pub async fn save_all_params(a: &mut dyn Trainable, config_json: String) -> Result<(String, Vec<u8>)> {
+    let out = params_for_save(a).await?;
+    peft_files(config_json, &out)
+}
+
 /// Start `a` from saved tensors: every trainable tensor must be present and nothing else.
 pub fn load_all_params(a: &mut dyn Trainable, tensors: &std::collections::BTreeMap<String, crate::io::safetensors::HostTensor>) -> Result<()> {
     let names: std::collections::HashSet<String> = a.params_mut().into_iter().map(|p| p.name).collect();

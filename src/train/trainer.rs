@@ -128,9 +128,16 @@ impl Trainer {
         let both = read(Tensor::cat(vec![loss, norm].into_iter().chain(task_sums).collect(), 0)).await?;
         let (loss, grad_norm) = (both.data[0], both.data[1]);
         let task_losses = task_counts.iter().enumerate().map(|(k, &c)| if c == 0 { f32::NAN } else { both.data[2 + k] / c as f32 }).collect();
-        let lr = self.lr();
-        let mut stats = StepStats { step: self.opt.step + 1, loss, grad_norm, lr, tokens, skipped: false, task_losses };
-        if !loss.is_finite() || !grad_norm.is_finite() {
+        self.finish(adapter, grads, StepStats { step: self.opt.step + 1, loss, grad_norm, lr: self.lr(), tokens, skipped: false, task_losses }, true)
+    }
+
+    /// Apply the update, unless the loss or gradients are not finite: then the step is
+    /// skipped and logged, and after `max_nonfinite` such steps in a row training stops with
+    /// an error, the adapter keeping its last good weights.
+    /// `has_loss` is false for a DP step without examples (Poisson sampling): only noise.
+    fn finish(&mut self, adapter: &mut dyn Trainable, grads: Vec<Tensor<2>>, mut stats: StepStats, has_loss: bool) -> Result<StepStats> {
+        let (loss, grad_norm) = (stats.loss, stats.grad_norm);
+        if !grad_norm.is_finite() || (has_loss && !loss.is_finite()) {
             self.nonfinite += 1;
             stats.skipped = true;
             if self.nonfinite >= self.config.max_nonfinite {
@@ -146,7 +153,7 @@ impl Trainer {
         self.nonfinite = 0;
         let mut params = adapter.params_mut();
         let mut refs: Vec<&mut Tensor<2>> = params.iter_mut().map(|p| &mut *p.tensor).collect();
-        self.opt.update(&mut refs, grads, lr);
+        self.opt.update(&mut refs, grads, stats.lr);
         Ok(stats)
     }
 
@@ -162,19 +169,7 @@ impl Trainer {
         let norm = Tensor::cat(grads.iter().map(|g| g.clone().square().sum()).collect(), 0).sum().sqrt();
         let both = read(Tensor::cat(vec![loss, norm], 0)).await?;
         let (loss, grad_norm) = (if n == 0 { f32::NAN } else { both.data[0] }, both.data[1]);
-        let lr = self.lr();
-        let stats = StepStats { step: self.opt.step + 1, loss, grad_norm, lr, tokens, skipped: false, task_losses: Vec::new() };
-        if !grad_norm.is_finite() || (n > 0 && !loss.is_finite()) {
-            bail!(
-                Numeric,
-                "DP step {}: the loss or gradients are not finite (loss {loss}); stopped, the adapter keeps its last good weights. Lower the learning rate or check the data",
-                stats.step
-            );
-        }
-        let mut params = adapter.params_mut();
-        let mut refs: Vec<&mut Tensor<2>> = params.iter_mut().map(|p| &mut *p.tensor).collect();
-        self.opt.update(&mut refs, grads, lr);
-        Ok(stats)
+        self.finish(adapter, grads, StepStats { step: self.opt.step + 1, loss, grad_norm, lr: self.lr(), tokens, skipped: false, task_losses: Vec::new() }, n > 0)
     }
 
     /// The DP-SGD gradient of each trainable tensor (in `params_mut` order), the mean of the

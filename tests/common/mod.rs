@@ -88,3 +88,11 @@ pub fn logits_with(s: &Session, adapter: &dyn Adapter) -> Vec<f32> {
     let inputs = Inputs { ids: ints(ids.clone(), [shape[0], shape[1]], &s.model.device), attention_mask: None };
     block_on(read(s.model.forward(&inputs, adapter, None).unwrap())).unwrap().data
 }
+
+/// Five short lines of the Zen of Python as training examples.
+pub fn zen_examples() -> Vec<webpeft::train::data::Example> {
+    ["Beautiful is better than ugly.", "Explicit is better than implicit.", "Simple is better than complex.", "Complex is better than complicated.", "Flat is better than nested."]
+        .iter()
+        .map(|t| webpeft::train::data::Example::Text(t.to_string()))
+        .collect()
+}

@@ -17,7 +17,6 @@ use burn::tensor::activation::{gelu, relu, silu, tanh};
 use serde_json::{Value as Json, json};
 
 use crate::error::{Result, bail, err};
-use crate::io::safetensors as st;
 use crate::models::hooks::{Adapter, Sublayer};
 use crate::models::llama::Llama;
 use crate::peft::reparam::Dense;
@@ -163,15 +162,15 @@ impl BottleneckAdapter {
 
     pub fn from_peft(config: BottleneckConfig, weights: &[u8], model: &Llama) -> Result<Self> {
         let (h, r) = (model.config.hidden_size, Self::size(&config, model)?);
-        let tensors = st::read_all_f32(weights).map_err(|e| e.context("adapter_model.safetensors"))?;
+        let tensors = crate::peft::read_weights(weights)?;
         let mut a = Self::new(config, model, 0)?;
         crate::peft::load_all_params(&mut a, &tensors).map_err(|e| e.context(format!("bottleneck r = {r}, hidden = {h}")))?;
         Ok(a)
     }
 
     pub async fn to_peft(&mut self) -> Result<(String, Vec<u8>)> {
-        let out = crate::peft::params_for_save(self).await?;
-        crate::peft::peft_files(self.config.to_json(), &out)
+        let config = self.config.to_json();
+        crate::peft::save_all_params(self, config).await
     }
 
     fn act(&self, x: Tensor<2>) -> Tensor<2> {

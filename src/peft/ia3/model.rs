@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use burn::tensor::Tensor;
 
 use crate::error::{Result, bail, err};
-use crate::io::safetensors::{self as st, HostTensor, OutTensor};
+use crate::io::safetensors::{HostTensor, OutTensor};
 use crate::models::hooks::{Adapter, Site};
 use crate::models::llama::Llama;
 use crate::peft::ia3::Ia3Config;
@@ -62,7 +62,7 @@ impl Ia3Adapter {
     }
 
     pub fn from_peft(config: Ia3Config, weights: &[u8], model: &Llama) -> Result<Self> {
-        let tensors = st::read_all_f32(weights).map_err(|e| e.context("adapter_model.safetensors"))?;
+        let tensors = crate::peft::read_weights(weights)?;
         let mut used = HashSet::new();
         let mut layers = BTreeMap::new();
         for (site, feedforward, d) in Self::sites(&config, model)? {

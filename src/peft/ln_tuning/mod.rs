@@ -8,11 +8,10 @@ use burn::tensor::Tensor;
 use serde_json::{Value as Json, json};
 
 use crate::error::{Result, bail};
-use crate::io::safetensors as st;
 use crate::models::hooks::{Adapter, Norm};
 use crate::models::llama::Llama;
 use crate::peft::targets::{Matcher, Targets};
-use crate::peft::{Layout, NamedParam, load_all_params, params_for_save};
+use crate::peft::{Layout, NamedParam, load_all_params};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LnTuningConfig {
@@ -81,15 +80,15 @@ impl LnTuningAdapter {
     }
 
     pub fn from_peft(config: LnTuningConfig, bytes: &[u8], model: &Llama) -> Result<Self> {
-        let tensors = st::read_all_f32(bytes).map_err(|e| e.context("adapter_model.safetensors"))?;
+        let tensors = crate::peft::read_weights(bytes)?;
         let mut a = Self::new(config, model)?;
         load_all_params(&mut a, &tensors)?;
         Ok(a)
     }
 
     pub async fn to_peft(&mut self) -> Result<(String, Vec<u8>)> {
-        let out = params_for_save(self).await?;
-        crate::peft::peft_files(self.config.to_json(), &out)
+        let config = self.config.to_json();
+        crate::peft::save_all_params(self, config).await
     }
 
     pub fn params_mut(&mut self) -> Vec<NamedParam<'_>> {

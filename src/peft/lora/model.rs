@@ -12,14 +12,14 @@ use rand::{Rng, SeedableRng};
 use burn::tensor::{Int, Tensor};
 
 use crate::error::{Result, bail};
-use crate::io::safetensors::{self as st, HostTensor};
+use crate::io::safetensors::HostTensor;
 use crate::models::hooks::{Adapter, Norm, Site};
 use crate::models::llama::Llama;
 use crate::peft::lora::layer::{Dora, weight_norm};
 use crate::peft::lora::{BiasMode, InitLora, LoraConfig, LoraLayer};
 use crate::peft::selective::{SelectiveAdapter, SelectiveConfig};
 use crate::peft::targets::{Matcher, Targets};
-use crate::peft::{Layout, NamedParam, Trainable, load_all_params, params_for_save};
+use crate::peft::{Layout, NamedParam, Trainable, load_all_params};
 use crate::tensor::upload;
 
 /// LoRA on the token embeddings: `embed(ids) + s * A[ids] B`.
@@ -164,7 +164,7 @@ impl LoraAdapter {
     /// Load a peft adapter (`adapter_config.json` text + `adapter_model.safetensors` bytes).
     pub fn from_peft(config_json: &str, weights: &[u8], model: &Llama) -> Result<Self> {
         let config = LoraConfig::from_json(config_json)?;
-        let tensors = st::read_all_f32(weights).map_err(|e| e.context("adapter_model.safetensors"))?;
+        let tensors = crate::peft::read_weights(weights)?;
         // Tolerate keys that still carry the adapter name (`lora_A.default.weight`).
         // peft also saves the frozen embedding when LoRA targets it (`base_layer.weight`).
         let tensors = tensors.into_iter().filter(|(k, _)| !k.ends_with(".base_layer.weight")).map(|(k, v)| (k.replace(".default.", ".").replace(".default", ""), v)).collect();
@@ -175,8 +175,8 @@ impl LoraAdapter {
 
     /// The two PEFT files: (`adapter_config.json`, `adapter_model.safetensors`).
     pub async fn to_peft(&mut self) -> Result<(String, Vec<u8>)> {
-        let out = params_for_save(self).await?;
-        crate::peft::peft_files(self.config.to_json(), &out)
+        let config = self.config.to_json();
+        crate::peft::save_all_params(self, config).await
     }
 }
 

@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use burn::tensor::Tensor;
 
 use crate::error::{Result, bail, err};
-use crate::io::safetensors::{self as st, HostTensor, OutTensor};
+use crate::io::safetensors::{HostTensor, OutTensor};
 use crate::models::hooks::Adapter;
 use crate::models::llama::Llama;
 use crate::peft::prompt_tuning::{PromptInit, PromptTuningConfig};
@@ -21,7 +21,7 @@ pub const KEY: &str = "prompt_embeddings";
 /// The one tensor of a prompt-learning adapter file (prompt, p- and prefix tuning), checked
 /// to be `prompt_embeddings` with shape `want`.
 pub fn read_prompt_embeddings(weights: &[u8], want: [usize; 2]) -> Result<HostTensor> {
-    let mut tensors = st::read_all_f32(weights).map_err(|e| e.context("adapter_model.safetensors"))?;
+    let mut tensors = crate::peft::read_weights(weights)?;
     let t = tensors.remove(KEY).ok_or_else(|| err!(Format, "adapter_model.safetensors: missing {KEY}"))?;
     if let Some(extra) = tensors.keys().next() {
         bail!(Format, "adapter_model.safetensors: unexpected tensor {extra}");

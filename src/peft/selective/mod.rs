@@ -10,10 +10,10 @@ use burn::tensor::Tensor;
 use serde_json::{Value as Json, json};
 
 use crate::error::{Result, bail, err};
-use crate::io::safetensors as st;
+
 use crate::models::hooks::{Adapter, Norm, Site};
 use crate::models::llama::Llama;
-use crate::peft::{Layout, NamedParam, Trainable, load_all_params, params_for_save};
+use crate::peft::{Layout, NamedParam, Trainable, load_all_params};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SelectiveConfig {
@@ -89,15 +89,15 @@ impl SelectiveAdapter {
     }
 
     pub fn from_peft(config: SelectiveConfig, weights: &[u8], model: &Llama) -> Result<Self> {
-        let tensors = st::read_all_f32(weights).map_err(|e| e.context("adapter_model.safetensors"))?;
+        let tensors = crate::peft::read_weights(weights)?;
         let mut a = Self::new(config, model)?;
         load_all_params(&mut a, &tensors)?;
         Ok(a)
     }
 
     pub async fn to_peft(&mut self) -> Result<(String, Vec<u8>)> {
-        let out = params_for_save(self).await?;
-        crate::peft::peft_files(self.config.to_json(), &out)
+        let config = self.config.to_json();
+        crate::peft::save_all_params(self, config).await
     }
 
     fn get(&self, t: Target) -> Option<Tensor<2>> {
