@@ -41,6 +41,9 @@ export interface LoraConfig {
 
 export type Example = string | { text: string } | { prompt: string; completion: string };
 
+/** Parse a data file (text, JSONL or CSV with `text` or `prompt`,`completion` columns, by the extension of `name`). */
+export function parseData(name: string, text: string): Promise<Example[]>;
+
 export interface TrainOptions {
   /** The adapter to train (default "default"), or several trained together (hybrid). */
   adapter?: string | string[];
@@ -58,6 +61,10 @@ export interface TrainOptions {
   appendEos?: boolean;
   /** Differentially private training (DP-SGD); `maxGradNorm` above then does not apply. */
   dp?: DpOptions;
+  /** Step reports carry `checkpoint` (the run's state as files) every this many steps and after the last. */
+  checkpointEvery?: number;
+  /** Continue the run a checkpoint came from (same examples and options): ends exactly where the uninterrupted run ends. */
+  resume?: Record<string, Uint8Array>;
   timeoutMs?: number;
 }
 
@@ -89,6 +96,8 @@ export interface StepReport {
   taskLosses?: Record<string, number>;
   /** DP-SGD: ε spent so far (RDP accountant) for `dp.delta`. */
   epsilon?: number;
+  /** With `checkpointEvery`: the run's state after this step (`state.json`, `tensors.safetensors`), to store and pass back as `resume`. */
+  checkpoint?: Record<string, Uint8Array>;
 }
 
 export interface GenerateOptions {

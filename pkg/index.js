@@ -43,6 +43,15 @@ export async function init(options = {}) {
   return ready;
 }
 
+/**
+ * Parse a data file (plain text, JSONL or CSV, by the extension of `name`) into examples.
+ * Rejects with the typed error (`code: "data"`) naming the file and line.
+ */
+export async function parseData(name, text) {
+  await init();
+  return core.parseData(name, text);
+}
+
 async function fetchWithProgress(url, file, onProgress) {
   let res;
   try {
@@ -149,7 +158,7 @@ export class Model {
   /**
    * Train an adapter. `examples`: strings, `{text}` or `{prompt, completion}`.
    * `options`: {adapter, steps, batch, seqLen, gradAccum, lr, warmup, schedule, weightDecay,
-   * maxGradNorm, seed, appendEos, dp: {noiseMultiplier, maxGradNorm, delta, targetEpsilon, sampling}, timeoutMs}. `onStep(report)` may return false to stop.
+   * maxGradNorm, seed, appendEos, dp: {noiseMultiplier, maxGradNorm, delta, targetEpsilon, sampling}, checkpointEvery, resume, timeoutMs}. `onStep(report)` may return false to stop.
    */
   train(examples, options = {}, onStep) {
     const { timeoutMs, ...opts } = options;

@@ -18,6 +18,7 @@ use crate::peft::lora::{LoraAdapter, LoraConfig};
 use crate::peft::{AnyAdapter, Group, MultiTask, Trainable, load_all_params, read_params, set_trainable};
 use crate::tensor::{ints, read};
 use crate::tokenizer::Tokenizer;
+use crate::train::checkpoint::Checkpoint;
 use crate::train::data::{Batch, Batcher, Example, tokenize};
 use crate::train::loss::{causal_lm_loss, row_nll};
 use crate::train::privacy::{self, DpConfig};
@@ -48,6 +49,23 @@ pub struct TrainOptions {
     pub append_eos: bool,
     /// DP-SGD (per-example clipping, noise, accountant); `max_grad_norm` then does not apply.
     pub dp: Option<DpConfig>,
+    /// Hand out a [`Checkpoint`] in the step report every this many steps (and after the
+    /// last); 0 = never.
+    pub checkpoint_every: usize,
+    /// Continue the run this checkpoint was taken from (same data and settings): the result
+    /// is the one the uninterrupted run gives, to the byte.
+    pub resume: Option<Checkpoint>,
+}
+
+impl TrainOptions {
+    /// What decides a run's course: a checkpoint resumes only under the same.
+    fn fingerprint(&self, rows: usize, tasks: &[String]) -> serde_json::Value {
+        serde_json::json!({
+            "steps": self.steps, "batch": self.batch, "seq_len": self.seq_len, "grad_accum": self.grad_accum, "lr": self.lr, "warmup": self.warmup,
+            "schedule": format!("{:?}", self.schedule), "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm, "seed": self.seed,
+            "append_eos": self.append_eos, "dp": self.dp.map(|d| format!("{d:?}")), "examples": rows, "tasks": tasks,
+        })
+    }
 }
 
 impl Default for TrainOptions {
@@ -65,6 +83,8 @@ impl Default for TrainOptions {
             seed: 0,
             append_eos: false,
             dp: None,
+            checkpoint_every: 0,
+            resume: None,
         }
     }
 }
@@ -92,6 +112,9 @@ pub struct StepReport {
     pub task_names: Vec<String>,
     /// DP-SGD: the (ε, δ = `dp.delta`) spent so far, from the RDP accountant.
     pub epsilon: Option<f64>,
+    /// The run's state after this step, every `checkpoint_every` steps and after the last
+    /// (only in the report passed to `on_step`; not kept in the returned list).
+    pub checkpoint: Option<Checkpoint>,
 }
 
 impl Session {
@@ -400,7 +423,6 @@ async fn run_training(
     task_names: &[String],
     mut on_step: impl FnMut(&StepReport) -> bool,
 ) -> Result<Vec<StepReport>> {
-    compute.device.seed(o.seed);
     let mut config = TrainConfig {
         optim: AdamWConfig { lr: o.lr, weight_decay: o.weight_decay, ..Default::default() },
         schedule: o.schedule,
@@ -445,22 +467,42 @@ async fn run_training(
         Some(privacy::privacy_spent(&orders, &total, dp.delta).0)
     };
     let mut trainer = Trainer::new(config);
+    let fingerprint = o.fingerprint(batcher.num_rows(), task_names);
+    let draws = if dp_config.is_some_and(|d| d.poisson) { 1 } else { o.grad_accum };
+    let start = match &o.resume {
+        Some(c) => {
+            c.restore(adapter, &mut trainer.opt, &fingerprint)?;
+            trainer.set_nonfinite(c.nonfinite);
+            // The batches the first part of the run drew (host-side shuffles only).
+            for _ in 0..c.iteration * draws {
+                batcher.next_batch()?;
+            }
+            log::info!("resuming at step {} of {}", c.iteration, o.steps);
+            c.iteration
+        }
+        None => 0,
+    };
     set_trainable(adapter, true);
     let mut reports = Vec::new();
     let result = async {
-        for step in 0..o.steps {
+        for step in start..o.steps {
+            // Randomness keyed by the step (dropout on the device, DP noise on the host), so a
+            // resumed run draws what the uninterrupted one would have.
+            compute.device.seed(o.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            trainer.seed_noise(step);
             if let (Some(budget), Some(next)) = (o.dp.and_then(|d| d.target_epsilon), epsilon_after(step + 1))
                 && next > budget
             {
                 log::warn!("DP: stopping after {step} steps: the next would spend epsilon {next:.3} > budget {budget}");
                 break;
             }
-            let draws = if dp_config.is_some_and(|d| d.poisson) { 1 } else { o.grad_accum };
             let micro = (0..draws).map(|_| batcher.next_batch()).collect::<Result<Vec<_>>>()?;
             let t0 = Instant::now();
             let stats = trainer.step(model, adapter, &micro).await?;
             let seconds = t0.elapsed().as_secs_f64();
-            let r = StepReport {
+            let due = o.checkpoint_every > 0 && ((step + 1) % o.checkpoint_every == 0 || step + 1 == o.steps);
+            let checkpoint = if due { Some(Checkpoint::capture(adapter, &trainer.opt, step + 1, trainer.nonfinite(), fingerprint.clone()).await?) } else { None };
+            let mut r = StepReport {
                 tokens_per_second: stats.tokens as f64 / seconds.max(1e-9),
                 stats,
                 seconds,
@@ -468,8 +510,10 @@ async fn run_training(
                 memory_in_use: memory_usage(&compute.device).map(|m| m.0),
                 task_names: task_names.to_vec(),
                 epsilon: epsilon_after(step + 1),
+                checkpoint,
             };
             let go_on = on_step(&r);
+            r.checkpoint = None;
             reports.push(r);
             if !go_on {
                 break;

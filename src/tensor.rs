@@ -21,6 +21,18 @@ fn count(bytes: usize) {
     UPLOADED.with(|u| u.set(u.get() + bytes as u64));
 }
 
+/// Largest tensor sized from a config (elements): 2^26 f32 = 256 MiB, the buffer size every
+/// WebGPU device allows by default (`maxBufferSize`), far beyond any adapter's tensor.
+pub const MAX_TENSOR_ELEMENTS: usize = 1 << 26;
+
+/// Check a tensor shape sized from a config before anything is allocated for it: the
+/// element count must not overflow nor exceed [`MAX_TENSOR_ELEMENTS`]. `setting` names what
+/// to reduce (e.g. "r", "num_virtual_tokens").
+pub fn check_size(setting: &str, dims: &[usize]) -> Result<usize> {
+    let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n <= MAX_TENSOR_ELEMENTS);
+    n.ok_or_else(|| err!(Config, "{setting}: a {dims:?} tensor is larger than the {} MiB limit for one tensor; reduce {setting}", (MAX_TENSOR_ELEMENTS * 4) >> 20))
+}
+
 pub fn upload<const D: usize>(t: &HostTensor, device: &Device) -> Result<Tensor<D>> {
     if t.shape.len() != D {
         return Err(err!(Shape, "expected a {D}-D tensor, got shape {:?}", t.shape));

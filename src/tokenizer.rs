@@ -17,7 +17,11 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_json(text: &str, chat_template: Option<String>, bos_id: Option<u32>, eos_id: Option<u32>) -> Result<Self> {
-        let inner = HfTokenizer::from_bytes(text.as_bytes()).map_err(|e| err!(Parse, "tokenizer.json: {e}"))?;
+        // Parse the JSON first, then build from the value: tokenizers 0.22 panics (rather than
+        // failing) on a syntax error or an out-of-range number inside the `decoder` object
+        // when it reads text (found by fuzz/fuzz_targets/tokenizer_json.rs).
+        let value: Json = serde_json::from_str(text).map_err(|e| err!(Parse, "tokenizer.json: {e}"))?;
+        let inner: HfTokenizer = serde_json::from_value(value).map_err(|e| err!(Parse, "tokenizer.json: {e}"))?;
         Ok(Tokenizer { inner, bos_id, eos_id, chat_template })
     }
 

@@ -121,6 +121,27 @@ pub fn init() -> Promise {
     })
 }
 
+/// Parse a data file (text, JSONL or CSV, chosen by `name`'s extension) into examples:
+/// `{text}` or `{prompt, completion}` objects. Throws the typed error naming file and line.
+#[wasm_bindgen(js_name = parseData)]
+pub fn parse_data(name: &str, text: &str) -> std::result::Result<Array, JsValue> {
+    let examples = crate::train::data::parse_data_file(name, text).map_err(|e| js_error(&e))?;
+    Ok(examples
+        .iter()
+        .map(|e| {
+            let o = Object::new();
+            match e {
+                Example::Text(t) => set(&o, "text", t.as_str()),
+                Example::PromptCompletion { prompt, completion } => {
+                    set(&o, "prompt", prompt.as_str());
+                    set(&o, "completion", completion.as_str());
+                }
+            }
+            JsValue::from(o)
+        })
+        .collect())
+}
+
 fn bytes_of(v: &JsValue, name: &str) -> Result<Vec<u8>> {
     if let Some(s) = v.as_string() {
         return Ok(s.into_bytes());
@@ -198,6 +219,27 @@ struct JsTrainOptions {
     seed: Option<u64>,
     append_eos: Option<bool>,
     dp: Option<JsDpOptions>,
+    /// Step reports carry `checkpoint` (its files) every this many steps and after the last.
+    checkpoint_every: Option<usize>,
+}
+
+/// Train options from JS: `resume` (a checkpoint's files, binary) is taken out before the
+/// rest goes through JSON.
+fn train_options(options: JsValue) -> Result<(JsTrainOptions, TrainOptions)> {
+    let mut resume = None;
+    let options = if options.is_object() && Reflect::has(&options, &"resume".into()).unwrap_or(false) {
+        let files = Reflect::get(&options, &"resume".into()).unwrap_or(JsValue::UNDEFINED);
+        resume = Some(crate::train::checkpoint::Checkpoint::from_files(&files_of(&files)?).map_err(|e| e.context("options.resume"))?);
+        let copy = Object::assign(&Object::new(), &Object::from(options));
+        let _ = Reflect::delete_property(&copy, &"resume".into());
+        JsValue::from(copy)
+    } else {
+        options
+    };
+    let o: JsTrainOptions = from_js(options, "train options")?;
+    let mut opts = o.options()?;
+    opts.resume = resume;
+    Ok((o, opts))
 }
 
 /// DP-SGD options of `train` / `trainTasks`.
@@ -248,18 +290,7 @@ fn examples_of(v: JsValue) -> Result<Vec<Example>> {
     if vals.is_empty() {
         return Err(err!(Data, "examples: empty"));
     }
-    vals.into_iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-            match (&v, s("text"), s("prompt"), s("completion")) {
-                (serde_json::Value::String(t), ..) => Ok(Example::Text(t.clone())),
-                (_, Some(t), None, None) => Ok(Example::Text(t)),
-                (_, None, Some(prompt), Some(completion)) => Ok(Example::PromptCompletion { prompt, completion }),
-                _ => Err(err!(Data, "example {i}: expected a string, {{text}} or {{prompt, completion}}")),
-            }
-        })
-        .collect()
+    vals.iter().enumerate().map(|(i, v)| Example::from_json(v).map_err(|e| e.context(format!("example {i}")))).collect()
 }
 
 impl JsTrainOptions {
@@ -295,6 +326,8 @@ impl JsTrainOptions {
                     },
                 }),
             },
+            checkpoint_every: self.checkpoint_every.unwrap_or(0),
+            resume: None,
         })
     }
 }
@@ -325,6 +358,21 @@ fn report_step(r: &crate::session::StepReport, all: &Array, on_step: Option<&Fun
         set(&j, "taskLosses", t);
     }
     all.push(&j);
+    // The checkpoint goes to on_step only (the caller stores it), not into the kept list.
+    if let Some(c) = &r.checkpoint {
+        match c.to_files() {
+            Ok(files) => {
+                let o = Object::new();
+                for (name, bytes) in files {
+                    set(&o, &name, Uint8Array::from(&bytes[..]));
+                }
+                let with = Object::assign(&Object::new(), &j);
+                set(&with, "checkpoint", o);
+                return on_step.is_none_or(|f| f.call1(&JsValue::NULL, &with).map(|v| v != JsValue::FALSE).unwrap_or(true));
+            }
+            Err(e) => log::warn!("checkpoint at step {}: {e}", c.iteration),
+        }
+    }
     on_step.is_none_or(|f| f.call1(&JsValue::NULL, &j).map(|v| v != JsValue::FALSE).unwrap_or(true))
 }
 
@@ -436,8 +484,7 @@ impl Model {
         let s = self.session();
         promise(async move {
             let ex = examples_of(examples)?;
-            let o: JsTrainOptions = from_js(options, "train options")?;
-            let opts = o.options()?;
+            let (o, opts) = train_options(options)?;
             let names = match o.adapter {
                 None => vec!["default".to_string()],
                 some => Names::list(some),
@@ -466,11 +513,10 @@ impl Model {
                 let ex = examples_of(pair.get(1)).map_err(|e| e.context(format!("task {name:?}")))?;
                 data.push((name, ex));
             }
-            let o: JsTrainOptions = from_js(options, "train options")?;
+            let (o, opts) = train_options(options)?;
             if o.adapter.is_some() {
                 return Err(err!(Config, "trainTasks: the tasks name the adapters; drop options.adapter"));
             }
-            let opts = o.options()?;
             let refs: Vec<(&str, &[Example])> = data.iter().map(|(n, e)| (n.as_str(), e.as_slice())).collect();
             let mut sess = s.try_borrow_mut().map_err(|_| busy())?;
             let all = Array::new();

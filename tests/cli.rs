@@ -321,3 +321,42 @@ fn multitask_training_writes_one_adapter_per_task() {
     assert!(!ok && stderr.contains("NAME=DATA"), "{stderr}");
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+#[test]
+fn checkpoints_and_resume() {
+    let tmp = std::env::temp_dir().join(format!("webpeft-cli-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let data = tmp.join("data.csv");
+    std::fs::write(&data, "id,text\n1,\"Beautiful is better than ugly, said the zen.\"\n2,Explicit is better than implicit.\n3,Simple is better than complex.\n").unwrap();
+    let model = fixture("tiny-llama");
+    let train = |out: &str, extra: &[&str]| {
+        let out = tmp.join(out);
+        let mut args = vec!["train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        args.extend(["--r", "4", "--steps", "4", "--batch", "2", "--seq-len", "32", "--dropout", "0.1", "--seed", "4"]);
+        args.extend(extra);
+        if !extra.contains(&"--lr") {
+            args.extend(["--lr", "1e-2"]);
+        }
+        let (ok, stdout, stderr) = webpeft(&args);
+        (ok, stdout, stderr, out)
+    };
+    let weights = |out: &std::path::Path| std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let (ok, _, stderr, plain) = train("plain", &[]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr, kept) = train("kept", &["--checkpoint-every", "2"]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("checkpoint at step 2") && stderr.contains("checkpoint at step 4"), "{stderr}");
+    assert_eq!(weights(&plain), weights(&kept), "checkpointing does not change the run");
+    let (ok, stdout, stderr, _) = train("kept", &["--resume"]);
+    assert!(ok && stderr.contains("resuming from") && step_losses(&stdout).is_empty(), "{stderr}");
+    assert_eq!(weights(&plain), weights(&kept), "resumed after the last step: the same adapter");
+    let (ok, _, stderr, _) = train("kept", &["--resume", "--lr", "2e-2"]);
+    assert!(!ok && stderr.contains("other settings (lr)"), "{stderr}");
+    let t = kept.join("checkpoint/tensors.safetensors");
+    let mut b = std::fs::read(&t).unwrap();
+    b[100] ^= 0x40;
+    std::fs::write(&t, b).unwrap();
+    let (ok, _, stderr, _) = train("kept", &["--resume"]);
+    assert!(!ok && stderr.contains("SHA-256") && stderr.lines().count() == 1, "{stderr}");
+}

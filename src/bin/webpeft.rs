@@ -14,10 +14,10 @@ use webpeft::generate::GenerateOptions;
 use webpeft::io::safetensors::{self as st, OutTensor};
 use webpeft::io::source::ModelFiles;
 use webpeft::peft::targets::Targets;
-use webpeft::session::{Session, TrainOptions};
+use webpeft::session::{Session, StepReport, TrainOptions};
 use webpeft::tensor::block_on;
-use webpeft::train::Schedule;
-use webpeft::train::data::{Batch, Tokenized, parse_examples};
+use webpeft::train::data::{Batch, Tokenized, parse_data_file};
+use webpeft::train::{Schedule, checkpoint};
 
 #[derive(Parser)]
 #[command(name = "webpeft", version, about = "Parameter-efficient fine-tuning on WebGPU (natively: wgpu or CPU)")]
@@ -299,6 +299,14 @@ enum Cmd {
         append_eos: bool,
         #[command(flatten)]
         dp: DpArgs,
+        /// Save a checkpoint (adapter tensors, optimizer state, counters) to OUT/checkpoint
+        /// every N steps and after the last, atomically (0 = never).
+        #[arg(long, default_value_t = 0)]
+        checkpoint_every: usize,
+        /// Continue from OUT/checkpoint (the same data and flags): ends where the
+        /// uninterrupted run ends.
+        #[arg(long)]
+        resume: bool,
     },
     /// Generate text (greedy when --temperature 0), with the KV cache.
     Generate {
@@ -406,6 +414,11 @@ fn read_text(p: &Path) -> Result<String> {
     std::fs::read_to_string(p).map_err(|e| Error::new(ErrorCode::Io, format!("{}: {e}", p.display())))
 }
 
+/// A data file (text, JSONL or CSV, by its extension); errors name the file and line.
+fn read_examples(p: &Path) -> Result<Vec<webpeft::train::data::Example>> {
+    parse_data_file(&p.display().to_string(), &read_text(p)?)
+}
+
 fn load_adapter_dir(s: &mut Session, name: &str, dir: &Path) -> Result<()> {
     let cfg = read_text(&dir.join("adapter_config.json"))?;
     let w = std::fs::read(dir.join("adapter_model.safetensors")).map_err(|e| Error::new(ErrorCode::Io, format!("{}/adapter_model.safetensors: {e}", dir.display())))?;
@@ -425,6 +438,35 @@ fn load_adapters(s: &mut Session, dir: &Path) -> Result<Vec<String>> {
         names.push(name);
     }
     Ok(names)
+}
+
+/// Writes the checkpoints a training run hands out to OUT/checkpoint; a failed write stops
+/// the run and is reported after it.
+struct Keeper {
+    dir: PathBuf,
+    error: Option<Error>,
+}
+
+impl Keeper {
+    fn new(out: &Path) -> Self {
+        Keeper { dir: out.join("checkpoint"), error: None }
+    }
+    fn keep(&mut self, r: &StepReport) -> bool {
+        let Some(c) = &r.checkpoint else { return true };
+        match checkpoint::save_dir(&self.dir, c) {
+            Ok(()) => {
+                eprintln!("checkpoint at step {} written to {}", c.iteration, self.dir.display());
+                true
+            }
+            Err(e) => {
+                self.error = Some(e);
+                false
+            }
+        }
+    }
+    fn result(self) -> Result<()> {
+        self.error.map_or(Ok(()), Err)
+    }
 }
 
 /// Write adapter `name` to `dir` ("default") or to `dir/<name>/`.
@@ -452,7 +494,7 @@ fn train_tasks(common: &Common, tasks: &[String], method: &MethodArgs, opts: &Tr
             return Err(Error::new(ErrorCode::Config, format!("--task {t:?}: the name must be a plain folder name")));
         }
         let p = PathBuf::from(path);
-        data.push((name.to_string(), parse_examples(&read_text(&p)?).map_err(|e| e.context(p.display()))?));
+        data.push((name.to_string(), read_examples(&p)?));
     }
     let mut s = open(common)?;
     block_on(device::self_check(&s.compute.device))?;
@@ -462,6 +504,7 @@ fn train_tasks(common: &Common, tasks: &[String], method: &MethodArgs, opts: &Tr
     let refs: Vec<(&str, &[webpeft::train::data::Example])> = data.iter().map(|(n, e)| (n.as_str(), e.as_slice())).collect();
     eprintln!("multi-task training: {}", data.iter().map(|(n, e)| format!("{n} ({} examples)", e.len())).collect::<Vec<_>>().join(", "));
     let t0 = Instant::now();
+    let mut keeper = Keeper::new(out);
     block_on(s.train_multitask(&refs, opts, |r| {
         let per_task: Vec<String> = data.iter().zip(&r.stats.task_losses).map(|((n, _), l)| format!("{n} {l:.4}")).collect();
         println!(
@@ -474,8 +517,9 @@ fn train_tasks(common: &Common, tasks: &[String], method: &MethodArgs, opts: &Tr
             r.tokens_per_second,
             r.seconds * 1e3
         );
-        true
+        keeper.keep(r)
     }))?;
+    keeper.result()?;
     for (name, _) in &data {
         write_adapter(&mut s, name, out)?;
     }
@@ -548,9 +592,40 @@ fn run(cli: Cli) -> Result<()> {
             write_adapter(&mut s, "default", &out)?;
             eprintln!("wrote {}", out.display());
         }
-        Cmd::Train { common, data, task, out, init_adapter, config, method, steps, lr, batch, seq_len, grad_accum, warmup, schedule, weight_decay, max_grad_norm, seed, append_eos, dp } => {
-            let read_examples = |p: &Path| parse_examples(&read_text(p)?).map_err(|e| e.context(p.display()));
+        Cmd::Train {
+            common,
+            data,
+            task,
+            out,
+            init_adapter,
+            config,
+            method,
+            steps,
+            lr,
+            batch,
+            seq_len,
+            grad_accum,
+            warmup,
+            schedule,
+            weight_decay,
+            max_grad_norm,
+            seed,
+            append_eos,
+            dp,
+            checkpoint_every,
+            resume,
+        } => {
+            let resume = if resume {
+                let c =
+                    checkpoint::load_dir(&out.join("checkpoint"))?.ok_or_else(|| Error::new(ErrorCode::Io, format!("--resume: no checkpoint in {}", out.join("checkpoint").display())))?;
+                eprintln!("resuming from {} at step {}", out.join("checkpoint").display(), c.iteration);
+                Some(c)
+            } else {
+                None
+            };
             let opts = TrainOptions {
+                checkpoint_every,
+                resume,
                 steps,
                 batch,
                 seq_len,
@@ -594,6 +669,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("training on {} examples ({} base parameters frozen)", examples.len(), s.model.num_parameters());
             let t0 = Instant::now();
+            let mut keeper = Keeper::new(&out);
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             block_on(s.train_together(&refs, &examples, &opts, |r| {
                 println!(
@@ -607,8 +683,9 @@ fn run(cli: Cli) -> Result<()> {
                     if r.stats.skipped { "  (skipped: non-finite)" } else { "" },
                     r.epsilon.map(|e| format!("  epsilon {e:.3}")).unwrap_or_default()
                 );
-                true
+                keeper.keep(r)
             }))?;
+            keeper.result()?;
             for n in &names {
                 write_adapter(&mut s, n, &out)?;
             }
@@ -629,7 +706,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{text}");
         }
         Cmd::Eval { common, adapter, data, seq_len, batch, choices } => {
-            let examples = parse_examples(&read_text(&data)?).map_err(|e| e.context(data.display()))?;
+            let examples = read_examples(&data)?;
             let mut s = open(&common)?;
             let names = adapter.as_ref().map(|d| load_adapters(&mut s, d)).transpose()?.unwrap_or_default();
             let choices: Vec<String> = choices.map(|c| c.split(',').map(str::to_string).collect()).unwrap_or_default();

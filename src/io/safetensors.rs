@@ -36,7 +36,7 @@ impl HostTensor {
 
 /// Parse the safetensors header and check it against the buffer.
 pub fn parse(bytes: &[u8]) -> Result<SafeTensors<'_>> {
-    SafeTensors::deserialize(bytes).map_err(|e| err!(Format, "invalid safetensors: {e}"))
+    SafeTensors::deserialize(bytes).map_err(|e| err!(Format, "invalid safetensors ({} bytes): {e}", bytes.len()))
 }
 
 /// Convert a floating tensor view to f32 (bf16/f16 are widened exactly).

@@ -132,7 +132,7 @@ impl LlamaConfig {
             bail!(Unsupported, "config.json: use_sliding_window = true (sliding-window attention) is not supported");
         }
         let attention_bias = raw.attention_bias.unwrap_or(false);
-        Ok(LlamaConfig {
+        LlamaConfig {
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
@@ -152,7 +152,9 @@ impl LlamaConfig {
             bos_token_id: first_id(&raw.bos_token_id),
             eos_token_id: first_id(&raw.eos_token_id),
             pad_token_id: first_id(&raw.pad_token_id),
-        })
+        }
+        .checked()
+        .map_err(|e| e.context("config.json"))
     }
 
     /// Hyper-parameters from GGUF metadata (`llama.*` / `qwen2.*` keys).
@@ -175,7 +177,7 @@ impl LlamaConfig {
             None | Some("none") => RopeScaling::None,
             Some(other) => bail!(Unsupported, "GGUF rope scaling {other:?}"),
         };
-        Ok(LlamaConfig {
+        LlamaConfig {
             vocab_size: vocab_rows,
             hidden_size: hidden,
             intermediate_size: g.get_u64(&k("feed_forward_length"))? as usize,
@@ -196,7 +198,34 @@ impl LlamaConfig {
             eos_token_id: g.get("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32),
             // transformers builds the embedding with padding_idx = the GGUF padding token.
             pad_token_id: g.get("tokenizer.ggml.padding_token_id").and_then(|v| v.as_u64()).map(|v| v as u32),
-        })
+        }
+        .checked()
+        .map_err(|e| e.context("GGUF metadata"))
+    }
+
+    /// Refuse sizes that no real checkpoint has, before anything is sized from them: a
+    /// hostile config must give an error, not a huge allocation. Limits: widths and the
+    /// context length up to 2^20, the vocabulary up to 2^22 (4M), 1024 layers, 4096 heads.
+    fn checked(self) -> Result<Self> {
+        let sizes = [
+            ("hidden_size", self.hidden_size, 1 << 20),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("head_dim", self.head_dim, 1 << 16),
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("num_hidden_layers", self.num_hidden_layers, 1024),
+            ("num_attention_heads", self.num_attention_heads, 4096),
+            ("num_key_value_heads", self.num_key_value_heads, 4096),
+            ("max_position_embeddings", self.max_position_embeddings, 1 << 24),
+        ];
+        for (name, v, max) in sizes {
+            if v == 0 || v > max {
+                bail!(Config, "{name} = {v} is outside 1..={max}");
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0 && self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            bail!(Config, "rms_norm_eps {} / rope_theta {} must be finite and positive", self.rms_norm_eps, self.rope_theta);
+        }
+        Ok(self)
     }
 
     /// Inverse frequencies for RoPE (HF `rotate_half` convention), length head_dim/2,

@@ -46,13 +46,95 @@ macro_rules! trainable {
 }
 trainable!(Ia3Adapter, PromptTuningAdapter, PTuningAdapter, PrefixTuningAdapter, LnTuningAdapter);
 
-/// The JSON object of an `adapter_config.json` whose `peft_type` must be `peft_type`.
+/// The JSON object of an `adapter_config.json` whose `peft_type` must be `peft_type`; its
+/// keys are checked with [`check_keys`].
 pub fn config_object<'a>(v: &'a Json, peft_type: &str) -> Result<&'a serde_json::Map<String, Json>> {
     let o = v.as_object().ok_or_else(|| err!(Config, "not a JSON object"))?;
     if o.get("peft_type").and_then(Json::as_str) != Some(peft_type) {
         bail!(Config, "peft_type must be {peft_type}");
     }
+    check_keys(o, peft_type)?;
     Ok(o)
+}
+
+/// The keys of each config: peft 0.21's dataclass fields (`PeftConfig`'s own, the prompt
+/// learning ones, the method's), and this toolkit's for its own methods.
+fn known_keys(peft_type: &str) -> Vec<&'static str> {
+    const BASE: &[&str] = &["auto_mapping", "base_model_name_or_path", "inference_mode", "peft_type", "peft_version", "revision", "task_type"];
+    const PROMPT: &[&str] = &["modules_to_save", "num_attention_heads", "num_layers", "num_transformer_submodules", "num_virtual_tokens", "token_dim"];
+    let (prompt, own): (bool, &[&str]) = match peft_type {
+        "LORA" => (
+            false,
+            &[
+                "alora_invocation_tokens",
+                "alpha_pattern",
+                "arrow_config",
+                "bias",
+                "corda_config",
+                "ensure_weight_tying",
+                "eva_config",
+                "exclude_modules",
+                "fan_in_fan_out",
+                "init_lora_weights",
+                "kasa_config",
+                "layer_replication",
+                "layers_pattern",
+                "layers_to_transform",
+                "loftq_config",
+                "lora_alpha",
+                "lora_bias",
+                "lora_dropout",
+                "lora_ga_config",
+                "megatron_config",
+                "megatron_core",
+                "modules_to_save",
+                "monteclora_config",
+                "qalora_group_size",
+                "r",
+                "rank_pattern",
+                "runtime_config",
+                "target_modules",
+                "target_parameters",
+                "trainable_token_indices",
+                "use_bdlora",
+                "use_dora",
+                "use_qalora",
+                "use_rslora",
+                "velora_config",
+            ],
+        ),
+        "IA3" => (false, &["exclude_modules", "fan_in_fan_out", "feedforward_modules", "init_ia3_weights", "modules_to_save", "target_modules"]),
+        "PROMPT_TUNING" => (true, &["prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_kwargs", "tokenizer_name_or_path"]),
+        "PREFIX_TUNING" => (true, &["encoder_hidden_size", "init_weights", "prefix_projection"]),
+        "P_TUNING" => (true, &["encoder_dropout", "encoder_hidden_size", "encoder_num_layers", "encoder_reparameterization_type"]),
+        "LN_TUNING" => (false, &["exclude_modules", "modules_to_save", "target_modules"]),
+        "BOTTLENECK" => (false, &["adapter_type", "non_linearity", "placement", "reduction_factor", "scaling"]),
+        "SELECTIVE" => (false, &["parameters"]),
+        _ => (false, &[]),
+    };
+    BASE.iter().chain(if prompt { PROMPT } else { &[] }).chain(own).copied().collect()
+}
+
+/// Whether a config value means "not set": absent, null, false, "", "none", [] or {}.
+pub fn is_unset(v: Option<&Json>) -> bool {
+    match v {
+        None | Some(Json::Null) | Some(Json::Bool(false)) => true,
+        Some(Json::Array(a)) => a.is_empty(),
+        Some(Json::Object(o)) => o.is_empty(),
+        Some(Json::String(s)) => s.is_empty() || s == "none",
+        _ => false,
+    }
+}
+
+/// Refuse a key that is not a setting of the method, unless it is left unset (see
+/// [`is_unset`]): a typo such as `"lora_alpah": 16` must not be silently ignored, while a
+/// newer peft's new field left at its default still loads.
+pub fn check_keys(o: &serde_json::Map<String, Json>, peft_type: &str) -> Result<()> {
+    let known = known_keys(peft_type);
+    if let Some((k, v)) = o.iter().find(|(k, v)| !known.contains(&k.as_str()) && !is_unset(Some(v))) {
+        bail!(Config, "unknown key {k:?} (= {v}): not a {peft_type} setting (check the spelling)");
+    }
+    Ok(())
 }
 
 /// A string field of a config object.

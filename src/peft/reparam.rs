@@ -28,6 +28,7 @@ pub struct Dense {
 impl Dense {
     /// torch's default `nn.Linear` init.
     pub fn torch_default(fin: usize, fout: usize, rng: &mut SmallRng, device: &burn::tensor::Device) -> Result<Self> {
+        crate::tensor::check_size("encoder_hidden_size", &[fin, fout])?;
         let bound = 1.0 / (fin as f32).sqrt();
         let mut u = |n: usize| (0..n).map(|_| rng.random_range(-bound..bound)).collect::<Vec<f32>>();
         let w = upload(&HostTensor::new(vec![fin, fout], u(fin * fout)), device)?;

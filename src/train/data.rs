@@ -18,30 +18,116 @@ pub enum Example {
     PromptCompletion { prompt: String, completion: String },
 }
 
-/// Parse a data file: JSONL (`{"text": ...}` or `{"prompt": ..., "completion": ...}` per
-/// line) when every non-empty line is a JSON object, else plain text, one example per line.
+impl Example {
+    /// One JSON record: a string, `{"text": ...}` or `{"prompt": ..., "completion": ...}`.
+    pub fn from_json(v: &serde_json::Value) -> Result<Example> {
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        match (v, s("text"), s("prompt"), s("completion")) {
+            (serde_json::Value::String(t), ..) => Ok(Example::Text(t.clone())),
+            (_, Some(t), None, None) => Ok(Example::Text(t)),
+            (_, None, Some(prompt), Some(completion)) => Ok(Example::PromptCompletion { prompt, completion }),
+            _ => Err(err!(Data, "expected {{\"text\": ...}} or {{\"prompt\": ..., \"completion\": ...}} with string values")),
+        }
+    }
+}
+
+/// How a data file is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataFormat {
+    /// One example per non-empty line.
+    Text,
+    /// One JSON object per line (see [`Example::from_json`]).
+    Jsonl,
+    /// A header row naming a `text` column, or `prompt` and `completion` columns.
+    Csv,
+}
+
+impl DataFormat {
+    /// From a file name's extension (`.txt`, `.jsonl`/`.json`, `.csv`/`.tsv`); `None` when
+    /// the name does not say.
+    pub fn from_name(name: &str) -> Option<DataFormat> {
+        let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase())?;
+        Some(match ext.as_str() {
+            "txt" | "text" | "md" => DataFormat::Text,
+            "jsonl" | "json" | "ndjson" => DataFormat::Jsonl,
+            "csv" | "tsv" => DataFormat::Csv,
+            _ => return None,
+        })
+    }
+}
+
+/// Parse a data file by its name's extension (or, failing that, its content, as
+/// [`parse_examples`]). Errors name the file and the line.
+pub fn parse_data_file(name: &str, text: &str) -> Result<Vec<Example>> {
+    let r = match DataFormat::from_name(name) {
+        Some(DataFormat::Text) => text_lines(text),
+        Some(DataFormat::Jsonl) => jsonl(text),
+        Some(DataFormat::Csv) => csv_rows(text, if name.to_ascii_lowercase().ends_with(".tsv") { b'\t' } else { b',' }),
+        None => parse_examples(text),
+    };
+    r.map_err(|e| e.context(name))
+}
+
+/// Parse data without a file name: JSONL when every non-empty line is a JSON object, else
+/// plain text, one example per line.
 pub fn parse_examples(text: &str) -> Result<Vec<Example>> {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    if lines.is_empty() {
+    let jsonl_like = text.lines().filter(|l| !l.trim().is_empty()).all(|l| l.trim_start().starts_with('{'));
+    if jsonl_like { jsonl(text) } else { text_lines(text) }
+}
+
+fn non_empty<T>(v: Vec<T>) -> Result<Vec<T>> {
+    if v.is_empty() {
         bail!(Data, "the data has no examples (empty file)");
     }
-    let jsonl = lines.iter().all(|l| l.trim_start().starts_with('{'));
-    if !jsonl {
-        return Ok(lines.iter().map(|l| Example::Text(l.to_string())).collect());
-    }
-    lines
-        .iter()
+    Ok(v)
+}
+
+fn text_lines(text: &str) -> Result<Vec<Example>> {
+    non_empty(text.lines().filter(|l| !l.trim().is_empty()).map(|l| Example::Text(l.to_string())).collect())
+}
+
+fn jsonl(text: &str) -> Result<Vec<Example>> {
+    let rows = text
+        .lines()
         .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
             let v: serde_json::Value = serde_json::from_str(l).map_err(|e| err!(Data, "line {}: invalid JSON: {e}", i + 1))?;
-            let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-            match (s("text"), s("prompt"), s("completion")) {
-                (Some(t), None, None) => Ok(Example::Text(t)),
-                (None, Some(prompt), Some(completion)) => Ok(Example::PromptCompletion { prompt, completion }),
-                _ => Err(err!(Data, "line {}: expected {{\"text\": ...}} or {{\"prompt\": ..., \"completion\": ...}} with string values", i + 1)),
-            }
+            Example::from_json(&v).map_err(|e| e.context(format!("line {}", i + 1)))
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    non_empty(rows)
+}
+
+fn csv_rows(text: &str, delimiter: u8) -> Result<Vec<Example>> {
+    let mut r = csv::ReaderBuilder::new().delimiter(delimiter).flexible(false).from_reader(text.as_bytes());
+    let header: Vec<String> = r.headers().map_err(|e| err!(Data, "header row: {e}"))?.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+    let col = |n: &str| header.iter().position(|h| h == n);
+    if col("label").is_some() {
+        bail!(Unsupported, "a `label` column is classification data, which needs a classification head (not available yet); give `text`, or `prompt` and `completion` columns");
+    }
+    enum Cols {
+        Text(usize),
+        Pc(usize, usize),
+    }
+    let cols = match (col("text"), col("prompt"), col("completion")) {
+        (Some(t), None, None) => Cols::Text(t),
+        (None, Some(p), Some(c)) => Cols::Pc(p, c),
+        _ => bail!(Data, "header row {header:?}: expected a `text` column, or `prompt` and `completion` columns"),
+    };
+    let rows = r
+        .records()
+        .map(|rec| {
+            let rec = rec.map_err(|e| err!(Data, "{e}"))?;
+            let line = rec.position().map_or(0, |p| p.line());
+            let f = |i: usize| rec.get(i).map(str::to_string).ok_or_else(|| err!(Data, "line {line}: missing column {}", header[i]));
+            Ok(match cols {
+                Cols::Text(t) => Example::Text(f(t)?),
+                Cols::Pc(p, c) => Example::PromptCompletion { prompt: f(p)?, completion: f(c)? },
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    non_empty(rows)
 }
 
 /// Token ids and per-token labels (IGNORE where the loss must not look).
@@ -270,6 +356,15 @@ mod tests {
         assert_eq!(parse_examples(j).unwrap()[1], Example::Text("t".into()));
         assert!(parse_examples("{\"foo\": 1}").is_err());
         assert!(parse_examples("\n\n").is_err());
+        let csv = "id,Text\n1,\"a, b\"\n2,c\n";
+        assert_eq!(parse_data_file("d.csv", csv).unwrap(), vec![Example::Text("a, b".into()), Example::Text("c".into())]);
+        let pc = parse_data_file("d.tsv", "prompt\tcompletion\nq\ta\n").unwrap();
+        assert_eq!(pc, vec![Example::PromptCompletion { prompt: "q".into(), completion: "a".into() }]);
+        let e = parse_data_file("d.csv", "text,x\n1,2,3\n").unwrap_err();
+        assert!(e.message.starts_with("d.csv: "), "{e}");
+        assert_eq!(parse_data_file("d.csv", "text,label\na,1\n").unwrap_err().code, crate::ErrorCode::Unsupported);
+        let e = parse_data_file("d.jsonl", "{\"text\": \"a\"}\n\n{\"text\": 1}\n").unwrap_err();
+        assert!(e.message.starts_with("d.jsonl: line 3: "), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Training: data to batches, the causal-LM loss, AdamW with torch's semantics, learning
 //! rate schedules with transformers' semantics, and the step loop (accumulation, clipping).
 
+pub mod checkpoint;
 pub mod data;
 pub mod loss;
 pub mod optim;

@@ -63,9 +63,28 @@ pub struct Trainer {
     noise: SmallRng,
 }
 
+/// The host RNG of the DP noise for loop iteration `step` of a run seeded with `seed`.
+fn noise_rng(seed: u64, step: usize) -> SmallRng {
+    SmallRng::seed_from_u64(seed ^ 0x5eed_d95d ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
 impl Trainer {
     pub fn new(config: TrainConfig) -> Self {
-        Trainer { opt: AdamW::new(config.optim), noise: SmallRng::seed_from_u64(config.seed ^ 0x5eed_d9_5d), config, nonfinite: 0 }
+        Trainer { opt: AdamW::new(config.optim), noise: noise_rng(config.seed, 0), config, nonfinite: 0 }
+    }
+
+    /// Seed the DP noise for loop iteration `step` (so a resumed run draws the same noise).
+    pub fn seed_noise(&mut self, step: usize) {
+        self.noise = noise_rng(self.config.seed, step);
+    }
+
+    /// Non-finite steps in a row so far.
+    pub fn nonfinite(&self) -> usize {
+        self.nonfinite
+    }
+
+    pub fn set_nonfinite(&mut self, n: usize) {
+        self.nonfinite = n;
     }
 
     /// Learning rate of the next optimizer step.

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value as Json, json};
 
 use crate::error::{Result, bail, err};
+use crate::peft::is_unset;
 use crate::peft::targets::Targets;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -76,16 +77,6 @@ impl Default for LoraConfig {
     }
 }
 
-fn is_unset(v: Option<&Json>) -> bool {
-    match v {
-        None | Some(Json::Null) | Some(Json::Bool(false)) => true,
-        Some(Json::Array(a)) => a.is_empty(),
-        Some(Json::Object(o)) => o.is_empty(),
-        Some(Json::String(s)) => s.is_empty() || s == "none",
-        _ => false,
-    }
-}
-
 impl LoraConfig {
     /// Parse `adapter_config.json` (peft_type must be LORA).
     pub fn from_json(text: &str) -> Result<Self> {
@@ -100,6 +91,7 @@ impl LoraConfig {
             Some(other) => bail!(Unsupported, "peft_type {other:?}: this build supports LORA"),
             None => bail!(Config, "peft_type missing"),
         }
+        crate::peft::check_keys(o, "LORA")?;
         for (key, what) in [
             ("layer_replication", "layer_replication"),
             ("megatron_config", "megatron_config"),
@@ -108,6 +100,12 @@ impl LoraConfig {
             ("corda_config", "CorDA init"),
             ("trainable_token_indices", "trainable_token_indices"),
             ("alora_invocation_tokens", "aLoRA"),
+            ("arrow_config", "Arrow routing"),
+            ("kasa_config", "KaSA"),
+            ("lora_ga_config", "LoRA-GA init"),
+            ("monteclora_config", "MonteCLoRA"),
+            ("velora_config", "VeLoRA"),
+            ("use_bdlora", "BD-LoRA"),
         ] {
             if let Some(x) = o.get(key)
                 && !is_unset(Some(x))

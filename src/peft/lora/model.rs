@@ -20,7 +20,7 @@ use crate::peft::lora::{BiasMode, InitLora, LoraConfig, LoraLayer};
 use crate::peft::selective::{SelectiveAdapter, SelectiveConfig};
 use crate::peft::targets::{Matcher, Targets};
 use crate::peft::{Layout, NamedParam, Trainable, load_all_params};
-use crate::tensor::upload;
+use crate::tensor::{check_size, upload};
 
 /// LoRA on the token embeddings: `embed(ids) + s * A[ids] B`.
 pub struct EmbeddingLora {
@@ -133,6 +133,7 @@ impl LoraAdapter {
         for &(site, r, scaling) in &sites {
             let lin = model.linear(site);
             let (fin, fout) = (lin.in_features(), lin.out_features());
+            check_size("r", &[fin.max(fout), r])?;
             let a = match config.init_lora_weights {
                 InitLora::Gaussian => (0..fin * r).map(|_| normal(&mut rng) / r as f32).collect(),
                 _ => uniform(&mut rng, fin * r, fin),
@@ -150,6 +151,7 @@ impl LoraAdapter {
         let embedding = if Self::targets_embedding(&config)? {
             let (r, scaling) = config.rank_and_scaling(EMBED);
             let (v, h) = (model.config.vocab_size, model.config.hidden_size);
+            check_size("r", &[v.max(h), r])?;
             // peft: A zero, B normal (the reverse of linear layers).
             let b = (0..r * h).map(|_| normal(&mut rng)).collect();
             let pad = model.config.pad_token_id.map(|p| p as usize);

@@ -14,7 +14,7 @@ use crate::models::llama::Llama;
 use crate::peft::prompt_tuning::model::{KEY, read_prompt_embeddings};
 use crate::peft::reparam::{Activation, Mlp, normal_init};
 use crate::peft::{Layout, NamedParam};
-use crate::tensor::{read, upload};
+use crate::tensor::{check_size, read, upload};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PTuningConfig {
@@ -87,6 +87,7 @@ impl PTuningAdapter {
             bail!(Config, "encoder_hidden_size is required for p-tuning");
         }
         let n = config.num_virtual_tokens;
+        check_size("num_virtual_tokens", &[n, h])?;
         let embedding = upload(&HostTensor::new(vec![n, h], normal_init(n * h, seed)), &model.device)?;
         let e = config.encoder_hidden_size;
         let encoder = Mlp::new(&[h, e, e, h], Activation::Relu, "prompt_encoder.default.mlp_head", seed.wrapping_add(1), &model.device)?;

@@ -17,7 +17,7 @@ use crate::models::llama::Llama;
 use crate::peft::prompt_tuning::model::{KEY, read_prompt_embeddings};
 use crate::peft::reparam::{Activation, Mlp, normal_init};
 use crate::peft::{Layout, NamedParam};
-use crate::tensor::{read, upload};
+use crate::tensor::{check_size, read, upload};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrefixTuningConfig {
@@ -83,6 +83,7 @@ impl PrefixTuningAdapter {
         let c = &model.config;
         let (n, d) = (config.num_virtual_tokens, Self::kv_dim(c));
         let out = c.num_hidden_layers * 2 * d;
+        check_size("num_virtual_tokens", &[n, out])?;
         let (embedding, projection) = if config.prefix_projection {
             let e = config.encoder_hidden_size;
             let mlp = Mlp::new(&[d, e, out], Activation::Tanh, "prompt_encoder.default.transform", seed.wrapping_add(1), &model.device)?;

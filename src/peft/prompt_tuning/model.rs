@@ -55,6 +55,7 @@ impl PromptTuningAdapter {
         {
             bail!(Config, "token_dim {d} does not match the model's hidden size {h}");
         }
+        crate::tensor::check_size("num_virtual_tokens", &[config.num_virtual_tokens, h])?;
         Ok(())
     }
 

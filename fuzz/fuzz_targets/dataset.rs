@@ -1,0 +1,10 @@
+//! A training data file: plain text, JSONL or CSV/TSV (the first byte picks the name).
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&kind, rest)) = data.split_first() else { return };
+    let Ok(text) = std::str::from_utf8(rest) else { return };
+    let name = ["data.txt", "data.jsonl", "data.csv", "data.tsv", "data"][kind as usize % 5];
+    let _ = webpeft::train::data::parse_data_file(name, text);
+});
