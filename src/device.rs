@@ -32,6 +32,9 @@ pub struct Compute {
     pub device: Device,
     pub name: String,
     pub is_gpu: bool,
+    /// The largest buffer the device allows (WebGPU's `maxBufferSize` and
+    /// `maxStorageBufferBindingSize`, the smaller); `None` on the CPU backend.
+    pub max_buffer: Option<u64>,
 }
 
 /// Native device selection. `Auto` takes the GPU when wgpu finds a hardware adapter; a
@@ -40,7 +43,7 @@ pub struct Compute {
 /// wgpu adapter, software ones included (that is how GPU code is tested without a GPU).
 #[cfg(not(target_family = "wasm"))]
 pub fn select(choice: DeviceChoice) -> Result<Compute> {
-    let cpu = || Compute { device: Device::flex(), name: "cpu (burn flex)".into(), is_gpu: false };
+    let cpu = || Compute { device: Device::flex(), name: "cpu (burn flex)".into(), is_gpu: false, max_buffer: None };
     if choice == DeviceChoice::Cpu {
         return Ok(cpu());
     }
@@ -48,15 +51,17 @@ pub fn select(choice: DeviceChoice) -> Result<Compute> {
     static GPU: std::sync::OnceLock<std::result::Result<Compute, String>> = std::sync::OnceLock::new();
     static SOFTWARE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if choice == DeviceChoice::Auto && GPU.get().is_none() {
-        let software = *SOFTWARE.get_or_init(|| adapter_info().is_none_or(|(_, sw)| sw));
+        let software = *SOFTWARE.get_or_init(|| adapter_info().is_none_or(|(_, sw, _)| sw));
         if software {
             return Ok(cpu());
         }
     }
     let gpu = GPU.get_or_init(|| {
-        let (name, _) = adapter_info().ok_or_else(|| "no WebGPU/wgpu adapter found (on Linux without a GPU install mesa-vulkan-drivers for lavapipe, or use --device cpu)".to_string())?;
+        let (name, _, max_buffer) =
+            adapter_info().ok_or_else(|| "no WebGPU/wgpu adapter found (on Linux without a GPU install mesa-vulkan-drivers for lavapipe, or use --device cpu)".to_string())?;
         let device = Device::wgpu_options().init().map_err(|e| format!("wgpu init: {e:?}"))?;
-        Ok(Compute { device, name, is_gpu: true })
+        // Burn's wgpu runtime requests the adapter's limits, so the device has these.
+        Ok(Compute { device, name, is_gpu: true, max_buffer: Some(max_buffer) })
     });
     match gpu {
         Ok(c) => Ok(c.clone()),
@@ -65,21 +70,39 @@ pub fn select(choice: DeviceChoice) -> Result<Compute> {
     }
 }
 
-/// The name of the adapter wgpu would pick, if any, and whether it is a software one.
+/// The name of the adapter wgpu would pick, if any, whether it is a software one, and its
+/// largest buffer.
 #[cfg(not(target_family = "wasm"))]
-fn adapter_info() -> Option<(String, bool)> {
+fn adapter_info() -> Option<(String, bool, u64)> {
     use burn::tensor::wgpu::wgpu;
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() })).ok()?;
     let info = adapter.get_info();
-    Some((format!("{} ({:?}, {})", info.name, info.backend, info.driver), info.device_type == wgpu::DeviceType::Cpu))
+    let limits = adapter.limits();
+    let max_buffer = limits.max_buffer_size.min(limits.max_storage_buffer_binding_size as u64);
+    Some((format!("{} ({:?}, {})", info.name, info.backend, info.driver), info.device_type == wgpu::DeviceType::Cpu, max_buffer))
 }
 
 /// Browser: acquire WebGPU (once per page).
 #[cfg(target_family = "wasm")]
 pub async fn init_webgpu() -> Result<Compute> {
     let device = Device::wgpu_options().init_async().await.map_err(|e| err!(Device, "WebGPU is not available: {e:?}"))?;
-    Ok(Compute { device, name: "webgpu".into(), is_gpu: true })
+    Ok(Compute { device, name: "webgpu".into(), is_gpu: true, max_buffer: browser_max_buffer().await })
+}
+
+/// The WebGPU adapter's largest buffer (`maxBufferSize` / `maxStorageBufferBindingSize`, the
+/// smaller): Burn requests the adapter's limits, so the device has them.
+#[cfg(target_family = "wasm")]
+async fn browser_max_buffer() -> Option<u64> {
+    use js_sys::Reflect;
+    use wasm_bindgen::{JsCast, JsValue};
+    let get = |o: &JsValue, k: &str| Reflect::get(o, &k.into()).ok().filter(|v| !v.is_undefined() && !v.is_null());
+    let gpu = get(&js_sys::global(), "navigator").and_then(|n| get(&n, "gpu"))?;
+    let request: js_sys::Function = get(&gpu, "requestAdapter")?.dyn_into().ok()?;
+    let adapter = wasm_bindgen_futures::JsFuture::from(js_sys::Promise::from(request.call0(&gpu).ok()?)).await.ok()?;
+    let limits = get(&adapter, "limits")?;
+    let n = |k: &str| get(&limits, k).and_then(|v| v.as_f64()).map(|v| v as u64);
+    Some(n("maxBufferSize")?.min(n("maxStorageBufferBindingSize")?))
 }
 
 /// Forward and backward of a small `sum(c * silu(x @ W))` against an f64 host reference.

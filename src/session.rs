@@ -21,6 +21,7 @@ use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::Checkpoint;
 use crate::train::data::{Batch, Batcher, Example, tokenize};
 use crate::train::loss::{causal_lm_loss, row_nll};
+use crate::train::memory;
 use crate::train::privacy::{self, DpConfig};
 use crate::train::{AdamWConfig, Schedule, StepStats, TrainConfig, Trainer};
 
@@ -365,6 +366,15 @@ impl Session {
         run_training(&self.model, &self.compute, &mut Group(members), batcher, o, &[], on_step).await
     }
 
+    /// What training adapters `names` under `o` will take: the memory estimate and the
+    /// micro-batching that fits the device's largest buffer (an error names the setting to
+    /// change when nothing fits). Training applies the same plan.
+    pub fn memory_plan(&mut self, names: &[&str], o: &TrainOptions) -> Result<memory::Plan> {
+        check_options(o)?;
+        let members = pick(&mut self.adapters, names)?;
+        plan_memory(&self.model, &self.compute, &mut Group(members), o)
+    }
+
     /// Multi-task training: task `k`'s examples train adapter `tasks[k].0`, all over the shared
     /// base in one run. Batches mix the tasks' rows (in proportion to their sizes), each row
     /// routed to its task's adapter; each step reports every task's loss (`task_losses`).
@@ -392,6 +402,18 @@ impl Session {
         let task_names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         run_training(&self.model, &self.compute, &mut multi, batcher, o, &task_names, on_step).await
     }
+}
+
+/// The memory plan of training `adapter` under `o` on `compute` (see [`memory::plan`]).
+fn plan_memory(model: &Llama, compute: &Compute, adapter: &mut dyn Trainable, o: &TrainOptions) -> Result<memory::Plan> {
+    let trainable: usize = adapter.params_mut().iter().map(|p| p.tensor.dims().iter().product::<usize>()).sum();
+    let prefix = adapter.prefix().map_or(0, |p| p.dims()[0]);
+    let asked = if o.dp.is_some() { 1 } else { o.batch };
+    memory::plan(&model.config, model.num_parameters(), trainable, asked, o.grad_accum, o.seq_len + prefix, compute.max_buffer)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
 }
 
 fn check_options(o: &TrainOptions) -> Result<()> {
@@ -466,9 +488,28 @@ async fn run_training(
         let total: Vec<f64> = rdp.iter().map(|r| r * steps as f64).collect();
         Some(privacy::privacy_spent(&orders, &total, dp.delta).0)
     };
+    // Memory: fit the batch to the device's largest buffer (DP runs one example at a time).
+    let plan = plan_memory(model, compute, adapter, o)?;
+    let est = plan.estimate;
+    log::info!(
+        "memory estimate: {:.1} MiB (weights {:.1}, adapter + optimizer {:.1}, activations {:.1}, attention {:.1}, logits {:.1}); largest buffer {:.1} MiB ({})",
+        mib(est.total()),
+        mib(est.weights),
+        mib(est.adapter),
+        mib(est.activations),
+        mib(est.attention),
+        mib(est.logits),
+        mib(est.largest_buffer.0),
+        est.largest_buffer.1
+    );
+    let mut grad_accum = o.grad_accum;
+    if dp_config.is_none() && plan.batch != o.batch {
+        batcher.set_batch(plan.batch);
+        grad_accum = plan.grad_accum;
+    }
     let mut trainer = Trainer::new(config);
     let fingerprint = o.fingerprint(batcher.num_rows(), task_names);
-    let draws = if dp_config.is_some_and(|d| d.poisson) { 1 } else { o.grad_accum };
+    let draws = if dp_config.is_some_and(|d| d.poisson) { 1 } else { grad_accum };
     let start = match &o.resume {
         Some(c) => {
             c.restore(adapter, &mut trainer.opt, &fingerprint)?;

@@ -282,3 +282,36 @@ fn prompt_tuning_greedy_generation_matches_peft() {
         assert_eq!(got, want, "{name} greedy (KV cache)");
     }
 }
+
+/// Memory planning: a batch whose logits do not fit the device's largest buffer runs as
+/// micro-batches with the same update; what cannot fit at all is refused by name.
+#[test]
+fn batches_too_big_for_a_buffer_run_as_micro_batches() {
+    use webpeft::session::TrainOptions;
+    let run = |max_buffer: Option<u64>, batch: usize, grad_accum: usize| {
+        let mut s = tiny();
+        s.compute.max_buffer = max_buffer;
+        s.add_lora("m", LoraConfig { r: 4, lora_alpha: 8.0, ..Default::default() }, 7).unwrap();
+        let opts = TrainOptions { steps: 3, batch, grad_accum, seq_len: 32, lr: 1e-2, seed: 3, ..Default::default() };
+        let r = block_on(s.train("m", &zen_examples(), &opts, |_| true)).map(|r| r.iter().map(|x| x.stats.loss).collect::<Vec<_>>());
+        (r, block_on(s.save_adapter("m")).unwrap().1)
+    };
+    // Tiny model: logits of 4 rows × 32 × 512 f32 = 256 KiB, of 2 rows 128 KiB; the
+    // embedding table 128 KiB. A 160 KiB buffer limit makes batch 4 run as 2 × 2.
+    let (whole, w_whole) = run(None, 4, 1);
+    let (split, w_split) = run(Some(160 << 10), 4, 1);
+    let (manual, w_manual) = run(None, 2, 2);
+    assert_eq!(split.as_ref().unwrap(), manual.as_ref().unwrap(), "the planned split is batch 2 × grad-accum 2");
+    assert_eq!(w_split, w_manual);
+    let d = whole.unwrap().iter().zip(split.unwrap()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    eprintln!("batch 4 vs 2 micro-batches of 2: losses differ by {d:.1e}");
+    assert!(d < 1e-5, "same update up to float summation: {d}");
+    drop(w_whole);
+    let e = run(Some(100 << 10), 1, 1).0.unwrap_err();
+    assert!(e.message.contains("embedding table"), "{e}");
+    let mut s = tiny();
+    s.compute.max_buffer = Some(150 << 10);
+    s.add_lora("m", LoraConfig { r: 4, lora_alpha: 8.0, ..Default::default() }, 7).unwrap();
+    let e = block_on(s.train("m", &zen_examples(), &TrainOptions { steps: 1, batch: 2, seq_len: 128, ..Default::default() }, |_| true)).unwrap_err();
+    assert!(e.message.contains("reduce seq-len"), "{e}");
+}

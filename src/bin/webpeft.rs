@@ -671,6 +671,16 @@ fn run(cli: Cli) -> Result<()> {
             let t0 = Instant::now();
             let mut keeper = Keeper::new(&out);
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let plan = s.memory_plan(&refs, &opts)?;
+            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            eprintln!(
+                "memory estimate {:.1} MiB (largest buffer {:.1} MiB: {}); micro-batch {} x grad-accum {}",
+                mib(plan.estimate.total()),
+                mib(plan.estimate.largest_buffer.0),
+                plan.estimate.largest_buffer.1,
+                plan.batch,
+                plan.grad_accum
+            );
             block_on(s.train_together(&refs, &examples, &opts, |r| {
                 println!(
                     "step {:>4}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  {:.0} tok/s  {:.0} ms{}{}",
@@ -695,7 +705,7 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "{}",
                 serde_json::json!({"summary": {"seconds": t0.elapsed().as_secs_f64(), "trainable_parameters": trainable, "model_parameters": s.model.num_parameters(),
-                    "peak_rss_bytes": peak_rss(), "device_memory_reserved_bytes": peak_device, "device": s.compute.name}})
+                    "peak_rss_bytes": peak_rss(), "device_memory_reserved_bytes": peak_device, "memory_estimate_bytes": plan.estimate.total(), "device": s.compute.name}})
             );
         }
         Cmd::Generate { common, adapter, prompt, max_new_tokens, temperature, top_p, seed, chat } => {

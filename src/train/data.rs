@@ -290,6 +290,12 @@ impl Batcher {
     }
 
     /// Switch to Poisson sampling with rate `batch / rows` (the expected batch size stays).
+    /// Draw batches of `batch` rows from now on (rows are drawn in the same order whatever the
+    /// batch size, so two batches of 2 hold what one of 4 would).
+    pub fn set_batch(&mut self, batch: usize) {
+        self.batch = batch.max(1);
+    }
+
     pub fn set_poisson(&mut self) {
         self.poisson = Some((self.batch as f64 / self.rows.len() as f64).min(1.0));
     }

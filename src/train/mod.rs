@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod loss;
+pub mod memory;
 pub mod optim;
 pub mod privacy;
 pub mod schedule;

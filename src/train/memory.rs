@@ -1,0 +1,129 @@
+//! Memory planning for a training run: before the first step, estimate what a (model,
+//! adapter, batch, sequence length) needs and check it against the device's limits. A
+//! batch whose largest buffer does not fit one device buffer is split into micro-batches
+//! (gradient accumulation gives the same update); when even one row does not fit, training
+//! is refused with a message naming the setting to change.
+//!
+//! The estimate (f32 everywhere, B = batch, T = sequence length, per layer of hidden size h,
+//! MLP size i, q/kv widths q and k, H heads, vocabulary V):
+//!   weights     the base model's parameters × 4 bytes
+//!   adapter     trainable parameters × 16 bytes (value, gradient, AdamW's two moments)
+//!   activations B·T·(10h + 3q + 4k + 5i) × 4 per layer: what autodiff keeps for backward
+//!               (norm inputs and outputs, q/k/v before and after RoPE, attention output,
+//!               gate/up/SiLU/product, residuals)
+//!   attention   B·H·T² × 4 × 3 for the layer being run (scores, softmax, their gradient)
+//!   logits      B·T·V × 4 × 3 (logits, log-softmax, gradient)
+//! and the largest single buffer is the biggest of the logits, the attention scores and the
+//! embedding table.
+
+use crate::error::{Result, bail};
+use crate::models::config::LlamaConfig;
+
+/// Bytes each part of a training step needs (see the module note for the formulas).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryEstimate {
+    pub weights: u64,
+    pub adapter: u64,
+    pub activations: u64,
+    pub attention: u64,
+    pub logits: u64,
+    /// The largest single buffer of the step, and what it is.
+    pub largest_buffer: (u64, &'static str),
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.weights + self.adapter + self.activations + self.attention + self.logits
+    }
+}
+
+const F32: u64 = 4;
+
+/// The estimate for `batch` rows of `seq_len` tokens (`prefix` virtual tokens added to the
+/// attention by prompt-style adapters).
+pub fn estimate(c: &LlamaConfig, base_parameters: usize, trainable: usize, batch: usize, seq_len: usize) -> MemoryEstimate {
+    let (b, t) = (batch as u64, seq_len as u64);
+    let (h, i, v, layers) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64, c.num_hidden_layers as u64);
+    let (heads, q, k) = (c.num_attention_heads as u64, (c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
+    let per_token = 10 * h + 3 * q + 4 * k + 5 * i;
+    let scores = b * heads * t * t * F32;
+    let logits = b * t * v * F32;
+    let embedding = v * h * F32;
+    let largest_buffer = [(logits, "logits (batch × seq-len × vocabulary)"), (scores, "attention scores (batch × heads × seq-len²)"), (embedding, "embedding table")]
+        .into_iter()
+        .max_by_key(|x| x.0)
+        .expect("three");
+    MemoryEstimate {
+        weights: base_parameters as u64 * F32,
+        adapter: trainable as u64 * 4 * F32,
+        activations: layers * b * t * per_token * F32,
+        attention: 3 * scores,
+        logits: 3 * logits,
+        largest_buffer,
+    }
+}
+
+/// How a run will be executed: the micro-batch size and gradient-accumulation factor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Plan {
+    pub batch: usize,
+    pub grad_accum: usize,
+    pub estimate: MemoryEstimate,
+}
+
+/// Fit the requested (batch, grad_accum) to a device whose buffers hold at most
+/// `max_buffer` bytes: the largest divisor of `batch` whose biggest buffer fits, with the
+/// accumulation multiplied to keep the effective batch (and the update) the same. The
+/// embedding table must fit as it is; a single row that does not fit is refused, naming
+/// `seq-len`.
+pub fn plan(c: &LlamaConfig, base_parameters: usize, trainable: usize, batch: usize, grad_accum: usize, seq_len: usize, max_buffer: Option<u64>) -> Result<Plan> {
+    let est = |b: usize| estimate(c, base_parameters, trainable, b, seq_len);
+    let Some(max) = max_buffer else {
+        return Ok(Plan { batch, grad_accum, estimate: est(batch) });
+    };
+    let mib = |x: u64| x as f64 / (1u64 << 20) as f64;
+    let embedding = c.vocab_size as u64 * c.hidden_size as u64 * F32;
+    if embedding > max {
+        bail!(Device, "the model's embedding table ({:.0} MiB) is larger than this device's largest buffer ({:.0} MiB): use a smaller model", mib(embedding), mib(max));
+    }
+    let Some(b) = (1..=batch).rev().filter(|d| batch % d == 0).find(|&d| est(d).largest_buffer.0 <= max) else {
+        let (bytes, what) = est(1).largest_buffer;
+        bail!(Config, "one row of seq-len {seq_len} needs {what} of {:.0} MiB, more than this device's largest buffer ({:.0} MiB): reduce seq-len", mib(bytes), mib(max));
+    };
+    if b < batch {
+        let (bytes, what) = est(batch).largest_buffer;
+        log::info!(
+            "batch {batch} needs {what} of {:.0} MiB > the device's largest buffer ({:.0} MiB): running {} micro-batches of {b} per step (same update)",
+            mib(bytes),
+            mib(max),
+            batch / b
+        );
+    }
+    Ok(Plan { batch: b, grad_accum: grad_accum * (batch / b), estimate: est(b) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm2() -> LlamaConfig {
+        let j = r#"{"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": true}"#;
+        LlamaConfig::from_json(j).unwrap()
+    }
+
+    #[test]
+    fn splits_batches_that_do_not_fit_and_names_the_setting_otherwise() {
+        let c = smollm2();
+        // Logits of 4 × 256 × 49152 f32 = 192 MiB: fits 256 MiB, not 128 MiB.
+        let p = plan(&c, 134_515_008, 460_800, 4, 1, 256, Some(256 << 20)).unwrap();
+        assert_eq!((p.batch, p.grad_accum), (4, 1));
+        let p = plan(&c, 134_515_008, 460_800, 4, 2, 256, Some(128 << 20)).unwrap();
+        assert_eq!((p.batch, p.grad_accum), (2, 4), "two micro-batches of 2 per step, same effective batch");
+        let e = plan(&c, 134_515_008, 460_800, 4, 1, 4096, Some(256 << 20)).unwrap_err();
+        assert!(e.message.contains("reduce seq-len"), "{e}");
+        let e = plan(&c, 134_515_008, 460_800, 1, 1, 16, Some(64 << 20)).unwrap_err();
+        assert!(e.message.contains("embedding table"), "{e}");
+        assert_eq!(plan(&c, 1, 1, 3, 1, 64, None).unwrap().batch, 3, "no limit known: as asked");
+    }
+}
