@@ -63,6 +63,8 @@ export interface TrainOptions {
   dp?: DpOptions;
   /** Step reports carry `checkpoint` (the run's state as files) every this many steps and after the last. */
   checkpointEvery?: number;
+  /** The most memory a training step may use (MiB): larger batches run as micro-batches (the same update) to stay within it; what cannot fit is refused naming the setting. */
+  memoryBudgetMiB?: number;
   /** Continue the run a checkpoint came from (same examples and options): ends exactly where the uninterrupted run ends. */
   resume?: Record<string, Uint8Array>;
   timeoutMs?: number;

@@ -53,6 +53,9 @@ pub struct TrainOptions {
     /// Hand out a [`Checkpoint`] in the step report every this many steps (and after the
     /// last); 0 = never.
     pub checkpoint_every: usize,
+    /// The most memory a training step may use, in MiB (e.g. what a browser tab can spare):
+    /// larger batches run as micro-batches to stay within it.
+    pub memory_budget_mib: Option<u64>,
     /// Continue the run this checkpoint was taken from (same data and settings): the result
     /// is the one the uninterrupted run gives, to the byte.
     pub resume: Option<Checkpoint>,
@@ -85,6 +88,7 @@ impl Default for TrainOptions {
             append_eos: false,
             dp: None,
             checkpoint_every: 0,
+            memory_budget_mib: None,
             resume: None,
         }
     }
@@ -409,7 +413,8 @@ fn plan_memory(model: &Llama, compute: &Compute, adapter: &mut dyn Trainable, o:
     let trainable: usize = adapter.params_mut().iter().map(|p| p.tensor.dims().iter().product::<usize>()).sum();
     let prefix = adapter.prefix().map_or(0, |p| p.dims()[0]);
     let asked = if o.dp.is_some() { 1 } else { o.batch };
-    memory::plan(&model.config, model.num_parameters(), trainable, asked, o.grad_accum, o.seq_len + prefix, compute.max_buffer)
+    let limits = memory::Limits { max_buffer: compute.max_buffer, budget: o.memory_budget_mib.map(|m| m << 20) };
+    memory::plan(&model.config, model.num_parameters(), trainable, asked, o.grad_accum, o.seq_len + prefix, limits)
 }
 
 fn mib(bytes: u64) -> f64 {

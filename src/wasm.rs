@@ -221,6 +221,9 @@ struct JsTrainOptions {
     dp: Option<JsDpOptions>,
     /// Step reports carry `checkpoint` (its files) every this many steps and after the last.
     checkpoint_every: Option<usize>,
+    /// The most memory a training step may use (MiB).
+    #[serde(rename = "memoryBudgetMiB")]
+    memory_budget_mib: Option<u64>,
 }
 
 /// Train options from JS: `resume` (a checkpoint's files, binary) is taken out before the
@@ -327,6 +330,7 @@ impl JsTrainOptions {
                 }),
             },
             checkpoint_every: self.checkpoint_every.unwrap_or(0),
+            memory_budget_mib: self.memory_budget_mib,
             resume: None,
         })
     }

@@ -307,6 +307,10 @@ enum Cmd {
         /// uninterrupted run ends.
         #[arg(long)]
         resume: bool,
+        /// The most memory a training step may use (MiB): larger batches run as
+        /// micro-batches (the same update) to stay within it.
+        #[arg(long)]
+        memory_budget_mib: Option<u64>,
     },
     /// Generate text (greedy when --temperature 0), with the KV cache.
     Generate {
@@ -614,6 +618,7 @@ fn run(cli: Cli) -> Result<()> {
             dp,
             checkpoint_every,
             resume,
+            memory_budget_mib,
         } => {
             let resume = if resume {
                 let c =
@@ -625,6 +630,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let opts = TrainOptions {
                 checkpoint_every,
+                memory_budget_mib,
                 resume,
                 steps,
                 batch,

@@ -71,31 +71,55 @@ pub struct Plan {
     pub estimate: MemoryEstimate,
 }
 
-/// Fit the requested (batch, grad_accum) to a device whose buffers hold at most
-/// `max_buffer` bytes: the largest divisor of `batch` whose biggest buffer fits, with the
-/// accumulation multiplied to keep the effective batch (and the update) the same. The
-/// embedding table must fit as it is; a single row that does not fit is refused, naming
-/// `seq-len`.
-pub fn plan(c: &LlamaConfig, base_parameters: usize, trainable: usize, batch: usize, grad_accum: usize, seq_len: usize, max_buffer: Option<u64>) -> Result<Plan> {
+/// What a run may use: the device's largest buffer, and a budget for the whole step (what
+/// the caller allows, e.g. a browser tab's share); `None` = no limit known.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Limits {
+    pub max_buffer: Option<u64>,
+    pub budget: Option<u64>,
+}
+
+/// Fit the requested (batch, grad_accum) to `limits`: the largest divisor of `batch` whose
+/// biggest buffer fits the device and whose whole step fits the budget, with the
+/// accumulation multiplied to keep the effective batch (and the update) the same. What no
+/// split can fix is refused, naming what to change: the model (embedding table, or weights
+/// and adapter over the budget) or `seq-len` (one row too big).
+pub fn plan(c: &LlamaConfig, base_parameters: usize, trainable: usize, batch: usize, grad_accum: usize, seq_len: usize, limits: Limits) -> Result<Plan> {
     let est = |b: usize| estimate(c, base_parameters, trainable, b, seq_len);
-    let Some(max) = max_buffer else {
-        return Ok(Plan { batch, grad_accum, estimate: est(batch) });
-    };
     let mib = |x: u64| x as f64 / (1u64 << 20) as f64;
+    let (max, budget) = (limits.max_buffer.unwrap_or(u64::MAX), limits.budget.unwrap_or(u64::MAX));
     let embedding = c.vocab_size as u64 * c.hidden_size as u64 * F32;
     if embedding > max {
         bail!(Device, "the model's embedding table ({:.0} MiB) is larger than this device's largest buffer ({:.0} MiB): use a smaller model", mib(embedding), mib(max));
     }
-    let Some(b) = (1..=batch).rev().filter(|d| batch % d == 0).find(|&d| est(d).largest_buffer.0 <= max) else {
-        let (bytes, what) = est(1).largest_buffer;
-        bail!(Config, "one row of seq-len {seq_len} needs {what} of {:.0} MiB, more than this device's largest buffer ({:.0} MiB): reduce seq-len", mib(bytes), mib(max));
+    let one = est(1);
+    if one.weights + one.adapter > budget {
+        bail!(
+            Config,
+            "the model ({:.0} MiB) and the adapter with its optimizer state ({:.0} MiB) alone exceed the memory budget ({:.0} MiB): use a smaller model or raise the budget",
+            mib(one.weights),
+            mib(one.adapter),
+            mib(budget)
+        );
+    }
+    let fits = |e: &MemoryEstimate| e.largest_buffer.0 <= max && e.total() <= budget;
+    let Some(b) = (1..=batch).rev().filter(|d| batch.is_multiple_of(*d)).find(|&d| fits(&est(d))) else {
+        let (bytes, what) = one.largest_buffer;
+        if bytes > max {
+            bail!(Config, "one row of seq-len {seq_len} needs {what} of {:.0} MiB, more than this device's largest buffer ({:.0} MiB): reduce seq-len", mib(bytes), mib(max));
+        }
+        bail!(Config, "one row of seq-len {seq_len} needs {:.0} MiB in all, more than the memory budget ({:.0} MiB): reduce seq-len or raise the budget", mib(one.total()), mib(budget));
     };
     if b < batch {
-        let (bytes, what) = est(batch).largest_buffer;
+        let e = est(batch);
+        let limit = |x: Option<u64>| x.map_or("none".to_string(), |x| format!("{:.0} MiB", mib(x)));
         log::info!(
-            "batch {batch} needs {what} of {:.0} MiB > the device's largest buffer ({:.0} MiB): running {} micro-batches of {b} per step (same update)",
-            mib(bytes),
-            mib(max),
+            "batch {batch} needs {:.0} MiB in all and a {:.0} MiB buffer ({}), beyond the limits (budget {}, largest buffer {}): running {} micro-batches of {b} per step (same update)",
+            mib(e.total()),
+            mib(e.largest_buffer.0),
+            e.largest_buffer.1,
+            limit(limits.budget),
+            limit(limits.max_buffer),
             batch / b
         );
     }
@@ -116,14 +140,24 @@ mod tests {
     fn splits_batches_that_do_not_fit_and_names_the_setting_otherwise() {
         let c = smollm2();
         // Logits of 4 × 256 × 49152 f32 = 192 MiB: fits 256 MiB, not 128 MiB.
-        let p = plan(&c, 134_515_008, 460_800, 4, 1, 256, Some(256 << 20)).unwrap();
+        let buf = |mib: u64| Limits { max_buffer: Some(mib << 20), budget: None };
+        let p = plan(&c, 134_515_008, 460_800, 4, 1, 256, buf(256)).unwrap();
         assert_eq!((p.batch, p.grad_accum), (4, 1));
-        let p = plan(&c, 134_515_008, 460_800, 4, 2, 256, Some(128 << 20)).unwrap();
+        let p = plan(&c, 134_515_008, 460_800, 4, 2, 256, buf(128)).unwrap();
         assert_eq!((p.batch, p.grad_accum), (2, 4), "two micro-batches of 2 per step, same effective batch");
-        let e = plan(&c, 134_515_008, 460_800, 4, 1, 4096, Some(256 << 20)).unwrap_err();
+        let e = plan(&c, 134_515_008, 460_800, 4, 1, 4096, buf(256)).unwrap_err();
         assert!(e.message.contains("reduce seq-len"), "{e}");
-        let e = plan(&c, 134_515_008, 460_800, 1, 1, 16, Some(64 << 20)).unwrap_err();
+        let e = plan(&c, 134_515_008, 460_800, 1, 1, 16, buf(64)).unwrap_err();
         assert!(e.message.contains("embedding table"), "{e}");
-        assert_eq!(plan(&c, 1, 1, 3, 1, 64, None).unwrap().batch, 3, "no limit known: as asked");
+        assert_eq!(plan(&c, 1, 1, 3, 1, 64, Limits::default()).unwrap().batch, 3, "no limit known: as asked");
+        // A budget for the whole step: 8 rows of 256 need about 5.3 GiB, 2 rows 1.7 GiB.
+        let budget = |mib: u64| Limits { max_buffer: None, budget: Some(mib << 20) };
+        let p = plan(&c, 134_515_008, 460_800, 8, 1, 256, budget(2048)).unwrap();
+        assert_eq!((p.batch, p.grad_accum), (2, 4), "{p:?}");
+        assert!(p.estimate.total() <= 2048 << 20);
+        let e = plan(&c, 134_515_008, 460_800, 8, 1, 256, budget(400)).unwrap_err();
+        assert!(e.message.contains("smaller model or raise the budget"), "{e}");
+        let e = plan(&c, 134_515_008, 460_800, 8, 1, 2048, budget(1024)).unwrap_err();
+        assert!(e.message.contains("reduce seq-len or raise the budget"), "{e}");
     }
 }
