@@ -63,11 +63,11 @@ pub struct TrainOptions {
 
 impl TrainOptions {
     /// What decides a run's course: a checkpoint resumes only under the same.
-    fn fingerprint(&self, rows: usize, tasks: &[String]) -> serde_json::Value {
+    fn fingerprint(&self, data: &Batcher, tasks: &[String]) -> serde_json::Value {
         serde_json::json!({
             "steps": self.steps, "batch": self.batch, "seq_len": self.seq_len, "grad_accum": self.grad_accum, "lr": self.lr, "warmup": self.warmup,
             "schedule": format!("{:?}", self.schedule), "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm, "seed": self.seed,
-            "append_eos": self.append_eos, "dp": self.dp.map(|d| format!("{d:?}")), "examples": rows, "tasks": tasks,
+            "append_eos": self.append_eos, "dp": self.dp.map(|d| format!("{d:?}")), "examples": data.num_rows(), "data_sha256": data.digest(), "tasks": tasks,
         })
     }
 }
@@ -513,7 +513,7 @@ async fn run_training(
         grad_accum = plan.grad_accum;
     }
     let mut trainer = Trainer::new(config);
-    let fingerprint = o.fingerprint(batcher.num_rows(), task_names);
+    let fingerprint = o.fingerprint(&batcher, task_names);
     let draws = if dp_config.is_some_and(|d| d.poisson) { 1 } else { grad_accum };
     let start = match &o.resume {
         Some(c) => {

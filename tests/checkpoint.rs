@@ -57,6 +57,10 @@ fn resumed_runs_end_byte_identical() {
         s.add_adapter("a", &serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}), 3).unwrap();
         let e = block_on(s.train("a", &zen_examples(), &other, |_| true)).unwrap_err();
         assert!(e.code == ErrorCode::Config && e.message.contains("lr"), "{e}");
+        let mut other_data = zen_examples();
+        other_data[0] = webpeft::train::data::Example::Text("Ugly is better than beautiful.".into());
+        let e = block_on(s.train("a", &other_data, &TrainOptions { resume: Some(kept[0].clone()), ..o.clone() }, |_| true)).unwrap_err();
+        assert!(e.code == ErrorCode::Config && e.message.contains("data_sha256"), "{e}");
     }
 }
 

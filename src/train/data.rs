@@ -305,6 +305,20 @@ impl Batcher {
         (self.batch as f64 / self.rows.len() as f64).min(1.0)
     }
 
+    /// SHA-256 of the tokenized rows (ids, labels, tasks): identifies the data of a run, so
+    /// that a checkpoint only resumes on the data it was trained on.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (i, r) in self.rows.iter().enumerate() {
+            h.update((r.ids.len() as u64).to_le_bytes());
+            r.ids.iter().for_each(|x| h.update(x.to_le_bytes()));
+            r.labels.iter().for_each(|x| h.update(x.to_le_bytes()));
+            h.update((self.tasks.get(i).copied().unwrap_or(0) as u64).to_le_bytes());
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     pub fn num_rows(&self) -> usize {
         self.rows.len()
     }
