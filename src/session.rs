@@ -518,7 +518,7 @@ async fn run_training(
     let start = match &o.resume {
         Some(c) => {
             c.restore(adapter, &mut trainer.opt, &fingerprint)?;
-            trainer.set_nonfinite(c.nonfinite);
+            trainer.nonfinite = c.nonfinite;
             // The batches the first part of the run drew (host-side shuffles only).
             for _ in 0..c.iteration * draws {
                 batcher.next_batch()?;
@@ -547,7 +547,7 @@ async fn run_training(
             let stats = trainer.step(model, adapter, &micro).await?;
             let seconds = t0.elapsed().as_secs_f64();
             let due = o.checkpoint_every > 0 && ((step + 1) % o.checkpoint_every == 0 || step + 1 == o.steps);
-            let checkpoint = if due { Some(Checkpoint::capture(adapter, &trainer.opt, step + 1, trainer.nonfinite(), fingerprint.clone()).await?) } else { None };
+            let checkpoint = if due { Some(Checkpoint::capture(adapter, &trainer.opt, step + 1, trainer.nonfinite, fingerprint.clone()).await?) } else { None };
             let mut r = StepReport {
                 tokens_per_second: stats.tokens as f64 / seconds.max(1e-9),
                 stats,

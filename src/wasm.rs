@@ -363,6 +363,7 @@ fn report_step(r: &crate::session::StepReport, all: &Array, on_step: Option<&Fun
     }
     all.push(&j);
     // The checkpoint goes to on_step only (the caller stores it), not into the kept list.
+    let mut arg = j;
     if let Some(c) = &r.checkpoint {
         match c.to_files() {
             Ok(files) => {
@@ -370,14 +371,13 @@ fn report_step(r: &crate::session::StepReport, all: &Array, on_step: Option<&Fun
                 for (name, bytes) in files {
                     set(&o, &name, Uint8Array::from(&bytes[..]));
                 }
-                let with = Object::assign(&Object::new(), &j);
-                set(&with, "checkpoint", o);
-                return on_step.is_none_or(|f| f.call1(&JsValue::NULL, &with).map(|v| v != JsValue::FALSE).unwrap_or(true));
+                arg = Object::assign(&Object::new(), &arg);
+                set(&arg, "checkpoint", o);
             }
             Err(e) => log::warn!("checkpoint at step {}: {e}", c.iteration),
         }
     }
-    on_step.is_none_or(|f| f.call1(&JsValue::NULL, &j).map(|v| v != JsValue::FALSE).unwrap_or(true))
+    on_step.is_none_or(|f| f.call1(&JsValue::NULL, &arg).map(|v| v != JsValue::FALSE).unwrap_or(true))
 }
 
 fn set(o: &Object, k: &str, v: impl Into<JsValue>) {

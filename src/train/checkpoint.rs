@@ -59,7 +59,8 @@ struct State {
     files: BTreeMap<String, FileEntry>,
 }
 
-fn sha256_hex(b: &[u8]) -> String {
+/// SHA-256 of `b`, as lowercase hex.
+pub fn sha256_hex(b: &[u8]) -> String {
     Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
 }
 
@@ -99,15 +100,16 @@ impl Checkpoint {
                 bail!(Shape, "checkpoint: tensor {name} {:?} does not fit the adapter's {} {:?}", h.shape, p.name, p.tensor.dims());
             }
         }
-        let device = self.params.first().map(|_| params[0].tensor.device());
         for (p, (_, h)) in params.iter_mut().zip(&self.params) {
             *p.tensor = upload(h, &p.tensor.device())?;
         }
         opt.step = self.opt_step;
-        opt.state = match device {
-            Some(d) => self.moments.iter().map(|m| m.as_ref().map(|(m, v)| Ok::<_, crate::Error>(Moments { m: upload(m, &d)?, v: upload(v, &d)? })).transpose()).collect::<Result<_>>()?,
-            None => Vec::new(),
-        };
+        // Each parameter's moments on its device (none before the first update).
+        opt.state = params
+            .iter()
+            .zip(&self.moments)
+            .map(|(p, m)| m.as_ref().map(|(m, v)| Ok::<_, crate::Error>(Moments { m: upload(m, &p.tensor.device())?, v: upload(v, &p.tensor.device())? })).transpose())
+            .collect::<Result<_>>()?;
         Ok(())
     }
 

@@ -38,8 +38,9 @@ pub enum DataFormat {
     Text,
     /// One JSON object per line (see [`Example::from_json`]).
     Jsonl,
-    /// A header row naming a `text` column, or `prompt` and `completion` columns.
-    Csv,
+    /// A header row naming a `text` column, or `prompt` and `completion` columns; fields
+    /// separated by `delimiter` (`,` for .csv, tab for .tsv).
+    Csv { delimiter: u8 },
 }
 
 impl DataFormat {
@@ -50,7 +51,8 @@ impl DataFormat {
         Some(match ext.as_str() {
             "txt" | "text" | "md" => DataFormat::Text,
             "jsonl" | "json" | "ndjson" => DataFormat::Jsonl,
-            "csv" | "tsv" => DataFormat::Csv,
+            "csv" => DataFormat::Csv { delimiter: b',' },
+            "tsv" => DataFormat::Csv { delimiter: b'\t' },
             _ => return None,
         })
     }
@@ -62,7 +64,7 @@ pub fn parse_data_file(name: &str, text: &str) -> Result<Vec<Example>> {
     let r = match DataFormat::from_name(name) {
         Some(DataFormat::Text) => text_lines(text),
         Some(DataFormat::Jsonl) => jsonl(text),
-        Some(DataFormat::Csv) => csv_rows(text, if name.to_ascii_lowercase().ends_with(".tsv") { b'\t' } else { b',' }),
+        Some(DataFormat::Csv { delimiter }) => csv_rows(text, delimiter),
         None => parse_examples(text),
     };
     r.map_err(|e| e.context(name))
@@ -308,15 +310,14 @@ impl Batcher {
     /// SHA-256 of the tokenized rows (ids, labels, tasks): identifies the data of a run, so
     /// that a checkpoint only resumes on the data it was trained on.
     pub fn digest(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
+        let mut bytes = Vec::new();
         for (i, r) in self.rows.iter().enumerate() {
-            h.update((r.ids.len() as u64).to_le_bytes());
-            r.ids.iter().for_each(|x| h.update(x.to_le_bytes()));
-            r.labels.iter().for_each(|x| h.update(x.to_le_bytes()));
-            h.update((self.tasks.get(i).copied().unwrap_or(0) as u64).to_le_bytes());
+            bytes.extend((r.ids.len() as u64).to_le_bytes());
+            r.ids.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
+            r.labels.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
+            bytes.extend((self.tasks.get(i).copied().unwrap_or(0) as u64).to_le_bytes());
         }
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        crate::train::checkpoint::sha256_hex(&bytes)
     }
 
     pub fn num_rows(&self) -> usize {

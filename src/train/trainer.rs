@@ -59,7 +59,8 @@ pub struct StepStats {
 pub struct Trainer {
     pub config: TrainConfig,
     pub opt: AdamW,
-    nonfinite: usize,
+    /// Non-finite steps in a row so far (kept in checkpoints).
+    pub nonfinite: usize,
     noise: SmallRng,
 }
 
@@ -76,15 +77,6 @@ impl Trainer {
     /// Seed the DP noise for loop iteration `step` (so a resumed run draws the same noise).
     pub fn seed_noise(&mut self, step: usize) {
         self.noise = noise_rng(self.config.seed, step);
-    }
-
-    /// Non-finite steps in a row so far.
-    pub fn nonfinite(&self) -> usize {
-        self.nonfinite
-    }
-
-    pub fn set_nonfinite(&mut self, n: usize) {
-        self.nonfinite = n;
     }
 
     /// Learning rate of the next optimizer step.
