@@ -3,9 +3,11 @@
 //!
 //! Layout: `io` (file formats), `models` (architectures), `peft` (methods), `train`
 //! (loss, optimiser, loop), `generate` (decoding), `device` (device choice and self-check),
-//! `session` (the high-level API the CLI and the JS bindings share), `wasm` (JS boundary).
+//! `session` (the high-level API the CLI and the JS bindings share; `encoder` is its
+//! counterpart for BERT-family classifiers and embeddings), `wasm` (JS boundary).
 
 pub mod device;
+pub mod encoder;
 pub mod error;
 pub mod generate;
 pub mod io;

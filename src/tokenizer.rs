@@ -95,6 +95,15 @@ impl Tokenizer {
         Self::from_json(&tj.to_string(), chat_template, bos_id, eos_id)
     }
 
+    /// Set up for an encoder's inputs: no padding (batches are padded by the caller) and
+    /// truncation to `max_len` tokens, special tokens included (as `tokenizer(text,
+    /// truncation=True, max_length=max_len)`), whatever `tokenizer.json` says.
+    pub fn with_truncation(mut self, max_len: usize) -> Result<Self> {
+        let params = tokenizers::TruncationParams { max_length: max_len, ..Default::default() };
+        self.inner.with_padding(None).with_truncation(Some(params)).map_err(|e| err!(Config, "tokenizer truncation: {e}"))?;
+        Ok(self)
+    }
+
     /// Encode with the tokenizer's default special-token handling (as `tokenizer(text)`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         self.encode_opts(text, true)

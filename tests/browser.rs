@@ -179,3 +179,44 @@ async fn every_method_one_step_matches_pytorch() {
 fn web_sys_log(s: &str) {
     wasm_bindgen_test::console_log!("{s}");
 }
+
+/// The BERT encoder in the browser: a tiny random BertForSequenceClassification and a peft
+/// SEQ_CLS LoRA + classifier against transformers' logits, sentence embeddings, and one
+/// AdamW step of LoRA + head against PyTorch.
+#[wasm_bindgen_test]
+async fn tiny_bert_classifier_matches_pytorch() {
+    use webpeft::encoder::{EncoderSession, EncoderTask};
+    let files = || {
+        let mut f = BTreeMap::new();
+        f.insert("config.json".to_string(), fx!("tiny-bert/config.json").to_vec());
+        f.insert("model.safetensors".to_string(), fx!("tiny-bert/model.safetensors").to_vec());
+        f.insert("tokenizer.json".to_string(), fx!("tiny-bert/tokenizer.json").to_vec());
+        ModelFiles::from_named(f).unwrap()
+    };
+    let texts = ["Free entry to win a cash prize, text WIN now!", "Are you coming to dinner tonight?", "the meeting moved to thursday"];
+    let exp = fx!("tiny-bert/expected.safetensors");
+    let flat = |v: Vec<Vec<f32>>| v.into_iter().flatten().collect::<Vec<f32>>();
+    let mut s = EncoderSession::load(&files(), gpu().await, EncoderTask::Classification).unwrap();
+    let d = max_abs_diff(&flat(s.logits(&texts, 64, 3).await.unwrap()), &f32_of(exp, "logits").data);
+    web_sys_log(&format!("browser tiny-bert logits max |d| = {d:e}"));
+    assert!(d < 1e-4, "tiny-bert logits |d| = {d}");
+    let e = EncoderSession::load(&files(), gpu().await, EncoderTask::Embedding).unwrap();
+    let d = max_abs_diff(&flat(e.embed(&texts, 64, 3).await.unwrap()), &f32_of(exp, "embeddings").data);
+    web_sys_log(&format!("browser tiny-bert embeddings max |d| = {d:e}"));
+    assert!(d < 1e-5, "tiny-bert embeddings |d| = {d}");
+    s.load_adapter(std::str::from_utf8(fx!("tiny-bert/lora/adapter_config.json")).unwrap(), fx!("tiny-bert/lora/adapter_model.safetensors"), None).unwrap();
+    let d = max_abs_diff(&flat(s.logits(&texts, 64, 3).await.unwrap()), &f32_of(exp, "lora_logits").data);
+    web_sys_log(&format!("browser tiny-bert + peft SEQ_CLS LoRA logits max |d| = {d:e}"));
+    assert!(d < 1e-4, "tiny-bert LoRA logits |d| = {d}");
+    let hp: serde_json::Value = serde_json::from_slice(fx!("tiny-bert/train.json")).unwrap();
+    let labels: Vec<usize> = hp["labels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() }, ..Default::default() });
+    let st = s.train_step(&mut tr, &texts, &labels, None, 64).await.unwrap();
+    let dl = (st.loss as f64 - hp["loss"].as_f64().unwrap()).abs();
+    let after = s.trainable_tensors().await.unwrap();
+    let train = fx!("tiny-bert/train.safetensors");
+    let worst = after.iter().map(|(k, v)| max_abs_diff(&v.data, &f32_of(train, k).data)).fold(0f32, f32::max);
+    web_sys_log(&format!("browser tiny-bert one step: loss |d| = {dl:e}, LoRA + head max |d| = {worst:e} over {} tensors", after.len()));
+    assert!(dl < 1e-5 && worst < 5e-5, "loss |d| {dl}, weights |d| {worst}");
+    assert_eq!(after.len(), 10);
+}

@@ -1,4 +1,5 @@
-//! The native command line: `webpeft logits | train | generate | eval | export | combine | bench`.
+//! The native command line: `webpeft logits | train | generate | eval | export | combine | bench`
+//! for decoders, `webpeft classify | predict | embed` for encoders.
 //! Every subcommand exits non-zero with a one-line reason on bad input.
 
 use std::collections::BTreeMap;
@@ -9,13 +10,16 @@ use clap::{Args, Parser, Subcommand};
 use web_time::Instant;
 
 use webpeft::device::{self, DeviceChoice};
+use webpeft::encoder::{ClassifyOptions, EncoderSession, EncoderTask};
 use webpeft::error::{Error, ErrorCode, Result};
 use webpeft::generate::GenerateOptions;
 use webpeft::io::safetensors::{self as st, OutTensor};
 use webpeft::io::source::ModelFiles;
+use webpeft::peft::lora::LoraConfig;
 use webpeft::peft::targets::Targets;
 use webpeft::session::{Session, StepReport, TrainOptions};
 use webpeft::tensor::block_on;
+use webpeft::train::classify::{Labeled, Metrics, parse_labeled_file};
 use webpeft::train::data::{Batch, Tokenized, parse_data_file};
 use webpeft::train::{Schedule, checkpoint};
 
@@ -236,6 +240,93 @@ impl DpArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Train a text classifier on an encoder (BERT, MiniLM): LoRA + a classification head
+    /// (peft SEQ_CLS), with a stratified validation split, per-epoch accuracy / macro F1 /
+    /// confusion matrix, and temperature scaling; writes a PEFT folder.
+    Classify {
+        #[command(flatten)]
+        common: Common,
+        /// CSV/TSV with `text` and `label` columns, or JSONL {"text": ..., "label": ...}.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        r: usize,
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f64,
+        #[arg(long, default_value_t = 0.1)]
+        dropout: f64,
+        /// LoRA target modules (comma-separated, a regex, or all-linear).
+        #[arg(long, default_value = "query,value")]
+        target: String,
+        #[arg(long, default_value_t = 3)]
+        epochs: usize,
+        /// Stop after this many steps in all.
+        #[arg(long)]
+        max_steps: Option<usize>,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 5e-4)]
+        lr: f64,
+        #[arg(long, default_value_t = 0.01)]
+        weight_decay: f64,
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
+        #[arg(long, default_value = "linear")]
+        schedule: String,
+        #[arg(long, default_value_t = 1.0)]
+        max_grad_norm: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Share of each class held out for validation.
+        #[arg(long, default_value_t = 0.1)]
+        val_split: f64,
+        /// Weight the loss by balanced class weights (for imbalanced labels).
+        #[arg(long)]
+        class_weights: bool,
+        /// Early stopping: epochs without a better validation loss before stopping.
+        #[arg(long)]
+        patience: Option<usize>,
+        /// Skip temperature scaling.
+        #[arg(long)]
+        no_calibrate: bool,
+        /// Also write the run's report (epochs, metrics, temperature) as JSON here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Classify texts with an encoder and a classifier adapter: prints one JSON line per text
+    /// (label, probabilities with the adapter's temperature, logits); with --data of labelled
+    /// examples, also the accuracy.
+    Predict {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        text: Vec<String>,
+        /// Labelled data (as for classify): predict every row and report the metrics.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+    },
+    /// Sentence embeddings of an encoder (mean pooling + L2 normalisation), one JSON array per
+    /// line, optionally with a FEATURE_EXTRACTION LoRA.
+    Embed {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long, required = true)]
+        text: Vec<String>,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+    },
     /// Write input_ids and logits of a text to a safetensors file.
     Logits {
         #[command(flatten)]
@@ -407,6 +498,38 @@ enum Cmd {
     },
 }
 
+fn open_encoder(common: &Common, task: EncoderTask) -> Result<EncoderSession> {
+    let files = ModelFiles::from_path(&common.model)?;
+    let compute = device::select(DeviceChoice::parse(&common.device)?)?;
+    eprintln!("device: {}", compute.name);
+    EncoderSession::load(&files, compute, task).map_err(|e| e.context(common.model.display()))
+}
+
+/// Load an encoder adapter folder (adapter_config.json, adapter_model.safetensors and, for a
+/// classifier, webpeft_head.json).
+fn load_encoder_adapter(s: &mut EncoderSession, dir: &Path) -> Result<()> {
+    let cfg = read_text(&dir.join("adapter_config.json"))?;
+    let w = std::fs::read(dir.join("adapter_model.safetensors")).map_err(|e| Error::new(ErrorCode::Io, format!("{}/adapter_model.safetensors: {e}", dir.display())))?;
+    let head = dir.join(webpeft::encoder::HEAD_FILE);
+    let head = if head.is_file() { Some(read_text(&head)?) } else { None };
+    s.load_adapter(&cfg, &w, head.as_deref()).map_err(|e| e.context(dir.display()))
+}
+
+/// Write files into `dir`, each through a temporary file and a rename.
+fn write_files(dir: &Path, files: Vec<(String, Vec<u8>)>) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (file, bytes) in files {
+        let tmp = dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, dir.join(file))?;
+    }
+    Ok(())
+}
+
+fn metrics_json(m: &Metrics) -> serde_json::Value {
+    serde_json::json!({"loss": m.loss, "accuracy": m.accuracy, "macro_f1": m.macro_f1, "ece": m.ece, "confusion": m.confusion})
+}
+
 fn open(common: &Common) -> Result<Session> {
     let files = ModelFiles::from_path(&common.model)?;
     let compute = device::select(DeviceChoice::parse(&common.device)?)?;
@@ -477,14 +600,8 @@ impl Keeper {
 fn write_adapter(s: &mut Session, name: &str, dir: &Path) -> Result<()> {
     let dir = if name == "default" { dir.to_path_buf() } else { dir.join(name) };
     let (cfg, w) = block_on(s.save_adapter(name))?;
-    std::fs::create_dir_all(&dir)?;
     // Write-then-rename so an interrupted save never leaves a half-written adapter.
-    for (file, bytes) in [("adapter_config.json", cfg.into_bytes()), ("adapter_model.safetensors", w)] {
-        let tmp = dir.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, dir.join(file))?;
-    }
-    Ok(())
+    write_files(&dir, vec![("adapter_config.json".into(), cfg.into_bytes()), ("adapter_model.safetensors".into(), w)])
 }
 
 /// `train --task NAME=DATA ...`: one adapter per task, trained together with per-row routing.
@@ -533,6 +650,118 @@ fn train_tasks(common: &Common, tasks: &[String], method: &MethodArgs, opts: &Tr
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Classify {
+            common,
+            data,
+            out,
+            r,
+            alpha,
+            dropout,
+            target,
+            epochs,
+            max_steps,
+            batch,
+            seq_len,
+            lr,
+            weight_decay,
+            warmup,
+            schedule,
+            max_grad_norm,
+            seed,
+            val_split,
+            class_weights,
+            patience,
+            no_calibrate,
+            report,
+        } => {
+            let rows = parse_labeled_file(&data.display().to_string(), &read_text(&data)?)?;
+            let mut s = open_encoder(&common, EncoderTask::Classification)?;
+            let config = LoraConfig::from_value(&serde_json::json!({
+                "peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": common.model.display().to_string(),
+                "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": Targets::from_cli(&target).to_json(),
+            }))?;
+            s.add_lora(config, seed)?;
+            let o = ClassifyOptions {
+                epochs,
+                max_steps,
+                batch,
+                seq_len,
+                lr,
+                weight_decay,
+                warmup,
+                schedule: Schedule::parse(&schedule)?,
+                max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
+                seed,
+                val_fraction: val_split,
+                class_weights,
+                patience,
+                calibrate: !no_calibrate,
+            };
+            let t0 = Instant::now();
+            let rep = block_on(s.train_classifier(&rows, &o, |e| {
+                let val = e
+                    .val
+                    .as_ref()
+                    .map_or(String::new(), |m| format!(" val_loss {:.4} val_acc {:.4} macro_f1 {:.4} ece {:.4} confusion {:?}", m.loss, m.accuracy, m.macro_f1, m.ece, m.confusion));
+                eprintln!("epoch {} step {} train_loss {:.4}{val} {:.1}s {:.0} tok/s", e.epoch, e.steps, e.train_loss, e.seconds, e.tokens_per_second);
+                true
+            }))?;
+            eprintln!(
+                "labels {:?}; {} train / {} validation examples; kept epoch {}; temperature {:.4} (val ECE {:.4} -> {:.4}) in {:.1}s",
+                rep.labels,
+                rep.train_examples,
+                rep.val_examples,
+                rep.best_epoch,
+                rep.temperature,
+                rep.val_uncalibrated.as_ref().map_or(f64::NAN, |m| m.ece),
+                rep.val_calibrated.as_ref().map_or(f64::NAN, |m| m.ece),
+                t0.elapsed().as_secs_f64()
+            );
+            write_files(&out, block_on(s.save_adapter())?)?;
+            eprintln!("wrote {}", out.display());
+            if let Some(path) = report {
+                let j = serde_json::json!({
+                    "labels": rep.labels, "train_examples": rep.train_examples, "val_examples": rep.val_examples, "best_epoch": rep.best_epoch,
+                    "temperature": rep.temperature, "val": rep.val_uncalibrated.as_ref().map(metrics_json), "val_calibrated": rep.val_calibrated.as_ref().map(metrics_json),
+                    "epochs": rep.epochs.iter().map(|e| serde_json::json!({"epoch": e.epoch, "steps": e.steps, "train_loss": e.train_loss, "seconds": e.seconds,
+                        "tokens_per_second": e.tokens_per_second, "val": e.val.as_ref().map(metrics_json)})).collect::<Vec<_>>(),
+                });
+                std::fs::write(&path, serde_json::to_string_pretty(&j).expect("json"))?;
+            }
+        }
+        Cmd::Predict { common, adapter, text, data, seq_len, batch } => {
+            let mut s = open_encoder(&common, EncoderTask::Classification)?;
+            load_encoder_adapter(&mut s, &adapter)?;
+            let rows = match &data {
+                Some(p) => parse_labeled_file(&p.display().to_string(), &read_text(p)?)?,
+                None => text.iter().map(|t| Labeled { text: t.clone(), label: String::new() }).collect(),
+            };
+            if rows.is_empty() {
+                return Err(Error::new(ErrorCode::Config, "give --text (repeatable) or --data"));
+            }
+            let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
+            let logits = block_on(s.logits(&texts, seq_len, batch))?;
+            let probs = webpeft::train::classify::softmax_rows(&logits, s.temperature);
+            for (l, p) in logits.iter().zip(&probs) {
+                let k = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+                println!("{}", serde_json::json!({"label": s.labels.get(k).cloned().unwrap_or_else(|| k.to_string()), "id": k, "probabilities": p, "logits": l}));
+            }
+            if data.is_some() {
+                let (_, ids) = webpeft::train::classify::label_ids(&rows, &s.labels)?;
+                let m = webpeft::train::classify::metrics(&logits, &ids, s.temperature);
+                eprintln!("{}", metrics_json(&m));
+            }
+        }
+        Cmd::Embed { common, adapter, text, seq_len } => {
+            let mut s = open_encoder(&common, EncoderTask::Embedding)?;
+            if let Some(d) = &adapter {
+                load_encoder_adapter(&mut s, d)?;
+            }
+            let texts: Vec<&str> = text.iter().map(String::as_str).collect();
+            for e in block_on(s.embed(&texts, seq_len, 32))? {
+                println!("{}", serde_json::json!(e));
+            }
+        }
         Cmd::Logits { common, adapter, merge, text, out } => {
             let mut s = open(&common)?;
             let mut names = adapter.as_ref().map(|d| load_adapters(&mut s, d)).transpose()?.unwrap_or_default();

@@ -110,18 +110,27 @@ impl ModelFiles {
         match self {
             ModelFiles::HfFolder { config, shards, .. } => {
                 let config = LlamaConfig::from_json(config)?;
-                let mut tensors = BTreeMap::new();
-                for (name, bytes) in shards {
-                    let st = parse(bytes).map_err(|e| e.context(name))?;
-                    for (k, v) in st.tensors() {
-                        tensors.insert(k.clone(), view_to_f32(&k, &v).map_err(|e| e.context(name))?);
-                    }
-                }
-                Ok(LoadedWeights { config, tensors })
+                Ok(LoadedWeights { config, tensors: shard_tensors(shards)? })
             }
             ModelFiles::Gguf { name, bytes } => gguf_weights(bytes).map_err(|e| e.context(name)),
         }
     }
+}
+
+/// Every tensor of safetensors shards by name, as f32; integer buffers that are no weights
+/// (BERT's `embeddings.position_ids`) are left out.
+pub fn shard_tensors(shards: &[(String, Vec<u8>)]) -> Result<BTreeMap<String, HostTensor>> {
+    let mut tensors = BTreeMap::new();
+    for (name, bytes) in shards {
+        let st = parse(bytes).map_err(|e| e.context(name))?;
+        for (k, v) in st.tensors() {
+            if k.ends_with("position_ids") && matches!(v.dtype(), safetensors::Dtype::I64 | safetensors::Dtype::I32) {
+                continue;
+            }
+            tensors.insert(k.clone(), view_to_f32(&k, &v).map_err(|e| e.context(name))?);
+        }
+    }
+    Ok(tensors)
 }
 
 /// GGUF tensor names mapped to Hugging Face names, with Q/K un-permuted.

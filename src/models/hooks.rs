@@ -34,17 +34,49 @@ impl Proj {
     }
 }
 
-/// A linear layer of the model: decoder layer index + projection.
+/// Which architecture a [`Site`] belongs to: it decides the module names (and so the keys of
+/// saved adapters and what `target_modules` match).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Family {
+    /// Llama-style decoders: `model.layers.{l}.self_attn.q_proj`, ...
+    #[default]
+    Llama,
+    /// BERT-style encoders: `{prefix}encoder.layer.{l}.attention.self.query`, ...; `prefix` is
+    /// `"bert."` inside `BertForSequenceClassification`, `""` in a bare `BertModel`.
+    Bert { prefix: &'static str },
+}
+
+/// A linear layer of the model: layer index + projection (+ the architecture's naming).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Site {
     pub layer: usize,
     pub proj: Proj,
+    pub family: Family,
 }
 
 impl Site {
-    /// Full module name as in transformers' `named_modules()` (e.g. `model.layers.0.self_attn.q_proj`).
+    /// A Llama-family site.
+    pub fn llama(layer: usize, proj: Proj) -> Self {
+        Site { layer, proj, family: Family::Llama }
+    }
+
+    /// Full module name as in transformers' `named_modules()` (e.g. `model.layers.0.self_attn.q_proj`,
+    /// `bert.encoder.layer.0.attention.self.query`).
     pub fn module_name(&self) -> String {
-        format!("model.layers.{}.{}", self.layer, self.proj.module_path())
+        match self.family {
+            Family::Llama => format!("model.layers.{}.{}", self.layer, self.proj.module_path()),
+            Family::Bert { prefix } => {
+                let m = match self.proj {
+                    Proj::Q => "attention.self.query",
+                    Proj::K => "attention.self.key",
+                    Proj::V => "attention.self.value",
+                    Proj::O => "attention.output.dense",
+                    Proj::Up | Proj::Gate => "intermediate.dense",
+                    Proj::Down => "output.dense",
+                };
+                format!("{prefix}encoder.layer.{}.{m}", self.layer)
+            }
+        }
     }
 }
 

@@ -14,36 +14,8 @@ use crate::io::safetensors::HostTensor;
 use crate::io::source::LoadedWeights;
 use crate::models::config::LlamaConfig;
 use crate::models::hooks::{Adapter, Norm, Proj, Site, Sublayer};
+pub use crate::models::linear::Linear;
 use crate::tensor::{floats, upload};
-
-/// A frozen linear layer, weight stored as [in, out] so that `y = x @ W (+ b)`.
-#[derive(Clone)]
-pub struct Linear {
-    pub weight: Tensor<2>,
-    pub bias: Option<Tensor<1>>,
-}
-
-impl Linear {
-    pub fn forward(&self, x: &Tensor<2>) -> Tensor<2> {
-        self.forward_with(x, None, None)
-    }
-
-    /// The same with trainable replacements for the weight [in, out] / bias [1, out].
-    pub fn forward_with(&self, x: &Tensor<2>, weight: Option<Tensor<2>>, bias: Option<Tensor<2>>) -> Tensor<2> {
-        let y = x.clone().matmul(weight.unwrap_or_else(|| self.weight.clone()));
-        match (bias, &self.bias) {
-            (Some(b), _) => y + b,
-            (None, Some(b)) => y + b.clone().unsqueeze(),
-            (None, None) => y,
-        }
-    }
-    pub fn in_features(&self) -> usize {
-        self.weight.dims()[0]
-    }
-    pub fn out_features(&self) -> usize {
-        self.weight.dims()[1]
-    }
-}
 
 #[derive(Clone)]
 pub struct Block {
@@ -325,7 +297,7 @@ impl Llama {
         }
         for (l, blk) in self.blocks.iter().enumerate() {
             let lin = |p: Proj, x: &Tensor<2>| {
-                let site = Site { layer: l, proj: p };
+                let site = Site::llama(l, p);
                 let x = adapter.linear_input(site, x.clone());
                 let y = blk.linear(p).forward_with(&x, adapter.linear_weight(site), adapter.linear_bias(site));
                 adapter.linear_output(site, &x, y)
@@ -392,7 +364,7 @@ impl Llama {
 
     /// All linear sites of the model.
     pub fn sites(&self) -> Vec<Site> {
-        (0..self.blocks.len()).flat_map(|layer| Proj::ALL.iter().map(move |&proj| Site { layer, proj })).collect()
+        (0..self.blocks.len()).flat_map(|layer| Proj::ALL.iter().map(move |&proj| Site::llama(layer, proj))).collect()
     }
 
     /// `table` [vocab, d] with the padding row cut out of the autodiff graph, as torch's

@@ -1,5 +1,46 @@
 //! Model architectures. One file per architecture; adapters plug in through [`hooks`].
 
+pub mod bert;
 pub mod config;
 pub mod hooks;
+pub mod linear;
 pub mod llama;
+
+use burn::tensor::Device;
+
+use hooks::Site;
+use linear::Linear;
+
+/// What a PEFT method that works on linear layers (LoRA) needs to know of a frozen model,
+/// whatever its architecture.
+pub trait Base {
+    /// Every linear layer an adapter may target.
+    fn sites(&self) -> Vec<Site>;
+    fn linear(&self, site: Site) -> &Linear;
+    fn device(&self) -> &Device;
+    /// The Llama-family model, for the methods and options that exist only there (trained
+    /// base biases, `modules_to_save` of norms and the LM head, LoRA on the embeddings).
+    fn as_llama(&self) -> Option<&llama::Llama> {
+        None
+    }
+    /// Modules trained in full by the task head rather than by the adapter (peft's
+    /// `modules_to_save` entries that a sequence classifier adds itself).
+    fn head_modules(&self) -> &'static [&'static str] {
+        &[]
+    }
+}
+
+impl Base for llama::Llama {
+    fn sites(&self) -> Vec<Site> {
+        llama::Llama::sites(self)
+    }
+    fn linear(&self, site: Site) -> &Linear {
+        llama::Llama::linear(self, site)
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn as_llama(&self) -> Option<&llama::Llama> {
+        Some(self)
+    }
+}

@@ -106,7 +106,7 @@ fn csv_rows(text: &str, delimiter: u8) -> Result<Vec<Example>> {
     let header: Vec<String> = r.headers().map_err(|e| err!(Data, "header row: {e}"))?.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
     let col = |n: &str| header.iter().position(|h| h == n);
     if col("label").is_some() {
-        bail!(Unsupported, "a `label` column is classification data, which needs a classification head (not available yet); give `text`, or `prompt` and `completion` columns");
+        bail!(Unsupported, "a `label` column is classification data: train a classifier on an encoder model (`webpeft classify`), or give `text`, or `prompt` and `completion` columns");
     }
     enum Cols {
         Text(usize),

@@ -64,6 +64,26 @@ pub struct Trainer {
     noise: SmallRng,
 }
 
+/// Backpropagate `loss` and add each trainable tensor's gradient to `acc` (and the loss,
+/// detached, to `loss_sum`).
+fn accumulate(adapter: &mut dyn Trainable, loss: Tensor<1>, acc: &mut Vec<Option<Tensor<2>>>, loss_sum: &mut Option<Tensor<1>>) {
+    let grads = loss.backward();
+    let params = adapter.params_mut();
+    acc.resize_with(params.len(), || None);
+    for (a, p) in acc.iter_mut().zip(params.iter()) {
+        let g = p.tensor.grad(&grads).unwrap_or_else(|| p.tensor.clone().without_autodiff().zeros_like());
+        *a = Some(match a.take() {
+            Some(prev) => prev + g,
+            None => g,
+        });
+    }
+    let l = loss.without_autodiff();
+    *loss_sum = Some(match loss_sum.take() {
+        Some(s) => s + l,
+        None => l,
+    });
+}
+
 /// The host RNG of the DP noise for loop iteration `step` of a run seeded with `seed`.
 fn noise_rng(seed: u64, step: usize) -> SmallRng {
     SmallRng::seed_from_u64(seed ^ 0x5eed_d95d ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
@@ -109,22 +129,40 @@ impl Trainer {
                     None => sums,
                 });
             }
-            let grads = loss.backward();
-            let params = adapter.params_mut();
-            acc.resize_with(params.len(), || None);
-            for (a, p) in acc.iter_mut().zip(params.iter()) {
-                let g = p.tensor.grad(&grads).unwrap_or_else(|| p.tensor.clone().without_autodiff().zeros_like());
-                *a = Some(match a.take() {
-                    Some(prev) => prev + g,
-                    None => g,
-                });
-            }
-            let l = loss.without_autodiff();
-            loss_sum = Some(match loss_sum {
-                Some(s) => s + l,
-                None => l,
-            });
+            accumulate(adapter, loss, &mut acc, &mut loss_sum);
         }
+        let (mut stats, extra) = self.update(adapter, acc, loss_sum, task_sums, tokens).await?;
+        stats.task_losses = task_counts.iter().enumerate().map(|(k, &c)| if c == 0 { f32::NAN } else { extra[k] / c as f32 }).collect();
+        Ok(stats)
+    }
+
+    /// One optimizer step of any objective: `loss_of(adapter, k)` is micro-batch `k`'s share
+    /// of the loss (already divided by the step's total), for `k` in `0..micro`; `tokens` is
+    /// what the step processed (for the report). Gradients accumulate over the micro-batches,
+    /// then clipping, the schedule and AdamW, as [`Trainer::step`].
+    pub async fn step_loss<T: Trainable>(&mut self, adapter: &mut T, micro: usize, tokens: usize, mut loss_of: impl FnMut(&T, usize) -> Result<Tensor<1>>) -> Result<StepStats> {
+        if self.config.dp.is_some() {
+            bail!(Unsupported, "DP-SGD is available for language-model training only");
+        }
+        let mut loss_sum: Option<Tensor<1>> = None;
+        let mut acc: Vec<Option<Tensor<2>>> = Vec::new();
+        for k in 0..micro {
+            let loss = loss_of(&*adapter, k)?;
+            accumulate(&mut *adapter, loss, &mut acc, &mut loss_sum);
+        }
+        Ok(self.update(&mut *adapter, acc, loss_sum, None, tokens).await?.0)
+    }
+
+    /// Clip the accumulated gradients, read the loss and norm back (with `extra`, in the same
+    /// single readback) and apply the update through [`Trainer::finish`].
+    async fn update(
+        &mut self,
+        adapter: &mut dyn Trainable,
+        acc: Vec<Option<Tensor<2>>>,
+        loss_sum: Option<Tensor<1>>,
+        extra: Option<Tensor<1>>,
+        tokens: usize,
+    ) -> Result<(StepStats, Vec<f32>)> {
         let Some(loss) = loss_sum else { bail!(Data, "no micro-batch") };
         let mut grads: Vec<Tensor<2>> = acc.into_iter().flatten().collect();
         let sq: Vec<Tensor<1>> = grads.iter().map(|g| g.clone().square().sum()).collect();
@@ -135,11 +173,11 @@ impl Trainer {
             let coef: Tensor<2> = coef.unsqueeze();
             grads = grads.into_iter().map(|g| g * coef.clone()).collect();
         }
-        // One readback per step: the loss, the gradient norm and the per-task sums.
-        let both = read(Tensor::cat(vec![loss, norm].into_iter().chain(task_sums).collect(), 0)).await?;
+        // One readback per step: the loss, the gradient norm and the extra values.
+        let both = read(Tensor::cat(vec![loss, norm].into_iter().chain(extra).collect(), 0)).await?;
         let (loss, grad_norm) = (both.data[0], both.data[1]);
-        let task_losses = task_counts.iter().enumerate().map(|(k, &c)| if c == 0 { f32::NAN } else { both.data[2 + k] / c as f32 }).collect();
-        self.finish(adapter, grads, StepStats { step: self.opt.step + 1, loss, grad_norm, lr: self.lr(), tokens, skipped: false, task_losses }, true)
+        let stats = self.finish(adapter, grads, StepStats { step: self.opt.step + 1, loss, grad_norm, lr: self.lr(), tokens, skipped: false, task_losses: Vec::new() }, true)?;
+        Ok((stats, both.data[2..].to_vec()))
     }
 
     /// Apply the update, unless the loss or gradients are not finite: then the step is

@@ -13,8 +13,8 @@ use burn::tensor::{Int, Tensor};
 
 use crate::error::{Result, bail};
 use crate::io::safetensors::HostTensor;
+use crate::models::Base;
 use crate::models::hooks::{Adapter, Norm, Site};
-use crate::models::llama::Llama;
 use crate::peft::lora::layer::{Dora, weight_norm};
 use crate::peft::lora::{BiasMode, InitLora, LoraConfig, LoraLayer};
 use crate::peft::selective::{SelectiveAdapter, SelectiveConfig};
@@ -69,7 +69,7 @@ impl LoraAdapter {
     }
 
     /// The linear sites of `model` this config targets, with their (rank, scaling).
-    pub fn resolve_sites(config: &LoraConfig, model: &Llama) -> Result<Vec<(Site, usize, f64)>> {
+    pub fn resolve_sites(config: &LoraConfig, model: &dyn Base) -> Result<Vec<(Site, usize, f64)>> {
         let m = Self::matcher(config)?;
         if m.matches("lm_head", true) {
             bail!(Unsupported, "LoRA on lm_head is not supported yet (use modules_to_save: [\"lm_head\"] to train it in full)");
@@ -84,7 +84,8 @@ impl LoraAdapter {
             })
             .collect();
         if sites.is_empty() && !Self::targets_embedding(config)? {
-            bail!(Config, "target_modules {:?} matches no linear layer of the model (names look like model.layers.0.self_attn.q_proj)", config.target_modules);
+            let example = model.sites().first().map(Site::module_name).unwrap_or_default();
+            bail!(Config, "target_modules {:?} matches no linear layer of the model (names look like {example})", config.target_modules);
         }
         Ok(sites)
     }
@@ -93,8 +94,17 @@ impl LoraAdapter {
         Ok(config.target_modules != Targets::AllLinear && Self::matcher(config)?.matches(EMBED, false))
     }
 
-    /// The base parameters trained in full: biases (`bias`) and `modules_to_save`.
-    fn extra_for(config: &LoraConfig, model: &Llama, sites: &[(Site, usize, f64)]) -> Result<Option<SelectiveAdapter>> {
+    /// The base parameters trained in full: biases (`bias`) and `modules_to_save` (less the
+    /// task head's modules, which the head trains itself).
+    fn extra_for(config: &LoraConfig, model: &dyn Base, sites: &[(Site, usize, f64)]) -> Result<Option<SelectiveAdapter>> {
+        let head = model.head_modules();
+        let modules: Vec<&String> = config.modules_to_save.iter().filter(|m| !head.contains(&m.as_str())).collect();
+        if config.bias == BiasMode::None && modules.is_empty() {
+            return Ok(None);
+        }
+        let Some(model) = model.as_llama() else {
+            bail!(Unsupported, "LoRA's bias = \"all\"/\"lora_only\" and modules_to_save {modules:?} are supported on Llama-family models only (a classifier head trains in full by itself)");
+        };
         let mut names: Vec<String> = Vec::new();
         let has_bias = |s: &Site| model.linear(*s).bias.is_some();
         match config.bias {
@@ -102,7 +112,7 @@ impl LoraAdapter {
             BiasMode::All => names.extend(model.sites().iter().filter(|s| has_bias(s)).map(|s| format!("{}.bias", s.module_name()))),
             BiasMode::LoraOnly => names.extend(sites.iter().filter(|(s, ..)| has_bias(s)).map(|(s, ..)| format!("{}.bias", s.module_name()))),
         }
-        for m in &config.modules_to_save {
+        for m in modules {
             let full = match m.as_str() {
                 "lm_head" if model.lm_head.is_some() => "lm_head.weight".to_string(),
                 "lm_head" => bail!(Unsupported, "modules_to_save lm_head on a model with tied embeddings"),
@@ -125,9 +135,9 @@ impl LoraAdapter {
     }
 
     /// A new adapter initialised as peft does (see [`InitLora`]), deterministic in `seed`.
-    pub fn new(config: LoraConfig, model: &Llama, seed: u64) -> Result<Self> {
+    pub fn new(config: LoraConfig, model: &dyn Base, seed: u64) -> Result<Self> {
         let mut rng = SmallRng::seed_from_u64(seed);
-        let dev = &model.device;
+        let dev = model.device();
         let sites = Self::resolve_sites(&config, model)?;
         let mut layers = BTreeMap::new();
         for &(site, r, scaling) in &sites {
@@ -149,12 +159,13 @@ impl LoraAdapter {
             layers.insert(site, LoraLayer { a, b, scaling, dropout: config.lora_dropout, dora, bias });
         }
         let embedding = if Self::targets_embedding(&config)? {
+            let Some(llama) = model.as_llama() else { bail!(Unsupported, "LoRA on the token embeddings is supported on Llama-family models only") };
             let (r, scaling) = config.rank_and_scaling(EMBED);
-            let (v, h) = (model.config.vocab_size, model.config.hidden_size);
+            let (v, h) = (llama.config.vocab_size, llama.config.hidden_size);
             check_size("r", &[v.max(h), r])?;
             // peft: A zero, B normal (the reverse of linear layers).
             let b = (0..r * h).map(|_| normal(&mut rng)).collect();
-            let pad = model.config.pad_token_id.map(|p| p as usize);
+            let pad = llama.config.pad_token_id.map(|p| p as usize);
             Some(EmbeddingLora { a: Tensor::zeros([v, r], dev), b: upload(&HostTensor::new(vec![r, h], b), dev)?, scaling, pad })
         } else {
             None
@@ -164,7 +175,7 @@ impl LoraAdapter {
     }
 
     /// Load a peft adapter (`adapter_config.json` text + `adapter_model.safetensors` bytes).
-    pub fn from_peft(config_json: &str, weights: &[u8], model: &Llama) -> Result<Self> {
+    pub fn from_peft(config_json: &str, weights: &[u8], model: &dyn Base) -> Result<Self> {
         let config = LoraConfig::from_json(config_json)?;
         let tensors = crate::peft::read_weights(weights)?;
         // Tolerate keys that still carry the adapter name (`lora_A.default.weight`).

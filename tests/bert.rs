@@ -1,0 +1,235 @@
+#![cfg(not(target_family = "wasm"))]
+//! The BERT family against transformers + peft (fixtures from
+//! scripts/fixtures/make_bert_fixtures.py): the forward pass, the pooler, sentence
+//! embeddings, a peft SEQ_CLS LoRA with its classifier head, one AdamW step of LoRA + head,
+//! MiniLM's real weights, and a classifier trained end to end on SMS spam.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use webpeft::encoder::{ClassifyOptions, EncoderSession, EncoderTask};
+use webpeft::io::source::ModelFiles;
+use webpeft::models::bert::Bert;
+use webpeft::models::hooks::NoHook;
+use webpeft::peft::lora::LoraConfig;
+use webpeft::tensor::{block_on, ints, read};
+use webpeft::train::classify::{Labeled, parse_labeled_file};
+use webpeft::train::{AdamWConfig, TrainConfig, Trainer};
+
+const TEXTS: [&str; 3] = ["Free entry to win a cash prize, text WIN now!", "Are you coming to dinner tonight?", "the meeting moved to thursday"];
+
+fn session(dir: &str, task: EncoderTask) -> EncoderSession {
+    EncoderSession::load(&ModelFiles::from_path(&fixture(dir)).unwrap(), compute(), task).unwrap()
+}
+
+fn flat(v: Vec<Vec<f32>>) -> Vec<f32> {
+    v.into_iter().flatten().collect()
+}
+
+fn load_tiny_lora(s: &mut EncoderSession) {
+    let d = fixture("tiny-bert/lora");
+    s.load_adapter(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap(), &std::fs::read(d.join("adapter_model.safetensors")).unwrap(), None).unwrap();
+}
+
+#[test]
+fn tiny_bert_matches_transformers() {
+    let fx = load("tiny-bert/expected.safetensors");
+    let s = session("tiny-bert", EncoderTask::Classification);
+    assert_eq!(s.labels, ["ham", "work", "spam"], "id2label of the checkpoint");
+    // The tokenizer (WordPiece from tokenizer.json) and padding as `tokenizer(texts, padding=True)`.
+    let b = s.encode(&TEXTS, 64).unwrap();
+    assert_eq!(b.ids, fx.i64["input_ids"].1);
+    assert_eq!(b.mask, fx.i64["attention_mask"].1);
+    let hidden = s.model.hidden(ints(b.ids.clone(), [b.rows, b.len], &s.model.device), Some(&b.mask), &NoHook).unwrap();
+    assert_close("tiny-bert last hidden state (padded positions too)", &block_on(read(hidden.clone())).unwrap().data, &fx.f32["hidden"].data, 1e-4);
+    assert_close("tiny-bert pooler", &block_on(read(s.model.pool(hidden, b.rows).unwrap())).unwrap().data, &fx.f32["pooled"].data, 1e-4);
+    assert_close("tiny-bert classifier logits", &flat(block_on(s.logits(&TEXTS, 64, 2)).unwrap()), &fx.f32["logits"].data, 1e-4);
+    // A bare BertModel for embeddings: mean pooling over the mask + L2 norm.
+    let e = session("tiny-bert", EncoderTask::Embedding);
+    assert_close("tiny-bert sentence embeddings", &flat(block_on(e.embed(&TEXTS, 64, 3)).unwrap()), &fx.f32["embeddings"].data, 1e-5);
+    assert_close("tiny-bert embeddings, one text per batch", &flat(block_on(e.embed(&TEXTS, 64, 1)).unwrap()), &fx.f32["embeddings"].data, 1e-5);
+}
+
+#[test]
+fn peft_seq_cls_lora_loads_and_round_trips() {
+    let fx = load("tiny-bert/expected.safetensors");
+    let mut s = session("tiny-bert", EncoderTask::Classification);
+    load_tiny_lora(&mut s);
+    let got = flat(block_on(s.logits(&TEXTS, 64, 3)).unwrap());
+    assert_close("tiny-bert + peft SEQ_CLS LoRA (query, value) + classifier", &got, &fx.f32["lora_logits"].data, 1e-4);
+    // Saved again, the tensors are peft's, key for key.
+    let files = block_on(s.save_adapter()).unwrap();
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["adapter_config.json", "adapter_model.safetensors", "webpeft_head.json"]);
+    let cfg: serde_json::Value = serde_json::from_slice(&files[0].1).unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["classifier", "score"]), "peft's own list is kept");
+    let ours = webpeft::io::safetensors::read_all_f32(&files[1].1).unwrap();
+    let theirs = webpeft::io::safetensors::read_all_f32(&std::fs::read(fixture("tiny-bert/lora/adapter_model.safetensors")).unwrap()).unwrap();
+    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
+    for (k, t) in &theirs {
+        assert_eq!(ours[k].shape, t.shape, "{k}");
+        assert_eq!(ours[k].data, t.data, "{k}: saved bit for bit");
+    }
+    // And back: a session that loads our files gives the same logits.
+    let mut again = session("tiny-bert", EncoderTask::Classification);
+    again.load_adapter(std::str::from_utf8(&files[0].1).unwrap(), &files[1].1, Some(std::str::from_utf8(&files[2].1).unwrap())).unwrap();
+    assert_eq!(flat(block_on(again.logits(&TEXTS, 64, 3)).unwrap()), got);
+}
+
+#[test]
+fn one_adamw_step_of_lora_and_head_matches_torch() {
+    let want = load("tiny-bert/train.safetensors");
+    let hp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("tiny-bert/train.json")).unwrap()).unwrap();
+    let labels: Vec<usize> = hp["labels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let trainer = || {
+        Trainer::new(TrainConfig {
+            optim: AdamWConfig { lr: hp["lr"].as_f64().unwrap(), weight_decay: hp["weight_decay"].as_f64().unwrap(), ..Default::default() },
+            total_steps: 1,
+            max_grad_norm: None,
+            ..Default::default()
+        })
+    };
+    let mut s = session("tiny-bert", EncoderTask::Classification);
+    load_tiny_lora(&mut s);
+    let before = block_on(s.trainable_tensors()).unwrap();
+    let stats = block_on(s.train_step(&mut trainer(), &TEXTS, &labels, None, 64)).unwrap();
+    let d = (stats.loss as f64 - hp["loss"].as_f64().unwrap()).abs();
+    eprintln!("loss {} vs torch {}: |d| = {d:.2e}", stats.loss, hp["loss"]);
+    assert!(d < 1e-5);
+    let after = block_on(s.trainable_tensors()).unwrap();
+    assert_eq!(after.keys().collect::<Vec<_>>(), want.f32.keys().collect::<Vec<_>>(), "LoRA pairs and the head, under peft's names");
+    for (k, w) in &want.f32 {
+        assert_close(&format!("after one step: {k}"), &after[k].data, &w.data, 5e-5);
+        assert!(max_abs_diff(&before[k].data, &w.data) > 1e-3, "{k} moved");
+    }
+    // Class weights: torch's cross_entropy(weight=w) divides by the rows' total weight.
+    let mut s = session("tiny-bert", EncoderTask::Classification);
+    load_tiny_lora(&mut s);
+    let w: Vec<f32> = hp["class_weights"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let stats = block_on(s.train_step(&mut trainer(), &TEXTS, &labels, Some(&w), 64)).unwrap();
+    let d = (stats.loss as f64 - hp["weighted_loss"].as_f64().unwrap()).abs();
+    eprintln!("class-weighted loss {} vs torch {}: |d| = {d:.2e}", stats.loss, hp["weighted_loss"]);
+    assert!(d < 1e-5);
+}
+
+#[test]
+fn bert_loaders_refuse_what_they_do_not_support() {
+    let cfg = std::fs::read_to_string(fixture("tiny-bert/config.json")).unwrap();
+    let refuse = |text: String, words: &[&str]| {
+        let e = webpeft::models::bert::BertConfig::from_json(&text).unwrap_err();
+        for w in words {
+            assert!(e.to_string().contains(w), "{e} should name {w}");
+        }
+    };
+    refuse(cfg.replace("\"gelu\"", "\"relu\""), &["hidden_act", "relu"]);
+    refuse(cfg.replace("\"model_type\": \"bert\"", "\"model_type\": \"roberta\""), &["roberta"]);
+    refuse(cfg.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 100000"), &["num_hidden_layers"]);
+    refuse(cfg.replace("\"is_decoder\": false", "\"is_decoder\": true"), &["is_decoder"]);
+    // A GGUF or a Llama folder is not an encoder; a LoRA for Llama modules matches nothing.
+    let llama = EncoderSession::load(&ModelFiles::from_path(&fixture("tiny-llama")).unwrap(), compute(), EncoderTask::Classification).err().unwrap();
+    assert!(llama.to_string().contains("model_type"), "{llama}");
+    let mut s = session("tiny-bert", EncoderTask::Classification);
+    let e = s.add_lora(LoraConfig::from_value(&serde_json::json!({"peft_type": "LORA", "target_modules": ["q_proj"]})).unwrap(), 0).unwrap_err();
+    assert!(e.to_string().contains("bert.encoder.layer.0.attention.self.query"), "{e}");
+    // Too many tokens for the positions: refused, not a panic.
+    let ids = ints(vec![5; 100], [1, 100], &s.model.device);
+    assert!(s.model.hidden(ids, None, &NoHook).unwrap_err().to_string().contains("max_position_embeddings"));
+    // A classifier adapter without its head, and a head of the wrong size.
+    let d = fixture("tiny-bert/lora");
+    let cfg = std::fs::read_to_string(d.join("adapter_config.json")).unwrap();
+    let mut tensors = webpeft::io::safetensors::read_all_f32(&std::fs::read(d.join("adapter_model.safetensors")).unwrap()).unwrap();
+    let out = |t: &std::collections::BTreeMap<String, webpeft::io::safetensors::HostTensor>| {
+        let m = t.iter().map(|(k, v)| (k.clone(), webpeft::io::safetensors::OutTensor::F32(v.clone()))).collect();
+        webpeft::io::safetensors::write(&m, None).unwrap()
+    };
+    let w = tensors.remove("base_model.model.classifier.weight").unwrap();
+    let e = s.load_adapter(&cfg, &out(&tensors), None).unwrap_err();
+    assert!(e.to_string().contains("classifier"), "{e}");
+    tensors.insert("base_model.model.classifier.weight".into(), webpeft::io::safetensors::HostTensor::new(vec![3, 16], w.data[..48].to_vec()));
+    let e = s.load_adapter(&cfg, &out(&tensors), None).unwrap_err();
+    assert!(e.to_string().contains("hidden size"), "{e}");
+}
+
+fn minilm_path() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/minilm");
+    if p.join("model.safetensors").is_file() {
+        Some(p)
+    } else if std::env::var("WEBPEFT_REQUIRE_MINILM").is_ok() {
+        panic!("MiniLM is required (WEBPEFT_REQUIRE_MINILM) but {} is missing: run scripts/fetch-minilm", p.display());
+    } else {
+        eprintln!("skipping: {} missing (scripts/fetch-minilm fetches it)", p.display());
+        None
+    }
+}
+
+#[test]
+fn minilm_embeddings_match_sentence_transformers() {
+    let Some(p) = minilm_path() else { return };
+    let fx = load("minilm/expected.safetensors");
+    let texts: Vec<String> = serde_json::from_str(&std::fs::read_to_string(fixture("minilm/texts.json")).unwrap()).unwrap();
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let s = EncoderSession::load(&ModelFiles::from_path(&p).unwrap(), compute(), EncoderTask::Embedding).unwrap();
+    let b = s.encode(&texts, 256).unwrap();
+    assert_eq!(b.ids, fx.i64["input_ids"].1, "WordPiece ids as the transformers tokenizer");
+    assert_eq!(b.mask, fx.i64["attention_mask"].1);
+    assert_close("MiniLM sentence embeddings vs sentence-transformers' recipe", &flat(block_on(s.embed(&texts, 256, 3)).unwrap()), &fx.f32["embeddings"].data, 1e-4);
+    let hidden = s.model.hidden(ints(b.ids.clone(), [b.rows, b.len], &s.model.device), Some(&b.mask), &NoHook).unwrap();
+    let h = s.model.config.hidden_size;
+    let cls: Vec<f32> = block_on(read(hidden.clone())).unwrap().data.chunks(h).step_by(b.len).flatten().copied().collect();
+    assert_close("MiniLM [CLS] hidden state", &cls, &fx.f32["cls_hidden"].data, 1e-3);
+    assert_close("MiniLM pooler", &block_on(read(s.model.pool(hidden, b.rows).unwrap())).unwrap().data, &fx.f32["pooled"].data, 1e-4);
+    let _ = Bert::mean_pool;
+}
+
+/// SMS spam (data/sms-cls-*.csv from scripts/fetch-data), or None when it is not there.
+fn sms() -> Option<(Vec<Labeled>, Vec<Labeled>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data");
+    let read = |n: &str| -> Option<Vec<Labeled>> {
+        let p = dir.join(n);
+        p.is_file().then(|| parse_labeled_file(n, &std::fs::read_to_string(&p).unwrap()).unwrap())
+    };
+    match (read("sms-cls-train.csv"), read("sms-cls-eval.csv")) {
+        (Some(t), Some(e)) => Some((t, e)),
+        _ if std::env::var("WEBPEFT_REQUIRE_MINILM").is_ok() => panic!("data/sms-cls-*.csv missing: run scripts/fetch-data"),
+        _ => None,
+    }
+}
+
+#[test]
+fn minilm_lora_spam_classifier_end_to_end() {
+    let (Some(p), Some((train, eval))) = (minilm_path(), sms()) else { return };
+    let mut s = EncoderSession::load(&ModelFiles::from_path(&p).unwrap(), compute(), EncoderTask::Classification).unwrap();
+    let config = LoraConfig::from_value(&serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["query", "value"]})).unwrap();
+    s.add_lora(config, 0).unwrap();
+    let train: Vec<Labeled> = train.into_iter().take(160).collect();
+    let o = ClassifyOptions { epochs: 2, batch: 16, seq_len: 64, lr: 2e-3, val_fraction: 0.2, class_weights: true, ..Default::default() };
+    let rep = block_on(s.train_classifier(&train, &o, |e| {
+        eprintln!("epoch {}: train loss {:.4}, val {:?}, {:.1} s", e.epoch, e.train_loss, e.val.as_ref().map(|m| (m.loss, m.accuracy, m.macro_f1)), e.seconds);
+        true
+    }))
+    .unwrap();
+    assert_eq!(rep.labels, ["ham", "spam"]);
+    assert_eq!(rep.val_examples, 32, "20% of each class");
+    let first = rep.epochs[0].train_loss;
+    let last = rep.epochs.last().unwrap().val.as_ref().unwrap();
+    eprintln!("temperature {:.3}; validation ECE {:.4} -> {:.4}", rep.temperature, rep.val_uncalibrated.as_ref().unwrap().ece, rep.val_calibrated.as_ref().unwrap().ece);
+    assert!(last.loss < first, "validation loss {} below the first epoch's training loss {first}", last.loss);
+    assert!(rep.val_calibrated.as_ref().unwrap().loss <= rep.val_uncalibrated.as_ref().unwrap().loss + 1e-9, "temperature scaling does not raise the NLL it minimises");
+    // Held-out accuracy on 100 messages (50 ham / 50 spam) the run never saw.
+    let texts: Vec<&str> = eval.iter().map(|r| r.text.as_str()).collect();
+    let (_, ids) = webpeft::train::classify::label_ids(&eval, &s.labels).unwrap();
+    let logits = block_on(s.logits(&texts, 64, 25)).unwrap();
+    let m = webpeft::train::classify::metrics(&logits, &ids, s.temperature);
+    eprintln!("held-out SMS: accuracy {:.3}, macro F1 {:.3}, confusion {:?}", m.accuracy, m.macro_f1, m.confusion);
+    assert!(m.accuracy >= 0.85, "held-out accuracy {}", m.accuracy);
+    // Saved and loaded again: the same predictions.
+    let files = block_on(s.save_adapter()).unwrap();
+    let mut again = EncoderSession::load(&ModelFiles::from_path(&p).unwrap(), compute(), EncoderTask::Classification).unwrap();
+    again.load_adapter(std::str::from_utf8(&files[0].1).unwrap(), &files[1].1, Some(std::str::from_utf8(&files[2].1).unwrap())).unwrap();
+    assert_eq!(again.labels, s.labels);
+    assert_eq!(again.temperature, s.temperature);
+    assert_eq!(block_on(again.logits(&texts[..10], 64, 10)).unwrap(), logits[..10].to_vec());
+}
