@@ -220,7 +220,7 @@ fn minilm_lora_spam_classifier_end_to_end() {
     assert!(rep.val_calibrated.as_ref().unwrap().loss <= rep.val_uncalibrated.as_ref().unwrap().loss + 1e-9, "temperature scaling does not raise the NLL it minimises");
     // Held-out accuracy on 100 messages (50 ham / 50 spam) the run never saw.
     let texts: Vec<&str> = eval.iter().map(|r| r.text.as_str()).collect();
-    let (_, ids) = webpeft::train::classify::label_ids(&eval, &s.labels).unwrap();
+    let ids = webpeft::train::classify::ids_of(&eval, &s.labels).unwrap();
     let logits = block_on(s.logits(&texts, 64, 25)).unwrap();
     let m = webpeft::train::classify::metrics(&logits, &ids, s.temperature);
     eprintln!("held-out SMS: accuracy {:.3}, macro F1 {:.3}, confusion {:?}", m.accuracy, m.macro_f1, m.confusion);

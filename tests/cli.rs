@@ -360,3 +360,76 @@ fn checkpoints_and_resume() {
     let (ok, _, stderr, _) = train("kept", &["--resume"]);
     assert!(!ok && stderr.contains("SHA-256") && stderr.lines().count() == 1, "{stderr}");
 }
+
+#[test]
+fn classify_predict_and_embed_on_an_encoder() {
+    let tmp = std::env::temp_dir().join(format!("webpeft-cli-cls-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let data = tmp.join("data.csv");
+    let mut rows = String::from("text,label\n");
+    for i in 0..12 {
+        rows += &format!("\"free cash prize, text win now {i}\",spam\nare you coming to dinner tonight {i},ham\nthe meeting moved to thursday {i},work\n");
+    }
+    std::fs::write(&data, rows).unwrap();
+    let model = fixture("tiny-bert");
+    let (m, d, out, report) = (model.to_str().unwrap(), data.to_str().unwrap(), tmp.join("cls"), tmp.join("report.json"));
+    let (ok, _, stderr) = webpeft(&[
+        "classify",
+        "--model",
+        m,
+        "--data",
+        d,
+        "--out",
+        out.to_str().unwrap(),
+        "--r",
+        "4",
+        "--epochs",
+        "4",
+        "--batch",
+        "6",
+        "--lr",
+        "3e-2",
+        "--val-split",
+        "0.25",
+        "--seq-len",
+        "32",
+        "--patience",
+        "2",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert!(ok, "classify failed: {stderr}");
+    assert!(stderr.contains("epoch 1 step 5 train_loss") && stderr.contains("confusion"), "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["labels"], serde_json::json!(["ham", "work", "spam"]), "the checkpoint's head and its id2label are kept");
+    assert_eq!((r["train_examples"].as_u64(), r["val_examples"].as_u64()), (Some(27), Some(9)), "3 of each class held out");
+    let losses: Vec<f64> = r["epochs"].as_array().unwrap().iter().map(|e| e["val"]["loss"].as_f64().unwrap()).collect();
+    assert!(losses.last() < losses.first(), "validation loss falls: {losses:?}");
+    for f in ["adapter_config.json", "adapter_model.safetensors", "webpeft_head.json"] {
+        assert!(out.join(f).is_file(), "{f} written");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["task_type"].as_str(), cfg["modules_to_save"].clone()), (Some("SEQ_CLS"), serde_json::json!(["classifier"])));
+    // predict: one JSON line per row, the labels by name, the metrics on stderr.
+    let (ok, stdout, stderr) = webpeft(&["predict", "--model", m, "--adapter", out.to_str().unwrap(), "--data", d]);
+    assert!(ok, "predict failed: {stderr}");
+    let preds: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(preds.len(), 36);
+    let sum: f64 = preds[0]["probabilities"].as_array().unwrap().iter().map(|p| p.as_f64().unwrap()).sum();
+    assert!((sum - 1.0).abs() < 1e-9);
+    let acc: f64 = serde_json::from_str::<serde_json::Value>(stderr.lines().last().unwrap()).unwrap()["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.9, "the three easy classes are learnt: {acc}");
+    // embed: unit vectors of the hidden size.
+    let (ok, stdout, stderr) = webpeft(&["embed", "--model", m, "--text", "hello world", "--text", "free cash"]);
+    assert!(ok, "embed failed: {stderr}");
+    let e: Vec<Vec<f64>> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!((e.len(), e[0].len()), (2, 32));
+    assert!((e[0].iter().map(|x| x * x).sum::<f64>() - 1.0).abs() < 1e-5);
+    // Bad input: one line naming the problem.
+    std::fs::write(&data, "text,label\nonly one class,ham\n").unwrap();
+    let (ok, _, stderr) = webpeft(&["classify", "--model", m, "--data", d, "--out", out.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("at least two labels"), "{stderr}");
+    let (ok, _, stderr) = webpeft(&["classify", "--model", fixture("tiny-llama").to_str().unwrap(), "--data", d, "--out", out.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("not a BERT encoder"), "{stderr}");
+    std::fs::remove_dir_all(&tmp).ok();
+}

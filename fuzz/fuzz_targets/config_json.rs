@@ -1,4 +1,4 @@
-//! A model's config.json.
+//! A model's config.json, read as a Llama-family decoder and as a BERT encoder.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -7,4 +7,5 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(c) = webpeft::models::config::LlamaConfig::from_json(text) {
         let _ = c.rope_inv_freq();
     }
+    let _ = webpeft::models::bert::BertConfig::from_json(text);
 });

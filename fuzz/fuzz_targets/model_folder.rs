@@ -1,6 +1,7 @@
 //! A Hugging Face model folder as the browser hands it over: config.json and
 //! model.safetensors from the input (u16 little-endian length of the config first), the
-//! tokenizer fixed; then the whole load onto Burn's CPU backend. Sizes in the config that
+//! tokenizer fixed (the tiny Llama's, or the tiny BERT's when the config says bert); then the
+//! whole load onto Burn's CPU backend, as a decoder or as an encoder. Sizes in the config that
 //! the weights do not back must be refused before anything is allocated.
 #![no_main]
 use std::collections::BTreeMap;
@@ -9,14 +10,23 @@ use libfuzzer_sys::fuzz_target;
 mod common;
 use common::split;
 use webpeft::device::{DeviceChoice, select};
+use webpeft::encoder::{EncoderSession, EncoderTask};
 use webpeft::io::source::ModelFiles;
 use webpeft::session::Session;
 
 const TOKENIZER: &[u8] = include_bytes!("../../tests/fixtures/tiny-llama/tokenizer.json");
+const BERT_TOKENIZER: &[u8] = include_bytes!("../../tests/fixtures/tiny-bert/tokenizer.json");
 
 fuzz_target!(|data: &[u8]| {
     let Some((config, weights)) = split(data) else { return };
-    let files = BTreeMap::from([("config.json".to_string(), config.to_vec()), ("model.safetensors".to_string(), weights.to_vec()), ("tokenizer.json".to_string(), TOKENIZER.to_vec())]);
+    let bert = std::str::from_utf8(config).is_ok_and(webpeft::models::bert::BertConfig::is_bert);
+    let tokenizer = if bert { BERT_TOKENIZER } else { TOKENIZER };
+    let files = BTreeMap::from([("config.json".to_string(), config.to_vec()), ("model.safetensors".to_string(), weights.to_vec()), ("tokenizer.json".to_string(), tokenizer.to_vec())]);
     let Ok(files) = ModelFiles::from_named(files) else { return };
-    let _ = Session::load(&files, select(DeviceChoice::Cpu).expect("CPU backend"));
+    let cpu = select(DeviceChoice::Cpu).expect("CPU backend");
+    if bert {
+        let _ = EncoderSession::load(&files, cpu, EncoderTask::Classification);
+    } else {
+        let _ = Session::load(&files, cpu);
+    }
 });

@@ -747,7 +747,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::json!({"label": s.labels.get(k).cloned().unwrap_or_else(|| k.to_string()), "id": k, "probabilities": p, "logits": l}));
             }
             if data.is_some() {
-                let (_, ids) = webpeft::train::classify::label_ids(&rows, &s.labels)?;
+                let ids = webpeft::train::classify::ids_of(&rows, &s.labels)?;
                 let m = webpeft::train::classify::metrics(&logits, &ids, s.temperature);
                 eprintln!("{}", metrics_json(&m));
             }

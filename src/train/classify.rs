@@ -78,7 +78,8 @@ fn labeled_jsonl(text: &str) -> Result<Vec<Labeled>> {
         .collect()
 }
 
-/// The label names in a stable order (sorted) and each example's label id.
+/// The label names (`known`, else the data's, sorted) and each example's label id; the data
+/// must have two labels at least.
 pub fn label_ids(rows: &[Labeled], known: &[String]) -> Result<(Vec<String>, Vec<usize>)> {
     let names: Vec<String> = if known.is_empty() {
         let mut n: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
@@ -88,12 +89,19 @@ pub fn label_ids(rows: &[Labeled], known: &[String]) -> Result<(Vec<String>, Vec
     } else {
         known.to_vec()
     };
-    if names.len() < 2 {
-        bail!(Data, "classification needs at least two labels, the data has {names:?}");
+    let mut present: Vec<&str> = rows.iter().map(|r| r.label.as_str()).collect();
+    present.sort_unstable();
+    present.dedup();
+    if names.len() < 2 || present.len() < 2 {
+        bail!(Data, "classification needs at least two labels, the data has {present:?}");
     }
-    let ids =
-        rows.iter().map(|r| names.iter().position(|n| *n == r.label).ok_or_else(|| err!(Data, "label {:?} is not one of the model's labels {names:?}", r.label))).collect::<Result<_>>()?;
+    let ids = ids_of(rows, &names)?;
     Ok((names, ids))
+}
+
+/// Each example's label id among `names` (e.g. a trained classifier's labels).
+pub fn ids_of(rows: &[Labeled], names: &[String]) -> Result<Vec<usize>> {
+    rows.iter().map(|r| names.iter().position(|n| *n == r.label).ok_or_else(|| err!(Data, "label {:?} is not one of the model's labels {names:?}", r.label))).collect()
 }
 
 /// A stratified split: about `fraction` of each class (at least one of every class with two
