@@ -238,6 +238,89 @@ impl DpArgs {
     }
 }
 
+/// `webpeft classify`: the data, the LoRA and the run's options.
+#[derive(Args, Clone)]
+struct ClassifyArgs {
+    /// CSV/TSV with `text` and `label` columns, or JSONL {"text": ..., "label": ...}.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    #[arg(long, default_value_t = 0.1)]
+    dropout: f64,
+    /// LoRA target modules (comma-separated, a regex, or all-linear).
+    #[arg(long, default_value = "query,value")]
+    target: String,
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// Stop after this many steps in all.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    #[arg(long, default_value = "linear")]
+    schedule: String,
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Share of each class held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    val_split: f64,
+    /// Weight the loss by balanced class weights (for imbalanced labels).
+    #[arg(long)]
+    class_weights: bool,
+    /// Early stopping: epochs without a better validation loss before stopping.
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Skip temperature scaling.
+    #[arg(long)]
+    no_calibrate: bool,
+    /// Also write the run's report (epochs, metrics, temperature) as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+impl ClassifyArgs {
+    fn lora(&self, model: &Path) -> Result<LoraConfig> {
+        LoraConfig::from_value(&serde_json::json!({
+            "peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": model.display().to_string(),
+            "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout, "target_modules": Targets::from_cli(&self.target).to_json(),
+        }))
+    }
+
+    fn options(&self) -> Result<ClassifyOptions> {
+        Ok(ClassifyOptions {
+            epochs: self.epochs,
+            max_steps: self.max_steps,
+            batch: self.batch,
+            seq_len: self.seq_len,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            warmup: self.warmup,
+            schedule: Schedule::parse(&self.schedule)?,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            seed: self.seed,
+            val_fraction: self.val_split,
+            class_weights: self.class_weights,
+            patience: self.patience,
+            calibrate: !self.no_calibrate,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Train a text classifier on an encoder (BERT, MiniLM): LoRA + a classification head
@@ -246,56 +329,8 @@ enum Cmd {
     Classify {
         #[command(flatten)]
         common: Common,
-        /// CSV/TSV with `text` and `label` columns, or JSONL {"text": ..., "label": ...}.
-        #[arg(long)]
-        data: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = 8)]
-        r: usize,
-        #[arg(long, default_value_t = 16.0)]
-        alpha: f64,
-        #[arg(long, default_value_t = 0.1)]
-        dropout: f64,
-        /// LoRA target modules (comma-separated, a regex, or all-linear).
-        #[arg(long, default_value = "query,value")]
-        target: String,
-        #[arg(long, default_value_t = 3)]
-        epochs: usize,
-        /// Stop after this many steps in all.
-        #[arg(long)]
-        max_steps: Option<usize>,
-        #[arg(long, default_value_t = 16)]
-        batch: usize,
-        #[arg(long, default_value_t = 128)]
-        seq_len: usize,
-        #[arg(long, default_value_t = 5e-4)]
-        lr: f64,
-        #[arg(long, default_value_t = 0.01)]
-        weight_decay: f64,
-        #[arg(long, default_value_t = 0)]
-        warmup: usize,
-        #[arg(long, default_value = "linear")]
-        schedule: String,
-        #[arg(long, default_value_t = 1.0)]
-        max_grad_norm: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Share of each class held out for validation.
-        #[arg(long, default_value_t = 0.1)]
-        val_split: f64,
-        /// Weight the loss by balanced class weights (for imbalanced labels).
-        #[arg(long)]
-        class_weights: bool,
-        /// Early stopping: epochs without a better validation loss before stopping.
-        #[arg(long)]
-        patience: Option<usize>,
-        /// Skip temperature scaling.
-        #[arg(long)]
-        no_calibrate: bool,
-        /// Also write the run's report (epochs, metrics, temperature) as JSON here.
-        #[arg(long)]
-        report: Option<PathBuf>,
+        #[command(flatten)]
+        args: ClassifyArgs,
     },
     /// Classify texts with an encoder and a classifier adapter: prints one JSON line per text
     /// (label, probabilities with the adapter's temperature, logits); with --data of labelled
@@ -650,53 +685,11 @@ fn train_tasks(common: &Common, tasks: &[String], method: &MethodArgs, opts: &Tr
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Classify {
-            common,
-            data,
-            out,
-            r,
-            alpha,
-            dropout,
-            target,
-            epochs,
-            max_steps,
-            batch,
-            seq_len,
-            lr,
-            weight_decay,
-            warmup,
-            schedule,
-            max_grad_norm,
-            seed,
-            val_split,
-            class_weights,
-            patience,
-            no_calibrate,
-            report,
-        } => {
-            let rows = parse_labeled_file(&data.display().to_string(), &read_text(&data)?)?;
+        Cmd::Classify { common, args } => {
+            let rows = parse_labeled_file(&args.data.display().to_string(), &read_text(&args.data)?)?;
             let mut s = open_encoder(&common, EncoderTask::Classification)?;
-            let config = LoraConfig::from_value(&serde_json::json!({
-                "peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": common.model.display().to_string(),
-                "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": Targets::from_cli(&target).to_json(),
-            }))?;
-            s.add_lora(config, seed)?;
-            let o = ClassifyOptions {
-                epochs,
-                max_steps,
-                batch,
-                seq_len,
-                lr,
-                weight_decay,
-                warmup,
-                schedule: Schedule::parse(&schedule)?,
-                max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
-                seed,
-                val_fraction: val_split,
-                class_weights,
-                patience,
-                calibrate: !no_calibrate,
-            };
+            s.add_lora(args.lora(&common.model)?, args.seed)?;
+            let o = args.options()?;
             let t0 = Instant::now();
             let rep = block_on(s.train_classifier(&rows, &o, |e| {
                 let val = e
@@ -717,16 +710,16 @@ fn run(cli: Cli) -> Result<()> {
                 rep.val_calibrated.as_ref().map_or(f64::NAN, |m| m.ece),
                 t0.elapsed().as_secs_f64()
             );
-            write_files(&out, block_on(s.save_adapter())?)?;
-            eprintln!("wrote {}", out.display());
-            if let Some(path) = report {
+            write_files(&args.out, block_on(s.save_adapter())?)?;
+            eprintln!("wrote {}", args.out.display());
+            if let Some(path) = &args.report {
                 let j = serde_json::json!({
                     "labels": rep.labels, "train_examples": rep.train_examples, "val_examples": rep.val_examples, "best_epoch": rep.best_epoch,
                     "temperature": rep.temperature, "val": rep.val_uncalibrated.as_ref().map(metrics_json), "val_calibrated": rep.val_calibrated.as_ref().map(metrics_json),
                     "epochs": rep.epochs.iter().map(|e| serde_json::json!({"epoch": e.epoch, "steps": e.steps, "train_loss": e.train_loss, "seconds": e.seconds,
                         "tokens_per_second": e.tokens_per_second, "val": e.val.as_ref().map(metrics_json)})).collect::<Vec<_>>(),
                 });
-                std::fs::write(&path, serde_json::to_string_pretty(&j).expect("json"))?;
+                std::fs::write(path, serde_json::to_string_pretty(&j).expect("json"))?;
             }
         }
         Cmd::Predict { common, adapter, text, data, seq_len, batch } => {

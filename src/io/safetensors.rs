@@ -34,6 +34,16 @@ impl HostTensor {
     }
 }
 
+/// Remove tensor `name` from a model's weights, checking its shape (loaders take every tensor
+/// they use, then refuse leftovers).
+pub fn take(t: &mut BTreeMap<String, HostTensor>, name: &str, shape: &[usize]) -> Result<HostTensor> {
+    let h = t.remove(name).ok_or_else(|| err!(Format, "missing tensor {name}"))?;
+    if h.shape != shape {
+        return Err(err!(Shape, "tensor {name}: shape {:?}, expected {shape:?}", h.shape));
+    }
+    Ok(h)
+}
+
 /// Parse the safetensors header and check it against the buffer.
 pub fn parse(bytes: &[u8]) -> Result<SafeTensors<'_>> {
     SafeTensors::deserialize(bytes).map_err(|e| err!(Format, "invalid safetensors ({} bytes): {e}", bytes.len()))

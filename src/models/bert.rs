@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::Value as Json;
 
 use crate::error::{Result, bail, err};
-use crate::io::safetensors::HostTensor;
+use crate::io::safetensors::{HostTensor, take};
 use crate::models::Base;
 use crate::models::hooks::{Adapter, Family, Proj, Site};
 use crate::models::linear::Linear;
@@ -182,14 +182,6 @@ pub struct Bert {
     /// Module naming of the sites (`bert.` inside a sequence classifier).
     pub family: Family,
     pub device: Device,
-}
-
-fn take(t: &mut BTreeMap<String, HostTensor>, name: &str, shape: &[usize]) -> Result<HostTensor> {
-    let h = t.remove(name).ok_or_else(|| err!(Format, "missing tensor {name}"))?;
-    if h.shape != shape {
-        bail!(Shape, "tensor {name}: shape {:?}, expected {shape:?}", h.shape);
-    }
-    Ok(h)
 }
 
 impl Bert {

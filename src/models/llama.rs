@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Int, Tensor};
 
-use crate::error::{Result, bail, err};
-use crate::io::safetensors::HostTensor;
+use crate::error::{Result, bail};
+use crate::io::safetensors::{HostTensor, take};
 use crate::io::source::LoadedWeights;
 use crate::models::config::LlamaConfig;
 use crate::models::hooks::{Adapter, Norm, Proj, Site, Sublayer};
@@ -85,14 +85,6 @@ pub struct Llama {
     /// once at load, so a forward pass uploads no RoPE table.
     rope_cache: (Tensor<2>, Tensor<2>),
     pub device: Device,
-}
-
-fn take(t: &mut BTreeMap<String, HostTensor>, name: &str, shape: &[usize]) -> Result<HostTensor> {
-    let h = t.remove(name).ok_or_else(|| err!(Format, "missing tensor {name}"))?;
-    if h.shape != shape {
-        bail!(Shape, "tensor {name}: shape {:?}, expected {shape:?}", h.shape);
-    }
-    Ok(h)
 }
 
 /// Positions whose RoPE tables are kept on the device.
