@@ -3,17 +3,17 @@
 //!
 //! Layout: `io` (file formats), `models` (architectures), `peft` (methods), `train`
 //! (loss, optimiser, loop), `generate` (decoding), `device` (device choice and self-check),
-//! `session` (the high-level API the CLI and the JS bindings share; `encoder` is its
-//! counterpart for BERT-family classifiers and embeddings), `wasm` (JS boundary).
+//! `session` (the high-level API the CLI and the JS bindings share; `task` is its
+//! counterpart for sequence classification and sentence embeddings, on encoders and decoders), `wasm` (JS boundary).
 
 pub mod device;
-pub mod encoder;
 pub mod error;
 pub mod generate;
 pub mod io;
 pub mod models;
 pub mod peft;
 pub mod session;
+pub mod task;
 pub mod tensor;
 pub mod tokenizer;
 pub mod train;

@@ -125,15 +125,7 @@ pub struct StepReport {
 impl Session {
     /// Upload a model's weights and build its tokenizer.
     pub fn load(files: &ModelFiles, compute: Compute) -> Result<Self> {
-        let weights = files.load_weights()?;
-        let tokenizer = match files {
-            ModelFiles::HfFolder { tokenizer: Some(t), chat_template, .. } => Tokenizer::from_json(t, chat_template.clone(), weights.config.bos_token_id, weights.config.eos_token_id)?,
-            ModelFiles::HfFolder { tokenizer: None, .. } => bail!(Io, "tokenizer.json missing from the model folder"),
-            ModelFiles::Gguf { bytes, .. } => Tokenizer::from_gguf(&Gguf::parse(bytes)?)?,
-        };
-        if tokenizer.vocab_size() > weights.config.vocab_size {
-            bail!(Config, "tokenizer has {} tokens but the model only {}", tokenizer.vocab_size(), weights.config.vocab_size);
-        }
+        let (weights, tokenizer) = decoder_parts(files)?;
         let model = Llama::from_weights(weights, &compute.device)?;
         Ok(Session { compute, model, tokenizer, adapters: BTreeMap::new(), merged: Vec::new() })
     }
@@ -406,6 +398,20 @@ impl Session {
         let task_names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         run_training(&self.model, &self.compute, &mut multi, batcher, o, &task_names, on_step).await
     }
+}
+
+/// A decoder's weights (as f32 host tensors) and its tokenizer, checked against each other.
+pub fn decoder_parts(files: &ModelFiles) -> Result<(crate::io::source::LoadedWeights, Tokenizer)> {
+    let weights = files.load_weights()?;
+    let tokenizer = match files {
+        ModelFiles::HfFolder { tokenizer: Some(t), chat_template, .. } => Tokenizer::from_json(t, chat_template.clone(), weights.config.bos_token_id, weights.config.eos_token_id)?,
+        ModelFiles::HfFolder { tokenizer: None, .. } => bail!(Io, "tokenizer.json missing from the model folder"),
+        ModelFiles::Gguf { bytes, .. } => Tokenizer::from_gguf(&Gguf::parse(bytes)?)?,
+    };
+    if tokenizer.vocab_size() > weights.config.vocab_size {
+        bail!(Config, "tokenizer has {} tokens but the model only {}", tokenizer.vocab_size(), weights.config.vocab_size);
+    }
+    Ok((weights, tokenizer))
 }
 
 /// The memory plan of training `adapter` under `o` on `compute` (see [`memory::plan`]).

@@ -185,7 +185,7 @@ fn web_sys_log(s: &str) {
 /// AdamW step of LoRA + head against PyTorch.
 #[wasm_bindgen_test]
 async fn tiny_bert_classifier_matches_pytorch() {
-    use webpeft::encoder::{EncoderSession, EncoderTask};
+    use webpeft::task::{TaskKind, TaskSession};
     let files = || {
         let mut f = BTreeMap::new();
         f.insert("config.json".to_string(), fx!("tiny-bert/config.json").to_vec());
@@ -196,11 +196,11 @@ async fn tiny_bert_classifier_matches_pytorch() {
     let texts = ["Free entry to win a cash prize, text WIN now!", "Are you coming to dinner tonight?", "the meeting moved to thursday"];
     let exp = fx!("tiny-bert/expected.safetensors");
     let flat = |v: Vec<Vec<f32>>| v.into_iter().flatten().collect::<Vec<f32>>();
-    let mut s = EncoderSession::load(&files(), gpu().await, EncoderTask::Classification).unwrap();
+    let mut s = TaskSession::load(&files(), gpu().await, TaskKind::Classification).unwrap();
     let d = max_abs_diff(&flat(s.logits(&texts, 64, 3).await.unwrap()), &f32_of(exp, "logits").data);
     web_sys_log(&format!("browser tiny-bert logits max |d| = {d:e}"));
     assert!(d < 1e-4, "tiny-bert logits |d| = {d}");
-    let e = EncoderSession::load(&files(), gpu().await, EncoderTask::Embedding).unwrap();
+    let e = TaskSession::load(&files(), gpu().await, TaskKind::Embedding).unwrap();
     let d = max_abs_diff(&flat(e.embed(&texts, 64, 3).await.unwrap()), &f32_of(exp, "embeddings").data);
     web_sys_log(&format!("browser tiny-bert embeddings max |d| = {d:e}"));
     assert!(d < 1e-5, "tiny-bert embeddings |d| = {d}");

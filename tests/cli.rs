@@ -425,11 +425,23 @@ fn classify_predict_and_embed_on_an_encoder() {
     let e: Vec<Vec<f64>> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!((e.len(), e[0].len()), (2, 32));
     assert!((e[0].iter().map(|x| x * x).sum::<f64>() - 1.0).abs() < 1e-5);
+    // embed-train: a FEATURE_EXTRACTION LoRA from pairs, then used by embed.
+    let pairs = tmp.join("pairs.jsonl");
+    std::fs::write(&pairs, "{\"anchor\": \"free cash\", \"positive\": \"win a prize\"}\n{\"anchor\": \"dinner\", \"positive\": \"are you coming tonight\"}\n{\"anchor\": \"meeting\", \"positive\": \"moved to thursday\"}\n").unwrap();
+    let emb = tmp.join("emb");
+    let (ok, _, stderr) =
+        webpeft(&["embed-train", "--model", m, "--data", pairs.to_str().unwrap(), "--out", emb.to_str().unwrap(), "--r", "4", "--epochs", "3", "--batch", "3", "--lr", "1e-2"]);
+    assert!(ok && stderr.contains("step 3 loss"), "embed-train failed: {stderr}");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(emb.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["task_type"], "FEATURE_EXTRACTION");
+    let (ok, tuned, stderr) = webpeft(&["embed", "--model", m, "--adapter", emb.to_str().unwrap(), "--text", "hello world", "--text", "free cash"]);
+    assert!(ok, "embed with the adapter failed: {stderr}");
+    assert_ne!(tuned, stdout, "the adapter changes the embeddings");
     // Bad input: one line naming the problem.
     std::fs::write(&data, "text,label\nonly one class,ham\n").unwrap();
     let (ok, _, stderr) = webpeft(&["classify", "--model", m, "--data", d, "--out", out.to_str().unwrap()]);
     assert!(!ok && stderr.contains("at least two labels"), "{stderr}");
-    let (ok, _, stderr) = webpeft(&["classify", "--model", fixture("tiny-llama").to_str().unwrap(), "--data", d, "--out", out.to_str().unwrap()]);
-    assert!(!ok && stderr.contains("not a BERT encoder"), "{stderr}");
+    let (ok, _, stderr) = webpeft(&["embed", "--model", fixture("tiny-llama").to_str().unwrap(), "--text", "x"]);
+    assert!(!ok && stderr.contains("need an encoder"), "{stderr}");
     std::fs::remove_dir_all(&tmp).ok();
 }

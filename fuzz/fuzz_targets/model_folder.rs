@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 mod common;
 use common::split;
 use webpeft::device::{DeviceChoice, select};
-use webpeft::encoder::{EncoderSession, EncoderTask};
+use webpeft::task::{TaskSession, TaskKind};
 use webpeft::io::source::ModelFiles;
 use webpeft::session::Session;
 
@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(files) = ModelFiles::from_named(files) else { return };
     let cpu = select(DeviceChoice::Cpu).expect("CPU backend");
     if bert {
-        let _ = EncoderSession::load(&files, cpu, EncoderTask::Classification);
+        let _ = TaskSession::load(&files, cpu, TaskKind::Classification);
     } else {
         let _ = Session::load(&files, cpu);
     }

@@ -1,5 +1,5 @@
 //! The native command line: `webpeft logits | train | generate | eval | export | combine | bench`
-//! for decoders, `webpeft classify | predict | embed` for encoders.
+//! for generation, `webpeft classify | predict | embed | embed-train` for classification and embeddings.
 //! Every subcommand exits non-zero with a one-line reason on bad input.
 
 use std::collections::BTreeMap;
@@ -10,7 +10,6 @@ use clap::{Args, Parser, Subcommand};
 use web_time::Instant;
 
 use webpeft::device::{self, DeviceChoice};
-use webpeft::encoder::{ClassifyOptions, EncoderSession, EncoderTask};
 use webpeft::error::{Error, ErrorCode, Result};
 use webpeft::generate::GenerateOptions;
 use webpeft::io::safetensors::{self as st, OutTensor};
@@ -18,8 +17,10 @@ use webpeft::io::source::ModelFiles;
 use webpeft::peft::lora::LoraConfig;
 use webpeft::peft::targets::Targets;
 use webpeft::session::{Session, StepReport, TrainOptions};
+use webpeft::task::{ClassifyOptions, TaskKind, TaskSession};
 use webpeft::tensor::block_on;
 use webpeft::train::classify::{Labeled, Metrics, parse_labeled_file};
+use webpeft::train::contrastive::parse_pairs_file;
 use webpeft::train::data::{Batch, Tokenized, parse_data_file};
 use webpeft::train::{Schedule, checkpoint};
 
@@ -238,10 +239,11 @@ impl DpArgs {
     }
 }
 
-/// `webpeft classify`: the data, the LoRA and the run's options.
+/// A LoRA training run on a task (`classify`, `embed-train`): the data, the LoRA and the run's options.
 #[derive(Args, Clone)]
-struct ClassifyArgs {
-    /// CSV/TSV with `text` and `label` columns, or JSONL {"text": ..., "label": ...}.
+struct TaskTrainArgs {
+    /// classify: CSV/TSV with `text` and `label` columns, or JSONL {"text": ..., "label": ...};
+    /// embed-train: `anchor` and `positive` columns / keys.
     #[arg(long)]
     data: PathBuf,
     #[arg(long)]
@@ -276,6 +278,11 @@ struct ClassifyArgs {
     max_grad_norm: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+/// What only `classify` takes.
+#[derive(Args, Clone)]
+struct ClassifyFlags {
     /// Share of each class held out for validation.
     #[arg(long, default_value_t = 0.1)]
     val_split: f64,
@@ -293,15 +300,16 @@ struct ClassifyArgs {
     report: Option<PathBuf>,
 }
 
-impl ClassifyArgs {
-    fn lora(&self, model: &Path) -> Result<LoraConfig> {
+impl TaskTrainArgs {
+    fn lora(&self, model: &Path, task_type: &str) -> Result<LoraConfig> {
         LoraConfig::from_value(&serde_json::json!({
-            "peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": model.display().to_string(),
+            "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": model.display().to_string(),
             "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout, "target_modules": Targets::from_cli(&self.target).to_json(),
         }))
     }
 
-    fn options(&self) -> Result<ClassifyOptions> {
+    fn options(&self, c: Option<&ClassifyFlags>) -> Result<ClassifyOptions> {
+        let d = ClassifyOptions::default();
         Ok(ClassifyOptions {
             epochs: self.epochs,
             max_steps: self.max_steps,
@@ -313,26 +321,36 @@ impl ClassifyArgs {
             schedule: Schedule::parse(&self.schedule)?,
             max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
             seed: self.seed,
-            val_fraction: self.val_split,
-            class_weights: self.class_weights,
-            patience: self.patience,
-            calibrate: !self.no_calibrate,
+            val_fraction: c.map_or(d.val_fraction, |c| c.val_split),
+            class_weights: c.is_some_and(|c| c.class_weights),
+            patience: c.and_then(|c| c.patience),
+            calibrate: c.is_none_or(|c| !c.no_calibrate),
         })
     }
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Train a text classifier on an encoder (BERT, MiniLM): LoRA + a classification head
+    /// Train a text classifier on an encoder (BERT, MiniLM) or a decoder (Llama family): LoRA + a classification head
     /// (peft SEQ_CLS), with a stratified validation split, per-epoch accuracy / macro F1 /
     /// confusion matrix, and temperature scaling; writes a PEFT folder.
     Classify {
         #[command(flatten)]
         common: Common,
         #[command(flatten)]
-        args: ClassifyArgs,
+        args: TaskTrainArgs,
+        #[command(flatten)]
+        flags: ClassifyFlags,
     },
-    /// Classify texts with an encoder and a classifier adapter: prints one JSON line per text
+    /// Tune sentence embeddings of an encoder to (anchor, positive) pairs: a FEATURE_EXTRACTION
+    /// LoRA trained with MultipleNegativesRankingLoss (in-batch negatives); writes a PEFT folder.
+    EmbedTrain {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: TaskTrainArgs,
+    },
+    /// Classify texts with a classifier adapter: prints one JSON line per text
     /// (label, probabilities with the adapter's temperature, logits); with --data of labelled
     /// examples, also the accuracy.
     Predict {
@@ -533,19 +551,19 @@ enum Cmd {
     },
 }
 
-fn open_encoder(common: &Common, task: EncoderTask) -> Result<EncoderSession> {
+fn open_task(common: &Common, task: TaskKind) -> Result<TaskSession> {
     let files = ModelFiles::from_path(&common.model)?;
     let compute = device::select(DeviceChoice::parse(&common.device)?)?;
     eprintln!("device: {}", compute.name);
-    EncoderSession::load(&files, compute, task).map_err(|e| e.context(common.model.display()))
+    TaskSession::load(&files, compute, task).map_err(|e| e.context(common.model.display()))
 }
 
 /// Load an encoder adapter folder (adapter_config.json, adapter_model.safetensors and, for a
 /// classifier, webpeft_head.json).
-fn load_encoder_adapter(s: &mut EncoderSession, dir: &Path) -> Result<()> {
+fn load_task_adapter(s: &mut TaskSession, dir: &Path) -> Result<()> {
     let cfg = read_text(&dir.join("adapter_config.json"))?;
     let w = std::fs::read(dir.join("adapter_model.safetensors")).map_err(|e| Error::new(ErrorCode::Io, format!("{}/adapter_model.safetensors: {e}", dir.display())))?;
-    let head = dir.join(webpeft::encoder::HEAD_FILE);
+    let head = dir.join(webpeft::task::HEAD_FILE);
     let head = if head.is_file() { Some(read_text(&head)?) } else { None };
     s.load_adapter(&cfg, &w, head.as_deref()).map_err(|e| e.context(dir.display()))
 }
@@ -685,11 +703,24 @@ fn train_tasks(common: &Common, tasks: &[String], method: &MethodArgs, opts: &Tr
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Classify { common, args } => {
+        Cmd::EmbedTrain { common, args } => {
+            let pairs = parse_pairs_file(&args.data.display().to_string(), &read_text(&args.data)?)?;
+            let mut s = open_task(&common, TaskKind::Embedding)?;
+            s.add_lora(args.lora(&common.model, "FEATURE_EXTRACTION")?, args.seed)?;
+            let t0 = Instant::now();
+            let steps = block_on(s.train_embeddings(&pairs, &args.options(None)?, |st| {
+                eprintln!("step {} loss {:.4} lr {:.3e} grad_norm {:.3} tokens {}", st.step, st.loss, st.lr, st.grad_norm, st.tokens);
+                true
+            }))?;
+            eprintln!("{} pairs, {} steps in {:.1}s", pairs.len(), steps.len(), t0.elapsed().as_secs_f64());
+            write_files(&args.out, block_on(s.save_adapter())?)?;
+            eprintln!("wrote {}", args.out.display());
+        }
+        Cmd::Classify { common, args, flags } => {
             let rows = parse_labeled_file(&args.data.display().to_string(), &read_text(&args.data)?)?;
-            let mut s = open_encoder(&common, EncoderTask::Classification)?;
-            s.add_lora(args.lora(&common.model)?, args.seed)?;
-            let o = args.options()?;
+            let mut s = open_task(&common, TaskKind::Classification)?;
+            s.add_lora(args.lora(&common.model, "SEQ_CLS")?, args.seed)?;
+            let o = args.options(Some(&flags))?;
             let t0 = Instant::now();
             let rep = block_on(s.train_classifier(&rows, &o, |e| {
                 let val = e
@@ -712,7 +743,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             write_files(&args.out, block_on(s.save_adapter())?)?;
             eprintln!("wrote {}", args.out.display());
-            if let Some(path) = &args.report {
+            if let Some(path) = &flags.report {
                 let j = serde_json::json!({
                     "labels": rep.labels, "train_examples": rep.train_examples, "val_examples": rep.val_examples, "best_epoch": rep.best_epoch,
                     "temperature": rep.temperature, "val": rep.val_uncalibrated.as_ref().map(metrics_json), "val_calibrated": rep.val_calibrated.as_ref().map(metrics_json),
@@ -723,8 +754,8 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Predict { common, adapter, text, data, seq_len, batch } => {
-            let mut s = open_encoder(&common, EncoderTask::Classification)?;
-            load_encoder_adapter(&mut s, &adapter)?;
+            let mut s = open_task(&common, TaskKind::Classification)?;
+            load_task_adapter(&mut s, &adapter)?;
             let rows = match &data {
                 Some(p) => parse_labeled_file(&p.display().to_string(), &read_text(p)?)?,
                 None => text.iter().map(|t| Labeled { text: t.clone(), label: String::new() }).collect(),
@@ -746,9 +777,9 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Embed { common, adapter, text, seq_len } => {
-            let mut s = open_encoder(&common, EncoderTask::Embedding)?;
+            let mut s = open_task(&common, TaskKind::Embedding)?;
             if let Some(d) = &adapter {
-                load_encoder_adapter(&mut s, d)?;
+                load_task_adapter(&mut s, d)?;
             }
             let texts: Vec<&str> = text.iter().map(String::as_str).collect();
             for e in block_on(s.embed(&texts, seq_len, 32))? {

@@ -50,7 +50,6 @@ struct RawBert {
     hidden_act: Option<String>,
     position_embedding_type: Option<String>,
     pad_token_id: Option<u32>,
-    id2label: Option<BTreeMap<String, String>>,
     is_decoder: Option<bool>,
 }
 
@@ -96,18 +95,7 @@ impl BertConfig {
         if !(eps.is_finite() && eps >= 0.0) {
             bail!(Config, "config.json: layer_norm_eps {eps} must be finite and >= 0");
         }
-        let labels = match raw.id2label {
-            Some(m) => {
-                let mut by_id: Vec<(usize, String)> =
-                    m.into_iter().map(|(k, v)| k.parse::<usize>().map(|k| (k, v)).map_err(|_| err!(Config, "config.json: id2label key {k:?} is not a number"))).collect::<Result<_>>()?;
-                by_id.sort();
-                if by_id.iter().enumerate().any(|(i, (k, _))| i != *k) {
-                    bail!(Config, "config.json: id2label ids must be 0..n");
-                }
-                by_id.into_iter().map(|(_, v)| v).collect()
-            }
-            None => Vec::new(),
-        };
+        let labels = crate::models::config::id2label(text)?;
         Ok(BertConfig {
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
@@ -323,8 +311,5 @@ impl Base for Bert {
     }
     fn device(&self) -> &Device {
         &self.device
-    }
-    fn head_modules(&self) -> &'static [&'static str] {
-        &["classifier", "score"]
     }
 }

@@ -75,6 +75,24 @@ struct RawConfig {
     pad_token_id: Option<Json>,
 }
 
+/// A classifier checkpoint's class names by id (`id2label` of config.json; empty when absent).
+pub fn id2label(config_json: &str) -> Result<Vec<String>> {
+    let v: Json = serde_json::from_str(config_json).map_err(|e| err!(Config, "config.json: {e}"))?;
+    let Some(m) = v.get("id2label").and_then(Json::as_object) else { return Ok(Vec::new()) };
+    let mut by_id: Vec<(usize, String)> = m
+        .iter()
+        .map(|(k, v)| {
+            let id = k.parse::<usize>().map_err(|_| err!(Config, "config.json: id2label key {k:?} is not a number"))?;
+            Ok((id, v.as_str().ok_or_else(|| err!(Config, "config.json: id2label values must be strings"))?.to_string()))
+        })
+        .collect::<Result<_>>()?;
+    by_id.sort();
+    if by_id.iter().enumerate().any(|(i, (k, _))| i != *k) {
+        bail!(Config, "config.json: id2label ids must be 0..n");
+    }
+    Ok(by_id.into_iter().map(|(_, v)| v).collect())
+}
+
 fn first_id(v: &Option<Json>) -> Option<u32> {
     match v {
         Some(Json::Number(n)) => n.as_u64().map(|x| x as u32),

@@ -23,11 +23,6 @@ pub trait Base {
     fn as_llama(&self) -> Option<&llama::Llama> {
         None
     }
-    /// Modules trained in full by the task head rather than by the adapter (peft's
-    /// `modules_to_save` entries that a sequence classifier adds itself).
-    fn head_modules(&self) -> &'static [&'static str] {
-        &[]
-    }
 }
 
 impl Base for llama::Llama {

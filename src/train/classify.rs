@@ -133,13 +133,13 @@ pub fn balanced_weights(labels: &[usize], n_classes: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The classification head `logits = pooled · W + b`, trained in full.
+/// The classification head `logits = features · W (+ b)`, trained in full.
 pub struct ClassifierHead {
-    /// [hidden, labels] (the transpose of torch's `classifier.weight`)
+    /// [hidden, labels] (the transpose of torch's `<module>.weight`)
     pub weight: Tensor<2>,
-    /// [1, labels]
-    pub bias: Tensor<2>,
-    /// Module name (`classifier` in BertForSequenceClassification).
+    /// [1, labels]; None for a head without bias (`LlamaForSequenceClassification.score`).
+    pub bias: Option<Tensor<2>>,
+    /// Module name in transformers (`classifier` in BERT, `score` in Llama classifiers).
     pub module: String,
 }
 
@@ -152,28 +152,29 @@ fn normal(rng: &mut SmallRng) -> f32 {
 
 impl ClassifierHead {
     /// A new head as transformers initialises one: weights N(0, 0.02²), bias zero.
-    pub fn new(hidden: usize, labels: usize, seed: u64, device: &Device) -> Result<Self> {
+    pub fn new(hidden: usize, labels: usize, bias: bool, module: &str, seed: u64, device: &Device) -> Result<Self> {
         crate::tensor::check_size("labels", &[hidden, labels])?;
         let mut rng = SmallRng::seed_from_u64(seed ^ 0xc1a5_51f1);
         let w: Vec<f32> = (0..hidden * labels).map(|_| normal(&mut rng) * 0.02).collect();
-        Ok(ClassifierHead { weight: upload(&HostTensor::new(vec![hidden, labels], w), device)?, bias: Tensor::zeros([1, labels], device), module: "classifier".into() })
+        Ok(ClassifierHead { weight: upload(&HostTensor::new(vec![hidden, labels], w), device)?, bias: bias.then(|| Tensor::zeros([1, labels], device)), module: module.into() })
     }
 
     /// From torch-layout tensors `weight` [labels, hidden] and `bias` [labels].
-    pub fn from_host(weight: &HostTensor, bias: &HostTensor, device: &Device) -> Result<Self> {
-        Ok(ClassifierHead {
-            weight: upload(&weight.transposed(), device)?,
-            bias: upload(&HostTensor::new(vec![1, bias.data.len()], bias.data.clone()), device)?,
-            module: "classifier".into(),
-        })
+    pub fn from_host(weight: &HostTensor, bias: Option<&HostTensor>, module: &str, device: &Device) -> Result<Self> {
+        let bias = bias.map(|b| upload(&HostTensor::new(vec![1, b.data.len()], b.data.clone()), device)).transpose()?;
+        Ok(ClassifierHead { weight: upload(&weight.transposed(), device)?, bias, module: module.into() })
     }
 
     pub fn num_labels(&self) -> usize {
         self.weight.dims()[1]
     }
 
-    pub fn forward(&self, pooled: Tensor<2>) -> Tensor<2> {
-        pooled.matmul(self.weight.clone()) + self.bias.clone()
+    pub fn forward(&self, features: Tensor<2>) -> Tensor<2> {
+        let y = features.matmul(self.weight.clone());
+        match &self.bias {
+            Some(b) => y + b.clone(),
+            None => y,
+        }
     }
 }
 
@@ -182,7 +183,11 @@ impl Adapter for ClassifierHead {}
 impl Trainable for ClassifierHead {
     fn params_mut(&mut self) -> Vec<NamedParam<'_>> {
         let m = format!("base_model.model.{}", self.module);
-        vec![NamedParam::new(format!("{m}.weight"), &mut self.weight, Layout::Transposed), NamedParam::new(format!("{m}.bias"), &mut self.bias, Layout::Row)]
+        let mut v = vec![NamedParam::new(format!("{m}.weight"), &mut self.weight, Layout::Transposed)];
+        if let Some(b) = self.bias.as_mut() {
+            v.push(NamedParam::new(format!("{m}.bias"), b, Layout::Row));
+        }
+        v
     }
 }
 

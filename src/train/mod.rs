@@ -1,8 +1,10 @@
-//! Training: data to batches, the causal-LM loss, sequence classification (`classify`), AdamW with torch's semantics, learning
+//! Training: data to batches, the causal-LM loss, sequence classification (`classify`), contrastive
+//! embedding tuning (`contrastive`), AdamW with torch's semantics, learning
 //! rate schedules with transformers' semantics, and the step loop (accumulation, clipping).
 
 pub mod checkpoint;
 pub mod classify;
+pub mod contrastive;
 pub mod data;
 pub mod loss;
 pub mod memory;

@@ -94,11 +94,9 @@ impl LoraAdapter {
         Ok(config.target_modules != Targets::AllLinear && Self::matcher(config)?.matches(EMBED, false))
     }
 
-    /// The base parameters trained in full: biases (`bias`) and `modules_to_save` (less the
-    /// task head's modules, which the head trains itself).
+    /// The base parameters trained in full: biases (`bias`) and `modules_to_save`.
     fn extra_for(config: &LoraConfig, model: &dyn Base, sites: &[(Site, usize, f64)]) -> Result<Option<SelectiveAdapter>> {
-        let head = model.head_modules();
-        let modules: Vec<&String> = config.modules_to_save.iter().filter(|m| !head.contains(&m.as_str())).collect();
+        let modules = &config.modules_to_save;
         if config.bias == BiasMode::None && modules.is_empty() {
             return Ok(None);
         }

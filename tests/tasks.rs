@@ -1,34 +1,43 @@
 #![cfg(not(target_family = "wasm"))]
-//! The BERT family against transformers + peft (fixtures from
-//! scripts/fixtures/make_bert_fixtures.py): the forward pass, the pooler, sentence
+//! Sequence classification and sentence embeddings against transformers + peft (fixtures
+//! from scripts/fixtures/make_bert_fixtures.py). BERT: the forward pass, the pooler, sentence
 //! embeddings, a peft SEQ_CLS LoRA with its classifier head, one AdamW step of LoRA + head,
-//! MiniLM's real weights, and a classifier trained end to end on SMS spam.
+//! a FEATURE_EXTRACTION LoRA and one step of MultipleNegativesRankingLoss, MiniLM's real
+//! weights, and a classifier trained end to end on SMS spam. Decoders: tiny-llama as a
+//! LlamaForSequenceClassification, with a peft SEQ_CLS LoRA + score head and one step.
 
 mod common;
 
 use std::path::PathBuf;
 
 use common::*;
-use webpeft::encoder::{ClassifyOptions, EncoderSession, EncoderTask};
 use webpeft::io::source::ModelFiles;
 use webpeft::models::bert::Bert;
 use webpeft::models::hooks::NoHook;
 use webpeft::peft::lora::LoraConfig;
+use webpeft::task::{Backbone, ClassifyOptions, TaskKind, TaskSession};
 use webpeft::tensor::{block_on, ints, read};
 use webpeft::train::classify::{Labeled, parse_labeled_file};
 use webpeft::train::{AdamWConfig, TrainConfig, Trainer};
 
 const TEXTS: [&str; 3] = ["Free entry to win a cash prize, text WIN now!", "Are you coming to dinner tonight?", "the meeting moved to thursday"];
 
-fn session(dir: &str, task: EncoderTask) -> EncoderSession {
-    EncoderSession::load(&ModelFiles::from_path(&fixture(dir)).unwrap(), compute(), task).unwrap()
+fn session(dir: &str, task: TaskKind) -> TaskSession {
+    TaskSession::load(&ModelFiles::from_path(&fixture(dir)).unwrap(), compute(), task).unwrap()
+}
+
+fn bert(s: &TaskSession) -> &Bert {
+    match &s.model {
+        Backbone::Bert(m) => m,
+        Backbone::Decoder(_) => panic!("expected an encoder"),
+    }
 }
 
 fn flat(v: Vec<Vec<f32>>) -> Vec<f32> {
     v.into_iter().flatten().collect()
 }
 
-fn load_tiny_lora(s: &mut EncoderSession) {
+fn load_tiny_lora(s: &mut TaskSession) {
     let d = fixture("tiny-bert/lora");
     s.load_adapter(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap(), &std::fs::read(d.join("adapter_model.safetensors")).unwrap(), None).unwrap();
 }
@@ -36,18 +45,18 @@ fn load_tiny_lora(s: &mut EncoderSession) {
 #[test]
 fn tiny_bert_matches_transformers() {
     let fx = load("tiny-bert/expected.safetensors");
-    let s = session("tiny-bert", EncoderTask::Classification);
+    let s = session("tiny-bert", TaskKind::Classification);
     assert_eq!(s.labels, ["ham", "work", "spam"], "id2label of the checkpoint");
     // The tokenizer (WordPiece from tokenizer.json) and padding as `tokenizer(texts, padding=True)`.
     let b = s.encode(&TEXTS, 64).unwrap();
     assert_eq!(b.ids, fx.i64["input_ids"].1);
     assert_eq!(b.mask, fx.i64["attention_mask"].1);
-    let hidden = s.model.hidden(ints(b.ids.clone(), [b.rows, b.len], &s.model.device), Some(&b.mask), &NoHook).unwrap();
+    let hidden = bert(&s).hidden(ints(b.ids.clone(), [b.rows, b.len], &bert(&s).device), Some(&b.mask), &NoHook).unwrap();
     assert_close("tiny-bert last hidden state (padded positions too)", &block_on(read(hidden.clone())).unwrap().data, &fx.f32["hidden"].data, 1e-4);
-    assert_close("tiny-bert pooler", &block_on(read(s.model.pool(hidden, b.rows).unwrap())).unwrap().data, &fx.f32["pooled"].data, 1e-4);
+    assert_close("tiny-bert pooler", &block_on(read(bert(&s).pool(hidden, b.rows).unwrap())).unwrap().data, &fx.f32["pooled"].data, 1e-4);
     assert_close("tiny-bert classifier logits", &flat(block_on(s.logits(&TEXTS, 64, 2)).unwrap()), &fx.f32["logits"].data, 1e-4);
     // A bare BertModel for embeddings: mean pooling over the mask + L2 norm.
-    let e = session("tiny-bert", EncoderTask::Embedding);
+    let e = session("tiny-bert", TaskKind::Embedding);
     assert_close("tiny-bert sentence embeddings", &flat(block_on(e.embed(&TEXTS, 64, 3)).unwrap()), &fx.f32["embeddings"].data, 1e-5);
     assert_close("tiny-bert embeddings, one text per batch", &flat(block_on(e.embed(&TEXTS, 64, 1)).unwrap()), &fx.f32["embeddings"].data, 1e-5);
 }
@@ -55,7 +64,7 @@ fn tiny_bert_matches_transformers() {
 #[test]
 fn peft_seq_cls_lora_loads_and_round_trips() {
     let fx = load("tiny-bert/expected.safetensors");
-    let mut s = session("tiny-bert", EncoderTask::Classification);
+    let mut s = session("tiny-bert", TaskKind::Classification);
     load_tiny_lora(&mut s);
     let got = flat(block_on(s.logits(&TEXTS, 64, 3)).unwrap());
     assert_close("tiny-bert + peft SEQ_CLS LoRA (query, value) + classifier", &got, &fx.f32["lora_logits"].data, 1e-4);
@@ -74,7 +83,7 @@ fn peft_seq_cls_lora_loads_and_round_trips() {
         assert_eq!(ours[k].data, t.data, "{k}: saved bit for bit");
     }
     // And back: a session that loads our files gives the same logits.
-    let mut again = session("tiny-bert", EncoderTask::Classification);
+    let mut again = session("tiny-bert", TaskKind::Classification);
     again.load_adapter(std::str::from_utf8(&files[0].1).unwrap(), &files[1].1, Some(std::str::from_utf8(&files[2].1).unwrap())).unwrap();
     assert_eq!(flat(block_on(again.logits(&TEXTS, 64, 3)).unwrap()), got);
 }
@@ -92,7 +101,7 @@ fn one_adamw_step_of_lora_and_head_matches_torch() {
             ..Default::default()
         })
     };
-    let mut s = session("tiny-bert", EncoderTask::Classification);
+    let mut s = session("tiny-bert", TaskKind::Classification);
     load_tiny_lora(&mut s);
     let before = block_on(s.trainable_tensors()).unwrap();
     let stats = block_on(s.train_step(&mut trainer(), &TEXTS, &labels, None, 64)).unwrap();
@@ -106,7 +115,7 @@ fn one_adamw_step_of_lora_and_head_matches_torch() {
         assert!(max_abs_diff(&before[k].data, &w.data) > 1e-3, "{k} moved");
     }
     // Class weights: torch's cross_entropy(weight=w) divides by the rows' total weight.
-    let mut s = session("tiny-bert", EncoderTask::Classification);
+    let mut s = session("tiny-bert", TaskKind::Classification);
     load_tiny_lora(&mut s);
     let w: Vec<f32> = hp["class_weights"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
     let stats = block_on(s.train_step(&mut trainer(), &TEXTS, &labels, Some(&w), 64)).unwrap();
@@ -128,15 +137,13 @@ fn bert_loaders_refuse_what_they_do_not_support() {
     refuse(cfg.replace("\"model_type\": \"bert\"", "\"model_type\": \"roberta\""), &["roberta"]);
     refuse(cfg.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 100000"), &["num_hidden_layers"]);
     refuse(cfg.replace("\"is_decoder\": false", "\"is_decoder\": true"), &["is_decoder"]);
-    // A GGUF or a Llama folder is not an encoder; a LoRA for Llama modules matches nothing.
-    let llama = EncoderSession::load(&ModelFiles::from_path(&fixture("tiny-llama")).unwrap(), compute(), EncoderTask::Classification).err().unwrap();
-    assert!(llama.to_string().contains("model_type"), "{llama}");
-    let mut s = session("tiny-bert", EncoderTask::Classification);
+    // A LoRA for Llama modules matches nothing of BERT: the error shows BERT's names.
+    let mut s = session("tiny-bert", TaskKind::Classification);
     let e = s.add_lora(LoraConfig::from_value(&serde_json::json!({"peft_type": "LORA", "target_modules": ["q_proj"]})).unwrap(), 0).unwrap_err();
     assert!(e.to_string().contains("bert.encoder.layer.0.attention.self.query"), "{e}");
     // Too many tokens for the positions: refused, not a panic.
-    let ids = ints(vec![5; 100], [1, 100], &s.model.device);
-    assert!(s.model.hidden(ids, None, &NoHook).unwrap_err().to_string().contains("max_position_embeddings"));
+    let ids = ints(vec![5; 100], [1, 100], &bert(&s).device);
+    assert!(bert(&s).hidden(ids, None, &NoHook).unwrap_err().to_string().contains("max_position_embeddings"));
     // A classifier adapter without its head, and a head of the wrong size.
     let d = fixture("tiny-bert/lora");
     let cfg = std::fs::read_to_string(d.join("adapter_config.json")).unwrap();
@@ -171,16 +178,16 @@ fn minilm_embeddings_match_sentence_transformers() {
     let fx = load("minilm/expected.safetensors");
     let texts: Vec<String> = serde_json::from_str(&std::fs::read_to_string(fixture("minilm/texts.json")).unwrap()).unwrap();
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let s = EncoderSession::load(&ModelFiles::from_path(&p).unwrap(), compute(), EncoderTask::Embedding).unwrap();
+    let s = TaskSession::load(&ModelFiles::from_path(&p).unwrap(), compute(), TaskKind::Embedding).unwrap();
     let b = s.encode(&texts, 256).unwrap();
     assert_eq!(b.ids, fx.i64["input_ids"].1, "WordPiece ids as the transformers tokenizer");
     assert_eq!(b.mask, fx.i64["attention_mask"].1);
     assert_close("MiniLM sentence embeddings vs sentence-transformers' recipe", &flat(block_on(s.embed(&texts, 256, 3)).unwrap()), &fx.f32["embeddings"].data, 1e-4);
-    let hidden = s.model.hidden(ints(b.ids.clone(), [b.rows, b.len], &s.model.device), Some(&b.mask), &NoHook).unwrap();
-    let h = s.model.config.hidden_size;
+    let hidden = bert(&s).hidden(ints(b.ids.clone(), [b.rows, b.len], &bert(&s).device), Some(&b.mask), &NoHook).unwrap();
+    let h = bert(&s).config.hidden_size;
     let cls: Vec<f32> = block_on(read(hidden.clone())).unwrap().data.chunks(h).step_by(b.len).flatten().copied().collect();
     assert_close("MiniLM [CLS] hidden state", &cls, &fx.f32["cls_hidden"].data, 1e-3);
-    assert_close("MiniLM pooler", &block_on(read(s.model.pool(hidden, b.rows).unwrap())).unwrap().data, &fx.f32["pooled"].data, 1e-4);
+    assert_close("MiniLM pooler", &block_on(read(bert(&s).pool(hidden, b.rows).unwrap())).unwrap().data, &fx.f32["pooled"].data, 1e-4);
     let _ = Bert::mean_pool;
 }
 
@@ -201,7 +208,7 @@ fn sms() -> Option<(Vec<Labeled>, Vec<Labeled>)> {
 #[test]
 fn minilm_lora_spam_classifier_end_to_end() {
     let (Some(p), Some((train, eval))) = (minilm_path(), sms()) else { return };
-    let mut s = EncoderSession::load(&ModelFiles::from_path(&p).unwrap(), compute(), EncoderTask::Classification).unwrap();
+    let mut s = TaskSession::load(&ModelFiles::from_path(&p).unwrap(), compute(), TaskKind::Classification).unwrap();
     let config = LoraConfig::from_value(&serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["query", "value"]})).unwrap();
     s.add_lora(config, 0).unwrap();
     let train: Vec<Labeled> = train.into_iter().take(160).collect();
@@ -227,9 +234,139 @@ fn minilm_lora_spam_classifier_end_to_end() {
     assert!(m.accuracy >= 0.85, "held-out accuracy {}", m.accuracy);
     // Saved and loaded again: the same predictions.
     let files = block_on(s.save_adapter()).unwrap();
-    let mut again = EncoderSession::load(&ModelFiles::from_path(&p).unwrap(), compute(), EncoderTask::Classification).unwrap();
+    let mut again = TaskSession::load(&ModelFiles::from_path(&p).unwrap(), compute(), TaskKind::Classification).unwrap();
     again.load_adapter(std::str::from_utf8(&files[0].1).unwrap(), &files[1].1, Some(std::str::from_utf8(&files[2].1).unwrap())).unwrap();
     assert_eq!(again.labels, s.labels);
     assert_eq!(again.temperature, s.temperature);
     assert_eq!(block_on(again.logits(&texts[..10], 64, 10)).unwrap(), logits[..10].to_vec());
+}
+
+fn trainer_from(hp: &serde_json::Value) -> Trainer {
+    Trainer::new(TrainConfig {
+        optim: AdamWConfig { lr: hp["lr"].as_f64().unwrap(), weight_decay: hp["weight_decay"].as_f64().unwrap(), ..Default::default() },
+        total_steps: 1,
+        max_grad_norm: None,
+        ..Default::default()
+    })
+}
+
+fn json(p: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(p)).unwrap()).unwrap()
+}
+
+fn load_peft(s: &mut TaskSession, dir: &str) {
+    let d = fixture(dir);
+    s.load_adapter(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap(), &std::fs::read(d.join("adapter_model.safetensors")).unwrap(), None).unwrap();
+}
+
+/// Every tensor after one step equals PyTorch's, and moved.
+fn assert_step(
+    before: &std::collections::BTreeMap<String, webpeft::io::safetensors::HostTensor>,
+    after: &std::collections::BTreeMap<String, webpeft::io::safetensors::HostTensor>,
+    want: &Fixture,
+) {
+    assert_eq!(after.keys().collect::<Vec<_>>(), want.f32.keys().collect::<Vec<_>>(), "the trainable tensors under peft's names");
+    for (k, w) in &want.f32 {
+        assert_close(&format!("after one step: {k}"), &after[k].data, &w.data, 5e-5);
+        assert!(max_abs_diff(&before[k].data, &w.data) > 1e-3, "{k} moved");
+    }
+}
+
+#[test]
+fn feature_extraction_lora_and_one_mnrl_step_match_torch() {
+    let mut s = session("tiny-bert", TaskKind::Embedding);
+    load_peft(&mut s, "tiny-bert/embed");
+    let hp = json("tiny-bert/embed-train.json");
+    let pairs: Vec<(String, String)> = hp["pairs"].as_array().unwrap().iter().map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_str().unwrap().to_string())).collect();
+    let anchors: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
+    // The FEATURE_EXTRACTION LoRA under BertModel's names (no `bert.` prefix).
+    assert_close(
+        "tiny-bert + peft FEATURE_EXTRACTION LoRA embeddings",
+        &flat(block_on(s.embed(&anchors, 64, 3)).unwrap()),
+        &load("tiny-bert/embed/expected.safetensors").f32["embeddings"].data,
+        1e-5,
+    );
+    let before = block_on(s.trainable_tensors()).unwrap();
+    let refs: Vec<(&str, &str)> = pairs.iter().map(|p| (p.0.as_str(), p.1.as_str())).collect();
+    let st = block_on(s.embedding_step(&mut trainer_from(&hp), &refs, hp["scale"].as_f64().unwrap(), 64)).unwrap();
+    let d = (st.loss as f64 - hp["loss"].as_f64().unwrap()).abs();
+    eprintln!("MNRL loss {} vs torch {}: |d| = {d:.2e}", st.loss, hp["loss"]);
+    assert!(d < 1e-5);
+    assert_step(&before, &block_on(s.trainable_tensors()).unwrap(), &load("tiny-bert/embed-train.safetensors"));
+    // Saved as a FEATURE_EXTRACTION adapter without a head file.
+    let files = block_on(s.save_adapter()).unwrap();
+    assert_eq!(files.len(), 2);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&files[0].1).unwrap()["task_type"], "FEATURE_EXTRACTION");
+    // A classifier adapter is refused by an embedding session, and tuning needs an embedding session.
+    let mut e = session("tiny-bert", TaskKind::Embedding);
+    let cfg = std::fs::read_to_string(fixture("tiny-bert/lora/adapter_config.json")).unwrap();
+    assert!(e.load_adapter(&cfg, &std::fs::read(fixture("tiny-bert/lora/adapter_model.safetensors")).unwrap(), None).is_err());
+    let mut c = session("tiny-bert", TaskKind::Classification);
+    load_tiny_lora(&mut c);
+    assert!(block_on(c.embedding_step(&mut trainer_from(&hp), &refs, 20.0, 64)).unwrap_err().to_string().contains("embeddings"));
+}
+
+#[test]
+fn embedding_training_pulls_pairs_together() {
+    let mut s = session("tiny-bert", TaskKind::Embedding);
+    s.add_lora(LoraConfig::from_value(&serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"})).unwrap(), 0).unwrap();
+    let pairs: Vec<webpeft::train::contrastive::Pair> =
+        [("free cash prize", "text win now"), ("dinner tonight", "are you coming to dinner"), ("meeting moved", "thursday morning report"), ("love you", "pick up some milk")]
+            .iter()
+            .map(|(a, p)| webpeft::train::contrastive::Pair { anchor: a.to_string(), positive: p.to_string() })
+            .collect();
+    let o = ClassifyOptions { epochs: 15, batch: 4, lr: 2e-2, schedule: webpeft::train::Schedule::Constant, ..Default::default() };
+    let steps = block_on(s.train_embeddings(&pairs, &o, |_| true)).unwrap();
+    let (first, last) = (steps[0].loss, steps.last().unwrap().loss);
+    eprintln!("MNRL over {} steps: {first:.4} -> {last:.4}", steps.len());
+    assert_eq!(steps.len(), 15);
+    assert!(last < first * 0.5, "{first} -> {last}");
+    // Each anchor's nearest positive is its own.
+    let a = block_on(s.embed(&pairs.iter().map(|p| p.anchor.as_str()).collect::<Vec<_>>(), 64, 4)).unwrap();
+    let p = block_on(s.embed(&pairs.iter().map(|p| p.positive.as_str()).collect::<Vec<_>>(), 64, 4)).unwrap();
+    for (i, ai) in a.iter().enumerate() {
+        let sims: Vec<f32> = p.iter().map(|pj| ai.iter().zip(pj).map(|(x, y)| x * y).sum()).collect();
+        let best = sims.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
+        assert_eq!(best, i, "anchor {i}: similarities {sims:?}");
+    }
+}
+
+#[test]
+fn decoder_classifier_matches_transformers_and_peft() {
+    let fx = load("tiny-llama-cls/expected.safetensors");
+    let mut s = session("tiny-llama-cls", TaskKind::Classification);
+    assert!(matches!(s.model, Backbone::Decoder(_)));
+    assert_eq!(s.labels, ["ham", "work", "spam"]);
+    let b = s.encode(&TEXTS, 64).unwrap();
+    assert_eq!(b.ids, fx.i64["input_ids"].1, "right-padded with pad_token_id");
+    // The score head on each row's last non-padding token, as LlamaForSequenceClassification.
+    assert_close("tiny LlamaForSequenceClassification logits", &flat(block_on(s.logits(&TEXTS, 64, 3)).unwrap()), &fx.f32["logits"].data, 1e-4);
+    assert_close("the same one text per batch (no padding)", &flat(block_on(s.logits(&TEXTS, 64, 1)).unwrap()), &fx.f32["logits"].data, 1e-4);
+    load_peft(&mut s, "tiny-llama-cls/lora");
+    assert_close("+ peft SEQ_CLS LoRA (q_proj, v_proj) + score", &flat(block_on(s.logits(&TEXTS, 64, 3)).unwrap()), &fx.f32["lora_logits"].data, 1e-4);
+    let hp = json("tiny-llama-cls/train.json");
+    let labels: Vec<usize> = hp["labels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let before = block_on(s.trainable_tensors()).unwrap();
+    let st = block_on(s.train_step(&mut trainer_from(&hp), &TEXTS, &labels, None, 64)).unwrap();
+    let d = (st.loss as f64 - hp["loss"].as_f64().unwrap()).abs();
+    eprintln!("decoder classifier loss {} vs torch {}: |d| = {d:.2e}", st.loss, hp["loss"]);
+    assert!(d < 1e-5);
+    assert_step(&before, &block_on(s.trainable_tensors()).unwrap(), &load("tiny-llama-cls/train.safetensors"));
+    let files = block_on(s.save_adapter()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_slice(&files[0].1).unwrap();
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["classifier", "score"]), "peft's own list is kept");
+    // A new classifier on a causal-LM checkpoint: a fresh `score` (no bias), saved under peft's name.
+    let mut n = session("tiny-llama", TaskKind::Classification);
+    assert!(n.head.is_none());
+    n.add_lora(LoraConfig::from_value(&serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})).unwrap(), 0).unwrap();
+    let rows: Vec<Labeled> = (0..12).map(|i| Labeled { text: TEXTS[i % 3].to_string(), label: ["a", "b", "c"][i % 3].to_string() }).collect();
+    let o = ClassifyOptions { epochs: 5, batch: 6, lr: 5e-2, val_fraction: 0.25, ..Default::default() };
+    let rep = block_on(n.train_classifier(&rows, &o, |_| true)).unwrap();
+    assert!(rep.epochs.last().unwrap().train_loss < rep.epochs[0].train_loss, "{:?}", rep.epochs.iter().map(|e| e.train_loss).collect::<Vec<_>>());
+    let saved = webpeft::io::safetensors::read_all_f32(&block_on(n.save_adapter()).unwrap()[1].1).unwrap();
+    assert_eq!(saved["base_model.model.score.weight"].shape, [3, 64]);
+    assert!(!saved.contains_key("base_model.model.score.bias"));
+    // Decoders give no sentence embeddings.
+    let e = TaskSession::load(&ModelFiles::from_path(&fixture("tiny-llama")).unwrap(), compute(), TaskKind::Embedding).err().unwrap();
+    assert!(e.to_string().contains("encoder"), "{e}");
 }

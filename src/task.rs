@@ -1,12 +1,15 @@
-//! The high-level API for encoder models (BERT, MiniLM): sequence classification with a LoRA
-//! adapter and a classification head (peft `task_type` SEQ_CLS), and sentence embeddings
-//! (FEATURE_EXTRACTION: mean pooling + L2 normalisation, as sentence-transformers). Shared by
-//! the CLI (`webpeft classify`, `webpeft embed`) and, later, the JS bindings.
+//! The high-level API for tasks other than generation: sequence classification with a LoRA
+//! adapter and a classification head (peft `task_type` SEQ_CLS) on an encoder (BERT, MiniLM:
+//! `BertForSequenceClassification`, a head on the pooler) or a decoder (Llama family:
+//! `LlamaForSequenceClassification`, a `score` head on the last non-padding token), and
+//! sentence embeddings on an encoder (FEATURE_EXTRACTION: mean pooling + L2 normalisation, as
+//! sentence-transformers). Shared by the CLI (`webpeft classify | predict | embed`).
 //!
 //! A classifier adapter is saved as peft saves one: `adapter_config.json` (LoRA, task_type
-//! SEQ_CLS, `modules_to_save: ["classifier"]`) and `adapter_model.safetensors` (the LoRA pairs
-//! under `base_model.model.bert.encoder...` and the head under `base_model.model.classifier.*`),
-//! so `PeftModel.from_pretrained(AutoModelForSequenceClassification...)` loads it. The label
+//! SEQ_CLS, `modules_to_save: ["classifier"]` or `["score"]`) and `adapter_model.safetensors`
+//! (the LoRA pairs, e.g. under `base_model.model.bert.encoder...`, and the head under
+//! `base_model.model.classifier.*` / `base_model.model.score.weight`), so
+//! `PeftModel.from_pretrained(AutoModelForSequenceClassification...)` loads it. The label
 //! names and the fitted temperature go beside them in `webpeft_head.json`, which peft ignores.
 
 use std::collections::BTreeMap;
@@ -18,22 +21,79 @@ use crate::device::Compute;
 use crate::error::{Result, bail, err};
 use crate::io::safetensors::HostTensor;
 use crate::io::source::{ModelFiles, shard_tensors};
+use crate::models::Base;
 use crate::models::bert::{Bert, BertConfig};
+use crate::models::config::id2label;
 use crate::models::hooks::{Adapter, NoHook, Site};
+use crate::models::llama::{Inputs, Llama};
 use crate::peft::lora::{LoraAdapter, LoraConfig};
 use crate::peft::{NamedParam, Trainable, load_all_params, load_params, params_for_save, peft_files, read_params, set_trainable};
 use crate::tensor::{ints, read};
 use crate::tokenizer::Tokenizer;
 use crate::train::classify::{self, ClassifierHead, Labeled, Metrics};
+use crate::train::contrastive::{self, Pair};
 use crate::train::{AdamWConfig, Schedule, StepStats, TrainConfig, Trainer};
 
-/// What the encoder is used for; it decides the module names adapters use.
+/// What the model is used for; on an encoder it decides the module names adapters use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EncoderTask {
-    /// `BertForSequenceClassification`: modules under `bert.`, a head on the pooler.
+pub enum TaskKind {
+    /// `BertForSequenceClassification` (modules under `bert.`, a head on the pooler) or
+    /// `LlamaForSequenceClassification` (a `score` head on the last non-padding token).
     Classification,
     /// A bare `BertModel`: sentence embeddings.
     Embedding,
+}
+
+/// The frozen model under a task.
+pub enum Backbone {
+    Bert(Bert),
+    Decoder(Llama),
+}
+
+impl Backbone {
+    pub fn base(&self) -> &dyn Base {
+        match self {
+            Backbone::Bert(m) => m,
+            Backbone::Decoder(m) => m,
+        }
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Backbone::Bert(m) => m.config.hidden_size,
+            Backbone::Decoder(m) => m.config.hidden_size,
+        }
+    }
+
+    fn max_positions(&self) -> usize {
+        match self {
+            Backbone::Bert(m) => m.config.max_position_embeddings,
+            Backbone::Decoder(m) => m.config.max_position_embeddings,
+        }
+    }
+
+    /// The classification head's module name in transformers.
+    pub fn head_module(&self) -> &'static str {
+        match self {
+            Backbone::Bert(_) => "classifier",
+            Backbone::Decoder(_) => "score",
+        }
+    }
+
+    /// What the head reads, [B, hidden]: BERT's pooler output, or a decoder's last hidden
+    /// state at each row's last non-padding token (as transformers picks it: the rightmost
+    /// position whose id is not `pad`, else 0).
+    fn features(&self, b: &EncodedBatch, pad: i64, adapter: &dyn Adapter, device: &burn::tensor::Device) -> Result<Tensor<2>> {
+        let ids = ints(b.ids.clone(), [b.rows, b.len], device);
+        match self {
+            Backbone::Bert(m) => m.pool(m.hidden(ids, Some(&b.mask), adapter)?, b.rows),
+            Backbone::Decoder(m) => {
+                let h = m.hidden(&Inputs { ids, attention_mask: Some(b.mask.clone()) }, adapter, None)?;
+                let last: Vec<i64> = b.ids.chunks(b.len).enumerate().map(|(r, row)| (r * b.len + row.iter().rposition(|&i| i != pad).unwrap_or(0)) as i64).collect();
+                Ok(h.select(0, ints(last, [b.rows], device)))
+            }
+        }
+    }
 }
 
 /// The side file of a classifier adapter.
@@ -151,11 +211,13 @@ impl Trainable for Tuned<'_> {
     }
 }
 
-pub struct EncoderSession {
+pub struct TaskSession {
     pub compute: Compute,
-    pub model: Bert,
+    pub model: Backbone,
     pub tokenizer: Tokenizer,
-    pub task: EncoderTask,
+    /// The padding id of batches (the config's `pad_token_id`, else a decoder's EOS).
+    pub pad: i64,
+    pub task: TaskKind,
     pub lora: Option<LoraAdapter>,
     pub head: Option<ClassifierHead>,
     /// Class names by id (from the adapter, the data, or the checkpoint's `id2label`).
@@ -172,52 +234,112 @@ pub struct EncodedBatch {
     pub len: usize,
 }
 
-impl EncoderSession {
-    /// Load a BERT-family Hugging Face folder for `task`.
-    pub fn load(files: &ModelFiles, compute: Compute, task: EncoderTask) -> Result<Self> {
-        let ModelFiles::HfFolder { config, shards, tokenizer, .. } = files else {
-            bail!(Unsupported, "an encoder model comes as a Hugging Face folder (config.json, model.safetensors, tokenizer.json), not GGUF")
-        };
-        let cfg = BertConfig::from_json(config).map_err(|e| e.context("config.json"))?;
-        let tokenizer = tokenizer.as_deref().ok_or_else(|| err!(Io, "tokenizer.json missing from the model folder"))?;
-        let tokenizer = Tokenizer::from_json(tokenizer, None, None, None)?.with_truncation(cfg.max_position_embeddings)?;
-        if tokenizer.vocab_size() > cfg.vocab_size {
-            bail!(Config, "tokenizer has {} tokens but the model only {}", tokenizer.vocab_size(), cfg.vocab_size);
-        }
-        let prefix = match task {
-            EncoderTask::Classification => "bert.",
-            EncoderTask::Embedding => "",
-        };
-        let labels = cfg.labels.clone();
-        let model = Bert::from_weights(cfg, shard_tensors(shards)?, prefix, &compute.device)?;
-        let head = match (&model.classifier, task) {
-            (Some((w, b)), EncoderTask::Classification) => Some(ClassifierHead::from_host(w, b, &compute.device)?),
-            _ => None,
+impl TaskSession {
+    /// Load a model for `task`: a BERT-family Hugging Face folder, or a Llama-family folder or
+    /// GGUF (classification only). A `BertForSequenceClassification` /
+    /// `LlamaForSequenceClassification` checkpoint keeps its head and `id2label`.
+    pub fn load(files: &ModelFiles, compute: Compute, task: TaskKind) -> Result<Self> {
+        let (model, tokenizer, head, labels, pad) = match files {
+            ModelFiles::HfFolder { config, shards, tokenizer, .. } if BertConfig::is_bert(config) => {
+                let cfg = BertConfig::from_json(config).map_err(|e| e.context("config.json"))?;
+                let tokenizer = tokenizer.as_deref().ok_or_else(|| err!(Io, "tokenizer.json missing from the model folder"))?;
+                let tokenizer = Tokenizer::from_json(tokenizer, None, None, None)?.with_truncation(cfg.max_position_embeddings)?;
+                if tokenizer.vocab_size() > cfg.vocab_size {
+                    bail!(Config, "tokenizer has {} tokens but the model only {}", tokenizer.vocab_size(), cfg.vocab_size);
+                }
+                let prefix = match task {
+                    TaskKind::Classification => "bert.",
+                    TaskKind::Embedding => "",
+                };
+                let pad = cfg.pad_token_id.unwrap_or(0) as i64;
+                let model = Bert::from_weights(cfg, shard_tensors(shards)?, prefix, &compute.device)?;
+                let head = match (&model.classifier, task) {
+                    (Some((w, b)), TaskKind::Classification) => Some(ClassifierHead::from_host(w, Some(b), "classifier", &compute.device)?),
+                    _ => None,
+                };
+                let labels = model.config.labels.clone();
+                (Backbone::Bert(model), tokenizer, head, labels, pad)
+            }
+            _ => {
+                if task == TaskKind::Embedding {
+                    bail!(Unsupported, "sentence embeddings need an encoder (a BERT-family model such as MiniLM), not a decoder");
+                }
+                let (mut weights, tokenizer) = crate::session::decoder_parts(files)?;
+                // A LlamaForSequenceClassification checkpoint: its head, and no LM head (which
+                // a classifier never uses).
+                let score = weights.tensors.remove("score.weight");
+                if score.is_some() && !weights.tensors.contains_key("lm_head.weight") {
+                    weights.config.tie_word_embeddings = true;
+                }
+                let labels = match files {
+                    ModelFiles::HfFolder { config, .. } => id2label(config).map_err(|e| e.context("config.json"))?,
+                    ModelFiles::Gguf { .. } => Vec::new(),
+                };
+                let pad = weights.config.pad_token_id.or(tokenizer.eos_id).unwrap_or(0) as i64;
+                let model = Llama::from_weights(weights, &compute.device)?;
+                let head = match score {
+                    Some(w) if w.shape.len() == 2 && w.shape[1] == model.config.hidden_size => Some(ClassifierHead::from_host(&w, None, "score", &compute.device)?),
+                    Some(w) => bail!(Shape, "score.weight: shape {:?}, expected [labels, {}]", w.shape, model.config.hidden_size),
+                    None => None,
+                };
+                (Backbone::Decoder(model), tokenizer, head, labels, pad)
+            }
         };
         let labels = if head.as_ref().is_some_and(|h| h.num_labels() == labels.len()) { labels } else { Vec::new() };
-        Ok(EncoderSession { compute, model, tokenizer, task, lora: None, head, labels, temperature: 1.0 })
+        Ok(TaskSession { compute, model, tokenizer, pad, task, lora: None, head, labels, temperature: 1.0 })
     }
 
     /// Tokenise texts (truncated to `max_len` tokens) into one right-padded batch.
     pub fn encode(&self, texts: &[&str], max_len: usize) -> Result<EncodedBatch> {
-        encode_texts(&self.tokenizer, &self.model.config, texts, max_len)
+        if texts.is_empty() {
+            bail!(Data, "no texts");
+        }
+        let rows: Vec<Vec<u32>> = texts.iter().map(|t| self.encode_row(t, max_len)).collect::<Result<_>>()?;
+        Ok(pad_rows(&rows.iter().map(Vec::as_slice).collect::<Vec<_>>(), self.pad))
+    }
+
+    /// One text's token ids, at most `max_len` (and the model's positions): an encoder keeps
+    /// its closing special token, as the tokenizer's own truncation does; a decoder keeps the
+    /// first tokens, as transformers' right-side truncation.
+    fn encode_row(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
+        let max_len = max_len.clamp(2, self.model.max_positions());
+        let mut ids = self.tokenizer.encode(text)?;
+        if ids.len() > max_len {
+            let last = *ids.last().expect("non-empty");
+            ids.truncate(max_len);
+            if matches!(self.model, Backbone::Bert(_)) {
+                ids[max_len - 1] = last;
+            }
+        }
+        Ok(ids)
     }
 
     /// A new LoRA adapter from a peft LoRA config (its `task_type` is set to the session's).
     pub fn add_lora(&mut self, mut config: LoraConfig, seed: u64) -> Result<()> {
         config.task_type = Some(self.peft_task_type().into());
-        if self.task == EncoderTask::Classification {
+        if self.task == TaskKind::Classification {
             config.modules_to_save.retain(|m| m != "classifier" && m != "score");
-            config.modules_to_save.push("classifier".into());
+            config.modules_to_save.push(self.model.head_module().into());
         }
-        self.lora = Some(LoraAdapter::new(config, &self.model, seed)?);
+        self.lora = Some(self.new_lora(config, seed)?);
         Ok(())
+    }
+
+    /// A LoRA over the backbone. The head's `modules_to_save` entries (`classifier`, `score`)
+    /// are the head's, trained here in full, so the adapter leaves them out; its config keeps
+    /// them for peft.
+    fn new_lora(&self, config: LoraConfig, seed: u64) -> Result<LoraAdapter> {
+        let mut own = config.clone();
+        own.modules_to_save.retain(|m| m != "classifier" && m != "score");
+        let mut lora = LoraAdapter::new(own, self.model.base(), seed)?;
+        lora.config.modules_to_save = config.modules_to_save;
+        Ok(lora)
     }
 
     fn peft_task_type(&self) -> &'static str {
         match self.task {
-            EncoderTask::Classification => "SEQ_CLS",
-            EncoderTask::Embedding => "FEATURE_EXTRACTION",
+            TaskKind::Classification => "SEQ_CLS",
+            TaskKind::Embedding => "FEATURE_EXTRACTION",
         }
     }
 
@@ -226,20 +348,24 @@ impl EncoderSession {
     pub fn load_adapter(&mut self, config_json: &str, weights: &[u8], head_json: Option<&str>) -> Result<()> {
         let config = LoraConfig::from_json(config_json).map_err(|e| e.context("adapter_config.json"))?;
         let mut tensors = crate::peft::read_weights(weights)?;
-        let head_keys = ["base_model.model.classifier.weight", "base_model.model.classifier.bias"];
-        let head = match (tensors.remove(head_keys[0]), tensors.remove(head_keys[1])) {
-            (Some(w), Some(b)) if self.task == EncoderTask::Classification => {
-                if w.shape.len() != 2 || w.shape[1] != self.model.config.hidden_size || b.shape != [w.shape[0]] {
-                    bail!(Shape, "adapter_model.safetensors: classifier weight {:?} / bias {:?} do not fit hidden size {}", w.shape, b.shape, self.model.config.hidden_size);
+        let m = self.model.head_module();
+        let (wk, bk) = (format!("base_model.model.{m}.weight"), format!("base_model.model.{m}.bias"));
+        let h = self.model.hidden_size();
+        let head = match (tensors.remove(&wk), tensors.remove(&bk)) {
+            (Some(w), b) if self.task == TaskKind::Classification => {
+                if w.shape.len() != 2 || w.shape[1] != h || b.as_ref().is_some_and(|b| b.shape != [w.shape[0]]) {
+                    bail!(Shape, "adapter_model.safetensors: {m} weight {:?} / bias {:?} do not fit hidden size {h}", w.shape, b.map(|b| b.shape));
                 }
-                Some(ClassifierHead::from_host(&w, &b, &self.compute.device)?)
+                if b.is_none() && m == "classifier" {
+                    bail!(Format, "adapter_model.safetensors: {bk} missing");
+                }
+                Some(ClassifierHead::from_host(&w, b.as_ref(), m, &self.compute.device)?)
             }
-            (None, None) if self.task == EncoderTask::Classification => bail!(Format, "adapter_model.safetensors: no classifier head (base_model.model.classifier.weight/bias)"),
+            (None, _) if self.task == TaskKind::Classification => bail!(Format, "adapter_model.safetensors: no classifier head ({wk})"),
             (None, None) => None,
-            (Some(_), None) | (None, Some(_)) => bail!(Format, "adapter_model.safetensors: classifier weight and bias must come together"),
             _ => bail!(Config, "this adapter carries a classifier head: load it for classification"),
         };
-        let mut lora = LoraAdapter::new(config, &self.model, 0)?;
+        let mut lora = self.new_lora(config, 0)?;
         load_all_params(&mut lora, &tensors)?;
         let (labels, temperature) = match head_json {
             Some(text) => {
@@ -295,7 +421,7 @@ impl EncoderSession {
         let mut out = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(batch.max(1)) {
             let b = self.encode(chunk, seq_len)?;
-            let l = read(head_logits(&self.model, &b, adapter, head, &self.compute.device)?).await?;
+            let l = read(head.forward(self.model.features(&b, self.pad, adapter, &self.compute.device)?)).await?;
             out.extend(l.data.chunks(head.num_labels()).map(<[f32]>::to_vec));
         }
         Ok(out)
@@ -309,12 +435,13 @@ impl EncoderSession {
     /// Sentence embeddings (mean pooling over real tokens, L2-normalised), [texts][hidden].
     pub async fn embed(&self, texts: &[&str], seq_len: usize, batch: usize) -> Result<Vec<Vec<f32>>> {
         let (adapter, _) = self.view();
-        let h = self.model.config.hidden_size;
+        let Backbone::Bert(model) = &self.model else { bail!(Unsupported, "sentence embeddings need an encoder") };
+        let h = model.config.hidden_size;
         let mut out = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(batch.max(1)) {
             let b = self.encode(chunk, seq_len)?;
             let ids = ints(b.ids.clone(), [b.rows, b.len], &self.compute.device);
-            let hidden = self.model.hidden(ids, Some(&b.mask), adapter)?;
+            let hidden = model.hidden(ids, Some(&b.mask), adapter)?;
             let e = read(Bert::mean_pool(hidden, &b.mask, b.rows)).await?;
             out.extend(e.data.chunks(h).map(<[f32]>::to_vec));
         }
@@ -331,9 +458,78 @@ impl EncoderSession {
             bail!(Config, "no classification head");
         }
         set_trainable(&mut tuned, true);
-        let r = classifier_step(trainer, &self.model, &mut tuned, &b, labels, weights, &device).await;
+        let r = classifier_step(trainer, &self.model, self.pad, &mut tuned, &b, labels, weights, &device).await;
         set_trainable(&mut tuned, false);
         r
+    }
+
+    /// Embeddings [B, hidden] of an encoded batch through `adapter` (differentiable).
+    fn embeddings_of(&self, b: &EncodedBatch, adapter: &dyn Adapter) -> Result<Tensor<2>> {
+        let Backbone::Bert(model) = &self.model else { bail!(Unsupported, "sentence embeddings need an encoder") };
+        let ids = ints(b.ids.clone(), [b.rows, b.len], &self.compute.device);
+        Ok(Bert::mean_pool(model.hidden(ids, Some(&b.mask), adapter)?, &b.mask, b.rows))
+    }
+
+    /// One optimizer step of the embedding LoRA on (anchor, positive) pairs with
+    /// MultipleNegativesRankingLoss at `scale` (see [`crate::train::contrastive`]).
+    pub async fn embedding_step(&mut self, trainer: &mut Trainer, pairs: &[(&str, &str)], scale: f64, seq_len: usize) -> Result<StepStats> {
+        if self.task != TaskKind::Embedding {
+            bail!(Config, "this session was loaded for classification: load it for embeddings to tune them");
+        }
+        let a = self.encode(&pairs.iter().map(|p| p.0).collect::<Vec<_>>(), seq_len)?;
+        let p = self.encode(&pairs.iter().map(|p| p.1).collect::<Vec<_>>(), seq_len)?;
+        let tokens = a.mask.iter().chain(&p.mask).filter(|&&m| m != 0).count();
+        let mut lora = self.lora.take().ok_or_else(|| err!(Config, "no LoRA adapter: add one before training"))?;
+        set_trainable(&mut lora, true);
+        let r = trainer.step_loss(&mut lora, 1, tokens, |l, _| contrastive::mnrl_loss(self.embeddings_of(&a, l)?, self.embeddings_of(&p, l)?, scale)).await;
+        set_trainable(&mut lora, false);
+        self.lora = Some(lora);
+        r
+    }
+
+    /// Tune the embedding LoRA on pairs: `epochs` passes over shuffled batches of `batch` pairs
+    /// (each batch's other positives are its negatives). `on_step` gets every step's stats
+    /// and may return false to stop. Returns each step's stats.
+    pub async fn train_embeddings(&mut self, pairs: &[Pair], o: &ClassifyOptions, mut on_step: impl FnMut(&StepStats) -> bool) -> Result<Vec<StepStats>> {
+        if o.epochs == 0 || o.batch < 2 || !(o.lr.is_finite() && o.lr > 0.0) {
+            bail!(Config, "epochs must be >= 1, batch >= 2 (in-batch negatives) and lr a positive number");
+        }
+        let per_epoch = pairs.len().div_ceil(o.batch);
+        let total = o.max_steps.unwrap_or(usize::MAX).min(per_epoch * o.epochs).max(1);
+        let mut trainer = Trainer::new(TrainConfig {
+            optim: AdamWConfig { lr: o.lr, weight_decay: o.weight_decay, ..Default::default() },
+            schedule: o.schedule,
+            warmup: o.warmup,
+            total_steps: total,
+            max_grad_norm: o.max_grad_norm,
+            seed: o.seed,
+            ..Default::default()
+        });
+        let mut order: Vec<usize> = (0..pairs.len()).collect();
+        let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(o.seed);
+        let mut out = Vec::new();
+        'run: for _ in 0..o.epochs {
+            rand::seq::SliceRandom::shuffle(&mut order[..], &mut rng);
+            // A last batch of one pair has no negative: it joins the previous one.
+            let mut chunks: Vec<&[usize]> = order.chunks(o.batch).collect();
+            if chunks.len() > 1 && chunks.last().is_some_and(|c| c.len() < 2) {
+                chunks.pop();
+            }
+            for chunk in chunks {
+                if out.len() >= total {
+                    break 'run;
+                }
+                self.compute.device.seed(o.seed ^ (out.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                let batch: Vec<(&str, &str)> = chunk.iter().map(|&i| (pairs[i].anchor.as_str(), pairs[i].positive.as_str())).collect();
+                let stats = self.embedding_step(&mut trainer, &batch, contrastive::MNRL_SCALE, o.seq_len).await?;
+                let go_on = on_step(&stats);
+                out.push(stats);
+                if !go_on {
+                    break 'run;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The adapter's and the head's trainable tensors by their peft names, in PyTorch layout.
@@ -345,7 +541,7 @@ impl EncoderSession {
     /// validation split, per-epoch metrics, optional class weights, early stopping and
     /// temperature scaling. `on_epoch` gets each epoch's report and may return false to stop.
     pub async fn train_classifier(&mut self, data: &[Labeled], o: &ClassifyOptions, mut on_epoch: impl FnMut(&EpochReport) -> bool) -> Result<ClassifyReport> {
-        if self.task != EncoderTask::Classification {
+        if self.task != TaskKind::Classification {
             bail!(Config, "this session was loaded for embeddings, not classification");
         }
         if o.epochs == 0 || o.batch == 0 || o.seq_len < 2 || !(o.lr.is_finite() && o.lr > 0.0) {
@@ -365,7 +561,8 @@ impl EncoderSession {
             bail!(Config, "the head has {} labels, the data {}", h.num_labels(), labels.len());
         }
         if self.head.is_none() {
-            self.head = Some(ClassifierHead::new(self.model.config.hidden_size, labels.len(), o.seed, &self.compute.device)?);
+            let bias = matches!(self.model, Backbone::Bert(_));
+            self.head = Some(ClassifierHead::new(self.model.hidden_size(), labels.len(), bias, self.model.head_module(), o.seed, &self.compute.device)?);
         }
         self.labels = labels.clone();
         self.temperature = 1.0;
@@ -375,8 +572,8 @@ impl EncoderSession {
         }
         let weights = o.class_weights.then(|| classify::balanced_weights(&train.iter().map(|&i| ids[i]).collect::<Vec<_>>(), labels.len()));
         // Tokenise once: rows of token ids.
-        let tokenized: Vec<Vec<u32>> = data.iter().map(|d| encode_row(&self.tokenizer, &d.text, o.seq_len.min(self.model.config.max_position_embeddings))).collect::<Result<_>>()?;
-        let pad = self.model.config.pad_token_id.unwrap_or(0) as i64;
+        let tokenized: Vec<Vec<u32>> = data.iter().map(|d| self.encode_row(&d.text, o.seq_len)).collect::<Result<_>>()?;
+        let pad = self.pad;
         let steps_per_epoch = train.len().div_ceil(o.batch);
         let total = o.max_steps.unwrap_or(usize::MAX).min(steps_per_epoch * o.epochs).max(1);
         let config = TrainConfig {
@@ -414,7 +611,7 @@ impl EncoderSession {
                     device.seed(o.seed ^ (steps as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
                     let b = pad_rows(&chunk.iter().map(|&i| tokenized[i].as_slice()).collect::<Vec<_>>(), pad);
                     let y: Vec<usize> = chunk.iter().map(|&i| ids[i]).collect();
-                    let stats = classifier_step(&mut trainer, model, &mut tuned, &b, &y, weights.as_deref(), &device).await?;
+                    let stats = classifier_step(&mut trainer, model, pad, &mut tuned, &b, &y, weights.as_deref(), &device).await?;
                     steps += 1;
                     tokens += stats.tokens;
                     if !stats.skipped {
@@ -476,9 +673,11 @@ impl EncoderSession {
 /// One optimizer step of the LoRA adapter and the head on a batch with labels `y`:
 /// cross-entropy (weighted by `weights`, divided by the rows' total weight, as torch's
 /// `cross_entropy(weight=...)`), then clipping, the schedule and AdamW.
+#[allow(clippy::too_many_arguments)]
 async fn classifier_step(
     trainer: &mut Trainer,
-    model: &Bert,
+    model: &Backbone,
+    pad: i64,
     tuned: &mut Tuned<'_>,
     b: &EncodedBatch,
     y: &[usize],
@@ -490,21 +689,9 @@ async fn classifier_step(
     trainer
         .step_loss(tuned, 1, real, |t, _| {
             let head = t.head.as_deref().ok_or_else(|| err!(Config, "no classification head"))?;
-            classify::cross_entropy(head_logits(model, b, t, head, device)?, y, weights, denom)
+            classify::cross_entropy(head.forward(model.features(b, pad, t, device)?), y, weights, denom)
         })
         .await
-}
-
-/// One text's token ids, truncated to `max_len` keeping the closing special token (as the
-/// tokenizer's own truncation does).
-fn encode_row(tokenizer: &Tokenizer, text: &str, max_len: usize) -> Result<Vec<u32>> {
-    let mut ids = tokenizer.encode(text)?;
-    if ids.len() > max_len {
-        let last = *ids.last().expect("non-empty");
-        ids.truncate(max_len - 1);
-        ids.push(last);
-    }
-    Ok(ids)
 }
 
 /// Rows of token ids as one batch padded on the right with `pad`.
@@ -519,29 +706,13 @@ fn pad_rows(rows: &[&[u32]], pad: i64) -> EncodedBatch {
     EncodedBatch { ids, mask, rows: rows.len(), len }
 }
 
-fn encode_texts(tokenizer: &Tokenizer, config: &BertConfig, texts: &[&str], max_len: usize) -> Result<EncodedBatch> {
-    if texts.is_empty() {
-        bail!(Data, "no texts");
-    }
-    let max_len = max_len.clamp(2, config.max_position_embeddings);
-    let rows: Vec<Vec<u32>> = texts.iter().map(|t| encode_row(tokenizer, t, max_len)).collect::<Result<_>>()?;
-    Ok(pad_rows(&rows.iter().map(Vec::as_slice).collect::<Vec<_>>(), config.pad_token_id.unwrap_or(0) as i64))
-}
-
-/// Logits [B, labels] of an encoded batch through `adapter` and `head`.
-fn head_logits(model: &Bert, b: &EncodedBatch, adapter: &dyn Adapter, head: &ClassifierHead, device: &burn::tensor::Device) -> Result<Tensor<2>> {
-    let ids = ints(b.ids.clone(), [b.rows, b.len], device);
-    let h = model.hidden(ids, Some(&b.mask), adapter)?;
-    Ok(head.forward(model.pool(h, b.rows)?))
-}
-
 /// Host logits of token rows, in batches (no gradients).
-async fn batched_logits(model: &Bert, tuned: &Tuned<'_>, rows: &[&[u32]], batch: usize, pad: i64, device: &burn::tensor::Device) -> Result<Vec<Vec<f32>>> {
+async fn batched_logits(model: &Backbone, tuned: &Tuned<'_>, rows: &[&[u32]], batch: usize, pad: i64, device: &burn::tensor::Device) -> Result<Vec<Vec<f32>>> {
     let head = tuned.head.as_deref().ok_or_else(|| err!(Config, "no classification head"))?;
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch.max(1)) {
         let b = pad_rows(chunk, pad);
-        let l = read(head_logits(model, &b, tuned, head, device)?.detach()).await?;
+        let l = read(head.forward(model.features(&b, pad, tuned, device)?).detach()).await?;
         out.extend(l.data.chunks(head.num_labels()).map(<[f32]>::to_vec));
     }
     Ok(out)
