@@ -220,3 +220,59 @@ async fn tiny_bert_classifier_matches_pytorch() {
     assert!(dl < 1e-5 && worst < 5e-5, "loss |d| {dl}, weights |d| {worst}");
     assert_eq!(after.len(), 10);
 }
+
+/// GPT-2 (learned positions, LayerNorm, fused Conv1D c_attn) in the browser: logits and a peft
+/// LoRA with fan_in_fan_out against transformers, and one AdamW step against PyTorch; the
+/// decoder as a classifier (a score head on the last token) with its peft SEQ_CLS LoRA.
+#[wasm_bindgen_test]
+async fn tiny_gpt2_and_decoder_classifier_match_pytorch() {
+    let mut files = BTreeMap::new();
+    files.insert("config.json".to_string(), fx!("tiny-gpt2/config.json").to_vec());
+    files.insert("model.safetensors".to_string(), fx!("tiny-gpt2/model.safetensors").to_vec());
+    files.insert("tokenizer.json".to_string(), fx!("tiny-gpt2/tokenizer.json").to_vec());
+    let mut s = Session::load(&ModelFiles::from_named(files).unwrap(), gpu().await).unwrap();
+    let exp = fx!("tiny-gpt2/expected.safetensors");
+    let (shape, ids) = ids_of(exp, "input_ids");
+    let mask = ids_of(exp, "attention_mask").1;
+    let v = s.model.config.vocab_size;
+    let real = |x: &[f32]| -> Vec<f32> { x.chunks(v).zip(&mask).filter(|(_, m)| **m == 1).flat_map(|(c, _)| c.to_vec()).collect() };
+    let logits = |s: &Session, names: &[&str]| {
+        let inputs = webpeft::models::llama::Inputs { ids: webpeft::tensor::ints(ids.clone(), [shape[0], shape[1]], &s.model.device), attention_mask: Some(mask.clone()) };
+        s.model.forward(&inputs, &s.stack(names).unwrap(), None).unwrap()
+    };
+    let got = webpeft::tensor::read(logits(&s, &[])).await.unwrap();
+    let d = max_abs_diff(&real(&got.data), &real(&f32_of(exp, "logits").data));
+    web_sys_log(&format!("browser tiny GPT-2 logits max |d| = {d:e}"));
+    assert!(d < 1e-4, "GPT-2 logits |d| = {d}");
+    s.load_adapter("lora", std::str::from_utf8(fx!("tiny-gpt2/lora/adapter_config.json")).unwrap(), fx!("tiny-gpt2/lora/adapter_model.safetensors")).unwrap();
+    let got = webpeft::tensor::read(logits(&s, &["lora"])).await.unwrap();
+    let d = max_abs_diff(&real(&got.data), &real(&f32_of(exp, "lora_logits").data));
+    web_sys_log(&format!("browser tiny GPT-2 + peft LoRA logits max |d| = {d:e}"));
+    assert!(d < 1e-4, "GPT-2 LoRA logits |d| = {d}");
+    let batch = Batch { batch: shape[0], len: shape[1], input_ids: ids.clone(), attention_mask: mask.clone(), labels: ids_of(exp, "labels").1, tasks: vec![] };
+    let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() }, ..Default::default() });
+    let a = s.adapters.get_mut("lora").unwrap();
+    webpeft::peft::set_trainable(a, true);
+    let st = tr.step(&s.model, a, std::slice::from_ref(&batch)).await.unwrap();
+    webpeft::peft::set_trainable(a, false);
+    let hp: serde_json::Value = serde_json::from_slice(fx!("tiny-gpt2/train.json")).unwrap();
+    let dl = (st.loss as f64 - hp["loss"].as_f64().unwrap()).abs();
+    let (_, bytes) = s.save_adapter("lora").await.unwrap();
+    let train = fx!("tiny-gpt2/train.safetensors");
+    let worst = read_all_f32(&bytes).unwrap().iter().map(|(k, t)| max_abs_diff(&t.data, &f32_of(train, k).data)).fold(0f32, f32::max);
+    web_sys_log(&format!("browser tiny GPT-2 one step: loss |d| = {dl:e}, LoRA max |d| = {worst:e}"));
+    assert!(dl < 1e-5 && worst < 5e-5, "loss |d| {dl}, weights |d| {worst}");
+
+    use webpeft::task::{TaskKind, TaskSession};
+    let mut files = BTreeMap::new();
+    files.insert("config.json".to_string(), fx!("tiny-llama-cls/config.json").to_vec());
+    files.insert("model.safetensors".to_string(), fx!("tiny-llama-cls/model.safetensors").to_vec());
+    files.insert("tokenizer.json".to_string(), fx!("tiny-llama-cls/tokenizer.json").to_vec());
+    let mut c = TaskSession::load(&ModelFiles::from_named(files).unwrap(), gpu().await, TaskKind::Classification).unwrap();
+    c.load_adapter(std::str::from_utf8(fx!("tiny-llama-cls/lora/adapter_config.json")).unwrap(), fx!("tiny-llama-cls/lora/adapter_model.safetensors"), None).unwrap();
+    let texts = ["Free entry to win a cash prize, text WIN now!", "Are you coming to dinner tonight?", "the meeting moved to thursday"];
+    let got: Vec<f32> = c.logits(&texts, 64, 3).await.unwrap().into_iter().flatten().collect();
+    let d = max_abs_diff(&got, &f32_of(fx!("tiny-llama-cls/expected.safetensors"), "lora_logits").data);
+    web_sys_log(&format!("browser tiny LlamaForSequenceClassification + peft SEQ_CLS LoRA logits max |d| = {d:e}"));
+    assert!(d < 1e-4, "decoder classifier logits |d| = {d}");
+}

@@ -1,6 +1,6 @@
 #![cfg(not(target_family = "wasm"))]
 //! Sequence classification and sentence embeddings against transformers + peft (fixtures
-//! from scripts/fixtures/make_bert_fixtures.py). BERT: the forward pass, the pooler, sentence
+//! from scripts/fixtures/make_family_fixtures.py). BERT: the forward pass, the pooler, sentence
 //! embeddings, a peft SEQ_CLS LoRA with its classifier head, one AdamW step of LoRA + head,
 //! a FEATURE_EXTRACTION LoRA and one step of MultipleNegativesRankingLoss, MiniLM's real
 //! weights, and a classifier trained end to end on SMS spam. Decoders: tiny-llama as a

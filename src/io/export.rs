@@ -64,6 +64,9 @@ pub fn config_json(c: &LlamaConfig) -> String {
 
 /// transformers' state dict of `model` (weights as the model holds them now).
 pub async fn state_dict(model: &Llama) -> Result<BTreeMap<String, OutTensor>> {
+    if model.config.is_gpt2() {
+        return Err(crate::error::Error::new(crate::error::ErrorCode::Unsupported, "exporting a merged GPT-2 is not supported yet (Llama-family models only)"));
+    }
     let mut out = BTreeMap::new();
     out.insert("model.embed_tokens.weight".to_string(), OutTensor::F32(read(model.embed.clone()).await?));
     out.insert("model.norm.weight".to_string(), OutTensor::F32(read(model.norm.clone()).await?));

@@ -150,7 +150,7 @@ impl BertLayer {
             Proj::K => &self.k,
             Proj::V => &self.v,
             Proj::O => &self.o,
-            Proj::Up | Proj::Gate => &self.up,
+            Proj::Up | Proj::Gate | Proj::Qkv => &self.up,
             Proj::Down => &self.down,
         }
     }

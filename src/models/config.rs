@@ -1,4 +1,5 @@
-//! Llama-family hyper-parameters, read from a Hugging Face `config.json` or from GGUF metadata.
+//! Decoder hyper-parameters (the Llama family, and GPT-2 mapped onto the same fields), read
+//! from a Hugging Face `config.json` or from GGUF metadata.
 
 use serde::Deserialize;
 use serde_json::Value as Json;
@@ -32,6 +33,7 @@ pub struct LlamaConfig {
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
+    /// The norms' epsilon (RMSNorm; GPT-2: LayerNorm's `layer_norm_epsilon`).
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
@@ -120,14 +122,81 @@ fn parse_rope_scaling(v: Option<&Json>) -> Result<RopeScaling> {
     })
 }
 
+/// GPT-2's config.json keys.
+#[derive(Deserialize)]
+struct RawGpt2 {
+    vocab_size: usize,
+    n_embd: usize,
+    n_layer: usize,
+    n_head: usize,
+    n_positions: Option<usize>,
+    n_inner: Option<usize>,
+    layer_norm_epsilon: Option<f64>,
+    activation_function: Option<String>,
+    tie_word_embeddings: Option<bool>,
+    scale_attn_weights: Option<bool>,
+    scale_attn_by_inverse_layer_idx: Option<bool>,
+    add_cross_attention: Option<bool>,
+    bos_token_id: Option<Json>,
+    eos_token_id: Option<Json>,
+    pad_token_id: Option<Json>,
+}
+
 impl LlamaConfig {
+    /// GPT-2 (LayerNorm, learned positions, Conv1D layers with biases, GELU-tanh MLP).
+    pub fn is_gpt2(&self) -> bool {
+        self.model_type == "gpt2"
+    }
+
+    fn gpt2_from_json(text: &str) -> Result<Self> {
+        let raw: RawGpt2 = serde_json::from_str(text).map_err(|e| err!(Config, "config.json: {e}"))?;
+        if let Some(act) = raw.activation_function.as_deref().filter(|a| !["gelu_new", "gelu_pytorch_tanh"].contains(a)) {
+            bail!(Unsupported, "config.json: activation_function {act:?} (GPT-2: gelu_new)");
+        }
+        if raw.scale_attn_weights == Some(false) || raw.scale_attn_by_inverse_layer_idx == Some(true) || raw.add_cross_attention == Some(true) {
+            bail!(Unsupported, "config.json: GPT-2 attention variants (scale_attn_weights false, scale_attn_by_inverse_layer_idx, add_cross_attention) are not supported");
+        }
+        if raw.n_head == 0 || raw.n_embd % raw.n_head != 0 {
+            bail!(Config, "config.json: n_embd {} not divisible by n_head {}", raw.n_embd, raw.n_head);
+        }
+        if raw.tie_word_embeddings == Some(false) {
+            bail!(Unsupported, "config.json: GPT-2 with an untied LM head");
+        }
+        LlamaConfig {
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.n_embd,
+            intermediate_size: raw.n_inner.unwrap_or(4 * raw.n_embd),
+            num_hidden_layers: raw.n_layer,
+            num_attention_heads: raw.n_head,
+            num_key_value_heads: raw.n_head,
+            head_dim: raw.n_embd / raw.n_head,
+            rms_norm_eps: raw.layer_norm_epsilon.unwrap_or(1e-5),
+            rope_theta: 10000.0,
+            rope_scaling: RopeScaling::None,
+            max_position_embeddings: raw.n_positions.unwrap_or(1024),
+            tie_word_embeddings: true,
+            qkv_bias: true,
+            o_bias: true,
+            mlp_bias: true,
+            model_type: "gpt2".into(),
+            bos_token_id: first_id(&raw.bos_token_id),
+            eos_token_id: first_id(&raw.eos_token_id),
+            pad_token_id: first_id(&raw.pad_token_id),
+        }
+        .checked()
+        .map_err(|e| e.context("config.json"))
+    }
+
     pub fn from_json(text: &str) -> Result<Self> {
+        if serde_json::from_str::<Json>(text).ok().and_then(|v| v.get("model_type").and_then(Json::as_str).map(|t| t == "gpt2")).unwrap_or(false) {
+            return Self::gpt2_from_json(text);
+        }
         let raw: RawConfig = serde_json::from_str(text).map_err(|e| err!(Config, "config.json: {e}"))?;
         let model_type = raw.model_type.clone().unwrap_or_default();
         let supported = ["llama", "mistral", "qwen2", "smollm", "smollm2"];
         if !supported.contains(&model_type.as_str()) {
             let arch = raw.architectures.unwrap_or_default().join(",");
-            bail!(Unsupported, "config.json: model_type {model_type:?} ({arch}) is not supported (supported: llama, mistral, qwen2)");
+            bail!(Unsupported, "config.json: model_type {model_type:?} ({arch}) is not supported (supported: llama, mistral, qwen2, gpt2; bert for classification and embeddings)");
         }
         if let Some(act) = &raw.hidden_act
             && act != "silu"

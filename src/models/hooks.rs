@@ -15,12 +15,17 @@ pub enum Proj {
     Gate,
     Up,
     Down,
+    /// Queries, keys and values in one fused projection (GPT-2's `attn.c_attn`).
+    Qkv,
 }
 
 impl Proj {
+    /// A Llama block's projections.
     pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+    /// A GPT-2 block's: `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`.
+    pub const GPT2: [Proj; 4] = [Proj::Qkv, Proj::O, Proj::Up, Proj::Down];
 
-    /// Dotted module path under the decoder layer, e.g. `self_attn.q_proj`.
+    /// Dotted module path under a Llama decoder layer, e.g. `self_attn.q_proj`.
     pub fn module_path(self) -> &'static str {
         match self {
             Proj::Q => "self_attn.q_proj",
@@ -30,6 +35,7 @@ impl Proj {
             Proj::Gate => "mlp.gate_proj",
             Proj::Up => "mlp.up_proj",
             Proj::Down => "mlp.down_proj",
+            Proj::Qkv => "self_attn.qkv_proj",
         }
     }
 }
@@ -44,6 +50,8 @@ pub enum Family {
     /// BERT-style encoders: `{prefix}encoder.layer.{l}.attention.self.query`, ...; `prefix` is
     /// `"bert."` inside `BertForSequenceClassification`, `""` in a bare `BertModel`.
     Bert { prefix: &'static str },
+    /// GPT-2: `transformer.h.{l}.attn.c_attn`, ... (Conv1D layers).
+    Gpt2,
 }
 
 /// A linear layer of the model: layer index + projection (+ the architecture's naming).
@@ -71,10 +79,19 @@ impl Site {
                     Proj::K => "attention.self.key",
                     Proj::V => "attention.self.value",
                     Proj::O => "attention.output.dense",
-                    Proj::Up | Proj::Gate => "intermediate.dense",
+                    Proj::Up | Proj::Gate | Proj::Qkv => "intermediate.dense",
                     Proj::Down => "output.dense",
                 };
                 format!("{prefix}encoder.layer.{}.{m}", self.layer)
+            }
+            Family::Gpt2 => {
+                let m = match self.proj {
+                    Proj::Qkv | Proj::Q | Proj::K | Proj::V => "attn.c_attn",
+                    Proj::O => "attn.c_proj",
+                    Proj::Up | Proj::Gate => "mlp.c_fc",
+                    Proj::Down => "mlp.c_proj",
+                };
+                format!("transformer.h.{}.{m}", self.layer)
             }
         }
     }

@@ -1,8 +1,10 @@
-//! The Llama architecture (SmolLM2, TinyLlama, Mistral-style, Qwen2-style): RMSNorm,
-//! RoPE (rotate_half convention, optional scaling), grouped-query attention, SiLU-gated
-//! MLP, tied or untied embeddings, optional q/k/v(/o) biases. Weights are frozen: they
-//! are plain (non-autodiff) tensors, so autodiff never computes their gradients; adapters
-//! enter through [`Adapter`].
+//! The decoder: the Llama architecture (SmolLM2, TinyLlama, Mistral-style, Qwen2-style):
+//! RMSNorm, RoPE (rotate_half convention, optional scaling), grouped-query attention,
+//! SiLU-gated MLP, tied or untied embeddings, optional q/k/v(/o) biases; and GPT-2 on the same
+//! skeleton: LayerNorm with biases, learned absolute positions, one fused `c_attn` projection,
+//! a GELU-tanh MLP, Conv1D weights (already [in, out]), a tied LM head. Weights are frozen:
+//! they are plain (non-autodiff) tensors, so autodiff never computes their gradients;
+//! adapters enter through [`Adapter`].
 
 use std::collections::BTreeMap;
 
@@ -13,7 +15,7 @@ use crate::error::{Result, bail};
 use crate::io::safetensors::{HostTensor, take};
 use crate::io::source::LoadedWeights;
 use crate::models::config::LlamaConfig;
-use crate::models::hooks::{Adapter, Norm, Proj, Site, Sublayer};
+use crate::models::hooks::{Adapter, Family, Norm, Proj, Site, Sublayer};
 pub use crate::models::linear::Linear;
 use crate::tensor::{floats, upload};
 
@@ -21,38 +23,21 @@ use crate::tensor::{floats, upload};
 pub struct Block {
     pub input_norm: Tensor<1>,
     pub post_attn_norm: Tensor<1>,
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
-    pub gate: Linear,
-    pub up: Linear,
-    pub down: Linear,
+    /// The norms' biases: LayerNorm (GPT-2); None = RMSNorm (Llama).
+    pub input_norm_bias: Option<Tensor<1>>,
+    pub post_attn_norm_bias: Option<Tensor<1>>,
+    /// The block's linear layers: Llama's Q, K, V, O, Gate, Up, Down, or GPT-2's Qkv
+    /// (`c_attn`), O (`attn.c_proj`), Up (`c_fc`), Down (`mlp.c_proj`).
+    pub linears: BTreeMap<Proj, Linear>,
 }
 
 impl Block {
     pub fn linear_mut(&mut self, p: Proj) -> &mut Linear {
-        match p {
-            Proj::Q => &mut self.q,
-            Proj::K => &mut self.k,
-            Proj::V => &mut self.v,
-            Proj::O => &mut self.o,
-            Proj::Gate => &mut self.gate,
-            Proj::Up => &mut self.up,
-            Proj::Down => &mut self.down,
-        }
+        self.linears.get_mut(&p).expect("a site of this block")
     }
 
     pub fn linear(&self, p: Proj) -> &Linear {
-        match p {
-            Proj::Q => &self.q,
-            Proj::K => &self.k,
-            Proj::V => &self.v,
-            Proj::O => &self.o,
-            Proj::Gate => &self.gate,
-            Proj::Up => &self.up,
-            Proj::Down => &self.down,
-        }
+        &self.linears[&p]
     }
 }
 
@@ -76,8 +61,12 @@ pub struct Inputs {
 pub struct Llama {
     pub config: LlamaConfig,
     pub embed: Tensor<2>,
+    /// Learned absolute position embeddings [positions, hidden] (GPT-2's `wpe`); None = RoPE.
+    pub positions: Option<Tensor<2>>,
     pub blocks: Vec<Block>,
     pub norm: Tensor<1>,
+    /// The final LayerNorm's bias (GPT-2's `ln_f`).
+    pub norm_bias: Option<Tensor<1>>,
     /// [hidden, vocab]; None = tied to `embed`.
     pub lm_head: Option<Tensor<2>>,
     inv_freq: Vec<f32>,
@@ -85,6 +74,13 @@ pub struct Llama {
     /// once at load, so a forward pass uploads no RoPE table.
     rope_cache: (Tensor<2>, Tensor<2>),
     pub device: Device,
+}
+
+/// GELU with the tanh approximation (GPT-2's `gelu_new`):
+/// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`.
+fn gelu_tanh(x: Tensor<2>) -> Tensor<2> {
+    let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715)).mul_scalar((2.0 / std::f64::consts::PI).sqrt());
+    x.clone().mul_scalar(0.5) * inner.tanh().add_scalar(1.0)
 }
 
 /// Positions whose RoPE tables are kept on the device.
@@ -111,6 +107,9 @@ impl Llama {
     /// Upload weights (HF names) to `device`. Checks every shape; refuses leftovers that
     /// would mean an unsupported architecture variant.
     pub fn from_weights(w: LoadedWeights, device: &Device) -> Result<Self> {
+        if w.config.is_gpt2() {
+            return Self::gpt2_from_weights(w, device);
+        }
         let LoadedWeights { config: c, mut tensors } = w;
         let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (qd, kvd) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
@@ -123,16 +122,25 @@ impl Llama {
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
+            let dims = [
+                (Proj::Q, h, qd, c.qkv_bias),
+                (Proj::K, h, kvd, c.qkv_bias),
+                (Proj::V, h, kvd, c.qkv_bias),
+                (Proj::O, qd, h, c.o_bias),
+                (Proj::Gate, h, i, c.mlp_bias),
+                (Proj::Up, h, i, c.mlp_bias),
+                (Proj::Down, i, h, c.mlp_bias),
+            ];
+            let mut linears = BTreeMap::new();
+            for (proj, inp, out, bias) in dims {
+                linears.insert(proj, lin(t, &format!("{p}.{}", proj.module_path()), inp, out, bias)?);
+            }
             blocks.push(Block {
                 input_norm: upload(&take(t, &format!("{p}.input_layernorm.weight"), &[h])?, device)?,
                 post_attn_norm: upload(&take(t, &format!("{p}.post_attention_layernorm.weight"), &[h])?, device)?,
-                q: lin(t, &format!("{p}.self_attn.q_proj"), h, qd, c.qkv_bias)?,
-                k: lin(t, &format!("{p}.self_attn.k_proj"), h, kvd, c.qkv_bias)?,
-                v: lin(t, &format!("{p}.self_attn.v_proj"), h, kvd, c.qkv_bias)?,
-                o: lin(t, &format!("{p}.self_attn.o_proj"), qd, h, c.o_bias)?,
-                gate: lin(t, &format!("{p}.mlp.gate_proj"), h, i, c.mlp_bias)?,
-                up: lin(t, &format!("{p}.mlp.up_proj"), h, i, c.mlp_bias)?,
-                down: lin(t, &format!("{p}.mlp.down_proj"), i, h, c.mlp_bias)?,
+                input_norm_bias: None,
+                post_attn_norm_bias: None,
+                linears,
             });
         }
         let embed_h = take(&mut tensors, "model.embed_tokens.weight", &[v, h])?;
@@ -159,16 +167,76 @@ impl Llama {
         let (cos, sin) = rope_host(&inv_freq, 0, cached);
         let d = c.head_dim;
         let rope_cache = (floats(cos, [cached, d], device), floats(sin, [cached, d], device));
-        Ok(Llama { config: c, embed, blocks, norm, lm_head, inv_freq, rope_cache, device: device.clone() })
+        Ok(Llama { config: c, embed, positions: None, blocks, norm, norm_bias: None, lm_head, inv_freq, rope_cache, device: device.clone() })
     }
 
-    /// RMSNorm with the frozen weight `w`, or the adapter's replacement for `site`.
-    fn rms_norm(&self, x: Tensor<2>, w: &Tensor<1>, site: Norm, adapter: &dyn Adapter) -> Tensor<2> {
-        let var = x.clone().square().mean_dim(1);
-        let x = x * (var + self.config.rms_norm_eps).sqrt().recip();
-        match adapter.norm_weight(site) {
+    /// GPT-2 weights (`transformer.*`, Conv1D layers stored [in, out] as they are used).
+    fn gpt2_from_weights(w: LoadedWeights, device: &Device) -> Result<Self> {
+        let LoadedWeights { config: c, mut tensors } = w;
+        let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        // The attention-mask buffers of older checkpoints, and the tied LM head.
+        tensors.retain(|k, _| !(k.ends_with(".attn.bias") && !k.contains("c_attn")) && !k.ends_with(".attn.masked_bias") && k != "lm_head.weight");
+        let t = &mut tensors;
+        let up = |t: &mut BTreeMap<String, HostTensor>, name: &str, shape: &[usize]| -> Result<Tensor<1>> { upload(&take(t, name, shape)?, device) };
+        let conv = |t: &mut BTreeMap<String, HostTensor>, name: &str, inp: usize, out: usize| -> Result<Linear> {
+            Ok(Linear { weight: upload(&take(t, &format!("{name}.weight"), &[inp, out])?, device)?, bias: Some(upload(&take(t, &format!("{name}.bias"), &[out])?, device)?) })
+        };
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("transformer.h.{l}");
+            let linears = BTreeMap::from([
+                (Proj::Qkv, conv(t, &format!("{p}.attn.c_attn"), h, 3 * h)?),
+                (Proj::O, conv(t, &format!("{p}.attn.c_proj"), h, h)?),
+                (Proj::Up, conv(t, &format!("{p}.mlp.c_fc"), h, i)?),
+                (Proj::Down, conv(t, &format!("{p}.mlp.c_proj"), i, h)?),
+            ]);
+            blocks.push(Block {
+                input_norm: up(t, &format!("{p}.ln_1.weight"), &[h])?,
+                input_norm_bias: Some(up(t, &format!("{p}.ln_1.bias"), &[h])?),
+                post_attn_norm: up(t, &format!("{p}.ln_2.weight"), &[h])?,
+                post_attn_norm_bias: Some(up(t, &format!("{p}.ln_2.bias"), &[h])?),
+                linears,
+            });
+        }
+        let embed = upload(&take(t, "transformer.wte.weight", &[v, h])?, device)?;
+        let positions = Some(upload(&take(t, "transformer.wpe.weight", &[c.max_position_embeddings, h])?, device)?);
+        let norm = up(t, "transformer.ln_f.weight", &[h])?;
+        let norm_bias = Some(up(t, "transformer.ln_f.bias", &[h])?);
+        if let Some(k) = tensors.keys().next() {
+            bail!(Unsupported, "unexpected tensor {k} ({} unused): not a plain GPT-2 checkpoint", tensors.len());
+        }
+        let hd = c.head_dim;
+        let empty = || floats(vec![], [0, hd], device);
+        Ok(Llama { config: c, embed, positions, blocks, norm, norm_bias, lm_head: None, inv_freq: Vec::new(), rope_cache: (empty(), empty()), device: device.clone() })
+    }
+
+    /// The architecture's module naming.
+    pub fn family(&self) -> Family {
+        if self.config.is_gpt2() { Family::Gpt2 } else { Family::Llama }
+    }
+
+    /// RMSNorm with the frozen weight `w` (or the adapter's replacement for `site`); with a
+    /// bias, LayerNorm (GPT-2).
+    fn rms_norm(&self, x: Tensor<2>, w: &Tensor<1>, bias: Option<&Tensor<1>>, site: Norm, adapter: &dyn Adapter) -> Tensor<2> {
+        let eps = self.config.rms_norm_eps;
+        let x = match bias {
+            Some(_) => {
+                let centered = x.clone() - x.mean_dim(1);
+                let var = centered.clone().square().mean_dim(1);
+                centered * (var + eps).sqrt().recip()
+            }
+            None => {
+                let var = x.clone().square().mean_dim(1);
+                x * (var + eps).sqrt().recip()
+            }
+        };
+        let x = match adapter.norm_weight(site) {
             Some(w) => x * w,
             None => x * w.clone().unsqueeze(),
+        };
+        match bias {
+            Some(b) => x + b.clone().unsqueeze(),
+            None => x,
         }
     }
 
@@ -279,7 +347,16 @@ impl Llama {
             let p: Tensor<3> = p.unsqueeze::<3>().repeat_dim(0, b);
             x = Tensor::cat(vec![p, x.reshape([b, t, h])], 1).reshape([b * t_all, h]);
         }
-        let (cos, sin) = self.rope_tables(past, t_all);
+        // Learned positions (GPT-2): positions past..past+t_all, as the RoPE tables below.
+        if let Some(wpe) = &self.positions {
+            if past + t_all > c.max_position_embeddings {
+                bail!(Data, "{} positions is more than the model's {} (n_positions): shorten the input", past + t_all, c.max_position_embeddings);
+            }
+            let h = c.hidden_size;
+            let pos: Tensor<3> = wpe.clone().narrow(0, past, t_all).unsqueeze::<3>();
+            x = (x.reshape([b, t_all, h]) + pos).reshape([b * t_all, h]);
+        }
+        let (cos, sin) = if self.positions.is_none() { self.rope_tables(past, t_all) } else { (Tensor::zeros([1, 1, 1, 1], &self.device), Tensor::zeros([1, 1, 1, 1], &self.device)) };
         let mask = self.attn_mask(b, t_all, past, mask.as_deref());
         let scale = 1.0 / (hd as f64).sqrt();
         if let Some(k) = cache.as_deref_mut()
@@ -287,21 +364,27 @@ impl Llama {
         {
             k.layers = vec![None; self.blocks.len()];
         }
+        let family = self.family();
         for (l, blk) in self.blocks.iter().enumerate() {
             let lin = |p: Proj, x: &Tensor<2>| {
-                let site = Site::llama(l, p);
+                let site = Site { layer: l, proj: p, family };
                 let x = adapter.linear_input(site, x.clone());
                 let y = blk.linear(p).forward_with(&x, adapter.linear_weight(site), adapter.linear_bias(site));
                 adapter.linear_output(site, &x, y)
             };
             let t = t_all;
-            let hx = self.rms_norm(x.clone(), &blk.input_norm, Norm::Input(l), adapter);
-            let q = lin(Proj::Q, &hx).reshape([b, t, nh, hd]).swap_dims(1, 2);
-            let k = lin(Proj::K, &hx).reshape([b, t, nkv, hd]).swap_dims(1, 2);
-            let v = lin(Proj::V, &hx).reshape([b, t, nkv, hd]).swap_dims(1, 2);
-            let q = Self::rope(q, &cos, &sin);
-            let mut k = Self::rope(k, &cos, &sin);
-            let mut v = v;
+            let hx = self.rms_norm(x.clone(), &blk.input_norm, blk.input_norm_bias.as_ref(), Norm::Input(l), adapter);
+            let (q, k, v) = if blk.linears.contains_key(&Proj::Qkv) {
+                let qkv = lin(Proj::Qkv, &hx);
+                let (qd, kvd) = (nh * hd, nkv * hd);
+                (qkv.clone().narrow(1, 0, qd), qkv.clone().narrow(1, qd, kvd), qkv.narrow(1, qd + kvd, kvd))
+            } else {
+                (lin(Proj::Q, &hx), lin(Proj::K, &hx), lin(Proj::V, &hx))
+            };
+            let q = q.reshape([b, t, nh, hd]).swap_dims(1, 2);
+            let k = k.reshape([b, t, nkv, hd]).swap_dims(1, 2);
+            let mut v = v.reshape([b, t, nkv, hd]).swap_dims(1, 2);
+            let (q, mut k) = if self.positions.is_none() { (Self::rope(q, &cos, &sin), Self::rope(k, &cos, &sin)) } else { (q, k) };
             if let Some(kc) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = kc.layers[l].take() {
                     k = Tensor::cat(vec![pk, k], 2);
@@ -322,17 +405,16 @@ impl Llama {
             let att = att.swap_dims(1, 2).reshape([b * t, nh * hd]);
             let a = lin(Proj::O, &att);
             x = x + adapter.sublayer_output(l, Sublayer::Attention, &hx, a);
-            let hx = self.rms_norm(x.clone(), &blk.post_attn_norm, Norm::PostAttention(l), adapter);
-            let g = lin(Proj::Gate, &hx);
-            let u = lin(Proj::Up, &hx);
-            let m = lin(Proj::Down, &(silu(g) * u));
+            let hx = self.rms_norm(x.clone(), &blk.post_attn_norm, blk.post_attn_norm_bias.as_ref(), Norm::PostAttention(l), adapter);
+            let inner = if blk.linears.contains_key(&Proj::Gate) { silu(lin(Proj::Gate, &hx)) * lin(Proj::Up, &hx) } else { gelu_tanh(lin(Proj::Up, &hx)) };
+            let m = lin(Proj::Down, &inner);
             x = x + adapter.sublayer_output(l, Sublayer::Mlp, &hx, m);
         }
         if let Some(k) = cache {
             k.len += t_all;
             k.virtual_len += n;
         }
-        Ok((self.rms_norm(x, &self.norm, Norm::Final, adapter), n))
+        Ok((self.rms_norm(x, &self.norm, self.norm_bias.as_ref(), Norm::Final, adapter), n))
     }
 
     /// Project hidden states [N, hidden] to logits [N, vocab] (with the adapter's trainable
@@ -356,7 +438,8 @@ impl Llama {
 
     /// All linear sites of the model.
     pub fn sites(&self) -> Vec<Site> {
-        (0..self.blocks.len()).flat_map(|layer| Proj::ALL.iter().map(move |&proj| Site::llama(layer, proj))).collect()
+        let family = self.family();
+        self.blocks.iter().enumerate().flat_map(|(layer, b)| b.linears.keys().map(move |&proj| Site { layer, proj, family })).collect()
     }
 
     /// `table` [vocab, d] with the padding row cut out of the autodiff graph, as torch's
@@ -387,8 +470,10 @@ impl Llama {
     pub fn num_parameters(&self) -> usize {
         let c = &self.config;
         let per = self.blocks.first().map_or(0, |b| {
-            Proj::ALL.iter().map(|&p| b.linear(p).in_features() * b.linear(p).out_features() + b.linear(p).bias.as_ref().map_or(0, |x| x.dims()[0])).sum::<usize>() + 2 * c.hidden_size
+            b.linears.values().map(|l| l.in_features() * l.out_features() + l.bias.as_ref().map_or(0, |x| x.dims()[0])).sum::<usize>()
+                + 2 * c.hidden_size * if b.input_norm_bias.is_some() { 2 } else { 1 }
         });
-        c.vocab_size * c.hidden_size * if self.lm_head.is_some() { 2 } else { 1 } + per * self.blocks.len() + c.hidden_size
+        let positions = self.positions.as_ref().map_or(0, |p| p.dims().iter().product());
+        c.vocab_size * c.hidden_size * if self.lm_head.is_some() { 2 } else { 1 } + per * self.blocks.len() + c.hidden_size * if self.norm_bias.is_some() { 2 } else { 1 } + positions
     }
 }

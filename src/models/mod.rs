@@ -23,6 +23,11 @@ pub trait Base {
     fn as_llama(&self) -> Option<&llama::Llama> {
         None
     }
+    /// Whether the linear layers are Conv1D (weights saved [in, out]: GPT-2), which peft
+    /// records as LoRA's `fan_in_fan_out`.
+    fn conv1d(&self) -> bool {
+        false
+    }
 }
 
 impl Base for llama::Llama {
@@ -36,6 +41,9 @@ impl Base for llama::Llama {
         &self.device
     }
     fn as_llama(&self) -> Option<&llama::Llama> {
-        Some(self)
+        (!self.config.is_gpt2()).then_some(self)
+    }
+    fn conv1d(&self) -> bool {
+        self.config.is_gpt2()
     }
 }

@@ -50,6 +50,9 @@ pub struct LoraConfig {
     pub task_type: Option<String>,
     pub base_model_name_or_path: Option<String>,
     pub inference_mode: bool,
+    /// peft's `fan_in_fan_out`: the targeted layers store their weight [in, out] (GPT-2's
+    /// Conv1D). It changes only how peft merges; the adapter sets it from the model, as peft does.
+    pub fan_in_fan_out: bool,
 }
 
 impl Default for LoraConfig {
@@ -73,6 +76,7 @@ impl Default for LoraConfig {
             task_type: Some("CAUSAL_LM".into()),
             base_model_name_or_path: None,
             inference_mode: false,
+            fan_in_fan_out: false,
         }
     }
 }
@@ -127,9 +131,6 @@ impl LoraConfig {
             Some(Json::Array(a)) => a.iter().map(|x| x.as_str().map(str::to_string).ok_or_else(|| err!(Config, "modules_to_save entries must be strings"))).collect::<Result<_>>()?,
             Some(other) => bail!(Config, "modules_to_save must be a list, got {other}"),
         };
-        if o.get("fan_in_fan_out").and_then(Json::as_bool) == Some(true) {
-            bail!(Unsupported, "fan_in_fan_out = true does not apply to Llama's nn.Linear layers");
-        }
         if !is_unset(o.get("target_parameters")) {
             bail!(Unsupported, "target_parameters is not supported yet");
         }
@@ -197,6 +198,7 @@ impl LoraConfig {
             task_type: o.get("task_type").and_then(Json::as_str).map(str::to_string),
             base_model_name_or_path: o.get("base_model_name_or_path").and_then(Json::as_str).map(str::to_string),
             inference_mode: o.get("inference_mode").and_then(Json::as_bool).unwrap_or(false),
+            fan_in_fan_out: o.get("fan_in_fan_out").and_then(Json::as_bool).unwrap_or(false),
         })
     }
 
@@ -226,7 +228,7 @@ impl LoraConfig {
             "base_model_name_or_path": self.base_model_name_or_path,
             "bias": match self.bias { BiasMode::None => "none", BiasMode::All => "all", BiasMode::LoraOnly => "lora_only" },
             "exclude_modules": self.exclude_modules.as_ref().map(Targets::to_json),
-            "fan_in_fan_out": false,
+            "fan_in_fan_out": self.fan_in_fan_out,
             "inference_mode": true,
             "init_lora_weights": init,
             "layer_replication": null,

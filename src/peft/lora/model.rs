@@ -101,7 +101,10 @@ impl LoraAdapter {
             return Ok(None);
         }
         let Some(model) = model.as_llama() else {
-            bail!(Unsupported, "LoRA's bias = \"all\"/\"lora_only\" and modules_to_save {modules:?} are supported on Llama-family models only (a classifier head trains in full by itself)");
+            bail!(
+                Unsupported,
+                "LoRA's bias = \"all\"/\"lora_only\" and modules_to_save {modules:?} are supported on Llama-family models only (not BERT or GPT-2; a classifier head trains in full by itself)"
+            );
         };
         let mut names: Vec<String> = Vec::new();
         let has_bias = |s: &Site| model.linear(*s).bias.is_some();
@@ -133,7 +136,12 @@ impl LoraAdapter {
     }
 
     /// A new adapter initialised as peft does (see [`InitLora`]), deterministic in `seed`.
-    pub fn new(config: LoraConfig, model: &dyn Base, seed: u64) -> Result<Self> {
+    pub fn new(mut config: LoraConfig, model: &dyn Base, seed: u64) -> Result<Self> {
+        // peft corrects fan_in_fan_out to the layers' kind (with a warning); so do we.
+        config.fan_in_fan_out = model.conv1d();
+        if config.use_dora && model.conv1d() {
+            bail!(Unsupported, "DoRA on Conv1D layers (GPT-2) is not supported yet");
+        }
         let mut rng = SmallRng::seed_from_u64(seed);
         let dev = model.device();
         let sites = Self::resolve_sites(&config, model)?;
@@ -157,7 +165,7 @@ impl LoraAdapter {
             layers.insert(site, LoraLayer { a, b, scaling, dropout: config.lora_dropout, dora, bias });
         }
         let embedding = if Self::targets_embedding(&config)? {
-            let Some(llama) = model.as_llama() else { bail!(Unsupported, "LoRA on the token embeddings is supported on Llama-family models only") };
+            let Some(llama) = model.as_llama() else { bail!(Unsupported, "LoRA on the token embeddings is supported on Llama-family models only (not BERT or GPT-2)") };
             let (r, scaling) = config.rank_and_scaling(EMBED);
             let (v, h) = (llama.config.vocab_size, llama.config.hidden_size);
             check_size("r", &[v.max(h), r])?;
