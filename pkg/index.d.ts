@@ -167,3 +167,74 @@ export class Model {
   unmergeAdapter(name: string): Promise<void>;
   exportModel(): Promise<Record<string, string | Uint8Array>>;
 }
+
+export interface ClassifierMetrics {
+  loss: number;
+  accuracy: number;
+  macroF1: number;
+  /** Expected calibration error (15 bins). */
+  ece: number;
+  /** confusion[true][predicted] */
+  confusion: number[][];
+}
+
+export interface EpochReport {
+  epoch: number;
+  steps: number;
+  trainLoss: number;
+  val: ClassifierMetrics | null;
+  seconds: number;
+  tokensPerSecond: number;
+}
+
+export interface TaskTrainOptions {
+  epochs?: number;
+  maxSteps?: number;
+  batch?: number;
+  seqLen?: number;
+  lr?: number;
+  weightDecay?: number;
+  warmup?: number;
+  schedule?: 'constant' | 'linear' | 'cosine';
+  maxGradNorm?: number;
+  seed?: number;
+  /** Share of each class held out for validation (default 0.1). */
+  valSplit?: number;
+  /** Balanced class weights for imbalanced labels. */
+  classWeights?: boolean;
+  /** Early stopping: epochs without a better validation loss. */
+  patience?: number;
+  /** Fit a temperature on the validation split (default true). */
+  calibrate?: boolean;
+  timeoutMs?: number;
+}
+
+export interface ClassifierReport {
+  labels: string[];
+  epochs: EpochReport[];
+  bestEpoch: number;
+  temperature: number;
+  val: ClassifierMetrics | null;
+  valCalibrated: ClassifierMetrics | null;
+  trainExamples: number;
+  valExamples: number;
+}
+
+export interface Prediction {
+  label: string;
+  id: number;
+  probabilities: number[];
+  logits: Float32Array;
+}
+
+export class TaskModel {
+  static load(source: ModelSource, options?: { task?: 'classification' | 'embedding'; onProgress?: (p: Progress) => void; timeoutMs?: number }): Promise<TaskModel>;
+  info(): { architecture: string; hiddenSize: number; labels: string[]; temperature: number; device: string };
+  addLora(config: LoraConfig | string, options?: { seed?: number }): Promise<void>;
+  loadAdapter(files: Record<string, Uint8Array | ArrayBuffer | Blob | string>): Promise<void>;
+  saveAdapter(): Promise<Record<string, string | Uint8Array>>;
+  trainClassifier(rows: { text: string; label: string | number }[], options?: TaskTrainOptions, onEpoch?: (r: EpochReport) => boolean | void): Promise<ClassifierReport>;
+  predict(texts: string[], options?: { seqLen?: number; batch?: number; timeoutMs?: number }): Promise<Prediction[]>;
+  embed(texts: string[], options?: { seqLen?: number; batch?: number; timeoutMs?: number }): Promise<Float32Array[]>;
+  trainEmbeddings(pairs: { anchor: string; positive: string }[], options?: TaskTrainOptions, onStep?: (r: { step: number; loss: number; lr: number }) => boolean | void): Promise<number[]>;
+}

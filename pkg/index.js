@@ -223,3 +223,62 @@ export class Model {
    */
   exportModel() { return guard(this.#core.exportModel()); }
 }
+
+/**
+ * A model for classification or sentence embeddings: a text classifier (LoRA + a head) on an
+ * encoder (BERT, MiniLM) or a decoder (SmolLM2, Llama, Qwen2, GPT-2), sentence embeddings of
+ * an encoder and their tuning on pairs. Adapters are peft's SEQ_CLS / FEATURE_EXTRACTION
+ * adapters (plus `webpeft_head.json`: label names and the fitted temperature).
+ */
+export class TaskModel {
+  #core;
+  constructor(coreModel) { this.#core = coreModel; }
+
+  /**
+   * Load as `load(source)` of `Model` does; `task`: 'classification' (default) or 'embedding'.
+   */
+  static async load(source, { task = 'classification', onProgress, timeoutMs } = {}) {
+    await init();
+    const files = typeof source === 'string' ? await filesFromUrl(source, onProgress) : await normaliseFiles(source);
+    return new TaskModel(await guard(core.TaskModel.fromFiles(files, task), timeoutMs));
+  }
+
+  /** `{architecture, hiddenSize, labels, temperature, device}` */
+  info() { return this.#core.info(); }
+
+  /** Add a LoRA adapter from a peft LoraConfig (object or JSON string), e.g. `{r: 8, target_modules: ['query', 'value']}`. */
+  addLora(config, { seed = 0 } = {}) {
+    return guard(this.#core.addLora(typeof config === 'string' ? config : JSON.stringify(config), BigInt(seed)));
+  }
+
+  /** Load a PEFT adapter: `{ "adapter_config.json", "adapter_model.safetensors", "webpeft_head.json"? }`. */
+  async loadAdapter(files) { return guard(this.#core.loadAdapter(await normaliseFiles(files))); }
+
+  /** The adapter's files (JSON files as strings, the tensors as a Uint8Array). */
+  saveAdapter() { return guard(this.#core.saveAdapter()); }
+
+  /**
+   * Train the classifier on `rows` (`[{text, label}]`). options: {epochs, maxSteps, batch,
+   * seqLen, lr, weightDecay, warmup, schedule, maxGradNorm, seed, valSplit, classWeights,
+   * patience, calibrate, timeoutMs}. `onEpoch({epoch, steps, trainLoss, val: {loss, accuracy,
+   * macroF1, ece, confusion}, seconds, tokensPerSecond})` may return false to stop.
+   */
+  trainClassifier(rows, options = {}, onEpoch) {
+    const { timeoutMs, ...opts } = options;
+    if (opts.seed !== undefined) opts.seed = Number(opts.seed);
+    return guard(this.#core.trainClassifier(rows, opts, onEpoch), timeoutMs);
+  }
+
+  /** Classify texts: `[{label, id, probabilities, logits}]`. */
+  predict(texts, { seqLen, batch, timeoutMs } = {}) { return guard(this.#core.predict(texts, seqLen, batch), timeoutMs); }
+
+  /** Sentence embeddings (mean pooling, L2-normalised): one Float32Array per text. */
+  embed(texts, { seqLen, batch, timeoutMs } = {}) { return guard(this.#core.embed(texts, seqLen, batch), timeoutMs); }
+
+  /** Tune the embeddings to `pairs` (`[{anchor, positive}]`); options as `trainClassifier`; `onStep({step, loss, lr})`. */
+  trainEmbeddings(pairs, options = {}, onStep) {
+    const { timeoutMs, ...opts } = options;
+    if (opts.seed !== undefined) opts.seed = Number(opts.seed);
+    return guard(this.#core.trainEmbeddings(pairs, opts, onStep), timeoutMs);
+  }
+}

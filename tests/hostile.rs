@@ -158,6 +158,16 @@ fn data_files() {
     refused("CSV with labels", parse_data_file("d.csv", "text,label\na,spam\n"), Unsupported, &["d.csv", "label"]);
     refused("an empty file", parse_data_file("d.txt", "\n \n"), Data, &["d.txt", "empty"]);
     refused("CSV header only", parse_data_file("d.csv", "text\n"), Data, &["d.csv", "empty"]);
+    // Classification rows and embedding pairs.
+    use webpeft::train::classify::parse_labeled_file;
+    use webpeft::train::contrastive::parse_pairs_file;
+    refused("labelled CSV without a label column", parse_labeled_file("l.csv", "text,tag\na,b\n"), Data, &["l.csv", "label"]);
+    refused("labelled CSV with an empty label", parse_labeled_file("l.csv", "text,label\na, \n"), Data, &["l.csv", "empty label"]);
+    refused("labelled JSONL with a list label", parse_labeled_file("l.jsonl", "{\"text\": \"a\", \"label\": [1]}\n"), Data, &["l.jsonl", "line 1", "label"]);
+    refused("labelled data as plain text", parse_labeled_file("l.txt", "a\n"), Data, &["l.txt", "label"]);
+    refused("labelled CSV header only", parse_labeled_file("l.csv", "text,label\n"), Data, &["l.csv", "no examples"]);
+    refused("one pair only", parse_pairs_file("p.jsonl", "{\"anchor\": \"a\", \"positive\": \"b\"}\n"), Data, &["p.jsonl", "two pairs"]);
+    refused("pairs without positives", parse_pairs_file("p.csv", "anchor,other\na,b\n"), Data, &["p.csv", "positive"]);
 }
 
 /// Every input that once crashed a fuzzer (fuzz/regressions/<target>/) is refused cleanly

@@ -16,7 +16,7 @@ use crate::io::safetensors::HostTensor;
 use crate::models::hooks::Adapter;
 use crate::peft::{Layout, NamedParam, Trainable};
 use crate::tensor::{floats, upload};
-use crate::train::data::DataFormat;
+use crate::train::data::two_fields;
 
 /// One labelled example.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,51 +29,18 @@ pub struct Labeled {
 /// records `{"text": ..., "label": ...}` (a label may be a string or a number). Errors name
 /// the file and the line.
 pub fn parse_labeled_file(name: &str, text: &str) -> Result<Vec<Labeled>> {
-    let rows = match DataFormat::from_name(name) {
-        Some(DataFormat::Csv { delimiter }) => labeled_csv(text, delimiter),
-        Some(DataFormat::Jsonl) => labeled_jsonl(text),
-        _ if text.trim_start().starts_with('{') => labeled_jsonl(text),
-        _ => Err(err!(Data, "classification data must be .csv/.tsv (with `text` and `label` columns) or .jsonl ({{\"text\": ..., \"label\": ...}})")),
-    };
-    let rows = rows.map_err(|e| e.context(name))?;
+    let rows = two_fields(name, text, ["text", "label"])?;
     if rows.is_empty() {
         bail!(Data, "{name}: the data has no examples");
     }
-    Ok(rows)
-}
-
-fn labeled_csv(text: &str, delimiter: u8) -> Result<Vec<Labeled>> {
-    let mut r = csv::ReaderBuilder::new().delimiter(delimiter).flexible(false).from_reader(text.as_bytes());
-    let header: Vec<String> = r.headers().map_err(|e| err!(Data, "header row: {e}"))?.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
-    let col = |n: &str| header.iter().position(|h| h == n);
-    let (Some(t), Some(l)) = (col("text"), col("label")) else { bail!(Data, "header row {header:?}: expected `text` and `label` columns") };
-    r.records()
-        .map(|rec| {
-            let rec = rec.map_err(|e| err!(Data, "{e}"))?;
-            let line = rec.position().map_or(0, |p| p.line());
-            let f = |i: usize| rec.get(i).map(str::to_string).ok_or_else(|| err!(Data, "line {line}: missing column {}", header[i]));
-            let label = f(l)?.trim().to_string();
-            if label.is_empty() {
-                bail!(Data, "line {line}: empty label");
-            }
-            Ok(Labeled { text: f(t)?, label })
-        })
-        .collect()
-}
-
-fn labeled_jsonl(text: &str) -> Result<Vec<Labeled>> {
-    text.lines()
+    rows.into_iter()
         .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            let v: serde_json::Value = serde_json::from_str(l).map_err(|e| err!(Data, "line {}: invalid JSON: {e}", i + 1))?;
-            let text = v.get("text").and_then(|x| x.as_str()).ok_or_else(|| err!(Data, "line {}: expected a string `text`", i + 1))?;
-            let label = match v.get("label") {
-                Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
-                Some(serde_json::Value::Number(n)) => n.to_string(),
-                _ => bail!(Data, "line {}: expected a `label` (a string or a number)", i + 1),
-            };
-            Ok(Labeled { text: text.to_string(), label })
+        .map(|(i, [text, label])| {
+            let label = label.trim().to_string();
+            if label.is_empty() {
+                bail!(Data, "{name}: example {}: empty label", i + 1);
+            }
+            Ok(Labeled { text, label })
         })
         .collect()
 }

@@ -3,9 +3,9 @@
 
 use burn::tensor::Tensor;
 
-use crate::error::{Result, bail, err};
+use crate::error::{Result, bail};
 use crate::train::classify::cross_entropy;
-use crate::train::data::DataFormat;
+use crate::train::data::two_fields;
 
 /// sentence-transformers' default scale of the cosine similarities.
 pub const MNRL_SCALE: f64 = 20.0;
@@ -20,44 +20,11 @@ pub struct Pair {
 /// Parse pairs: CSV/TSV with `anchor` and `positive` columns, or JSONL records
 /// `{"anchor": ..., "positive": ...}`. Errors name the file and the line.
 pub fn parse_pairs_file(name: &str, text: &str) -> Result<Vec<Pair>> {
-    let rows = match DataFormat::from_name(name) {
-        Some(DataFormat::Csv { delimiter }) => pairs_csv(text, delimiter),
-        Some(DataFormat::Jsonl) => pairs_jsonl(text),
-        _ if text.trim_start().starts_with('{') => pairs_jsonl(text),
-        _ => Err(err!(Data, "pair data must be .csv/.tsv (with `anchor` and `positive` columns) or .jsonl ({{\"anchor\": ..., \"positive\": ...}})")),
-    };
-    let rows = rows.map_err(|e| e.context(name))?;
+    let rows = two_fields(name, text, ["anchor", "positive"])?;
     if rows.len() < 2 {
         bail!(Data, "{name}: in-batch negatives need at least two pairs, the data has {}", rows.len());
     }
-    Ok(rows)
-}
-
-fn pairs_csv(text: &str, delimiter: u8) -> Result<Vec<Pair>> {
-    let mut r = csv::ReaderBuilder::new().delimiter(delimiter).flexible(false).from_reader(text.as_bytes());
-    let header: Vec<String> = r.headers().map_err(|e| err!(Data, "header row: {e}"))?.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
-    let col = |n: &str| header.iter().position(|h| h == n);
-    let (Some(a), Some(p)) = (col("anchor"), col("positive")) else { bail!(Data, "header row {header:?}: expected `anchor` and `positive` columns") };
-    r.records()
-        .map(|rec| {
-            let rec = rec.map_err(|e| err!(Data, "{e}"))?;
-            let line = rec.position().map_or(0, |p| p.line());
-            let f = |i: usize| rec.get(i).map(str::to_string).ok_or_else(|| err!(Data, "line {line}: missing column {}", header[i]));
-            Ok(Pair { anchor: f(a)?, positive: f(p)? })
-        })
-        .collect()
-}
-
-fn pairs_jsonl(text: &str) -> Result<Vec<Pair>> {
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            let v: serde_json::Value = serde_json::from_str(l).map_err(|e| err!(Data, "line {}: invalid JSON: {e}", i + 1))?;
-            let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string).ok_or_else(|| err!(Data, "line {}: expected a string `{k}`", i + 1));
-            Ok(Pair { anchor: s("anchor")?, positive: s("positive")? })
-        })
-        .collect()
+    Ok(rows.into_iter().map(|[anchor, positive]| Pair { anchor, positive }).collect())
 }
 
 /// MultipleNegativesRankingLoss: with unit embeddings `anchors` and `positives` [B, d], the

@@ -132,6 +132,52 @@ fn csv_rows(text: &str, delimiter: u8) -> Result<Vec<Example>> {
     non_empty(rows)
 }
 
+/// Rows of two named fields from a data file: CSV/TSV with a header naming both columns, or
+/// JSONL records with both keys (a JSON number reads as its text, e.g. a numeric label).
+/// The format comes from `name`'s extension, or the content when that does not say.
+/// Errors name the file and the line.
+pub fn two_fields(name: &str, text: &str, fields: [&str; 2]) -> Result<Vec<[String; 2]>> {
+    let [a, b] = fields;
+    let rows = match DataFormat::from_name(name) {
+        Some(DataFormat::Csv { delimiter }) => two_csv(text, delimiter, fields),
+        Some(DataFormat::Jsonl) => two_jsonl(text, fields),
+        _ if text.trim_start().starts_with('{') => two_jsonl(text, fields),
+        _ => Err(err!(Data, "expected .csv/.tsv with `{a}` and `{b}` columns, or .jsonl ({{\"{a}\": ..., \"{b}\": ...}})")),
+    };
+    rows.map_err(|e| e.context(name))
+}
+
+fn two_csv(text: &str, delimiter: u8, [a, b]: [&str; 2]) -> Result<Vec<[String; 2]>> {
+    let mut r = csv::ReaderBuilder::new().delimiter(delimiter).flexible(false).from_reader(text.as_bytes());
+    let header: Vec<String> = r.headers().map_err(|e| err!(Data, "header row: {e}"))?.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+    let col = |n: &str| header.iter().position(|h| h == n);
+    let (Some(ia), Some(ib)) = (col(a), col(b)) else { bail!(Data, "header row {header:?}: expected `{a}` and `{b}` columns") };
+    r.records()
+        .map(|rec| {
+            let rec = rec.map_err(|e| err!(Data, "{e}"))?;
+            let line = rec.position().map_or(0, |p| p.line());
+            let f = |i: usize| rec.get(i).map(str::to_string).ok_or_else(|| err!(Data, "line {line}: missing column {}", header[i]));
+            Ok([f(ia)?, f(ib)?])
+        })
+        .collect()
+}
+
+fn two_jsonl(text: &str, fields: [&str; 2]) -> Result<Vec<[String; 2]>> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let v: serde_json::Value = serde_json::from_str(l).map_err(|e| err!(Data, "line {}: invalid JSON: {e}", i + 1))?;
+            let field = |k: &str| match v.get(k) {
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
+                _ => Err(err!(Data, "line {}: expected a string `{k}`", i + 1)),
+            };
+            Ok([field(fields[0])?, field(fields[1])?])
+        })
+        .collect()
+}
+
 /// Token ids and per-token labels (IGNORE where the loss must not look).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tokenized {

@@ -22,6 +22,8 @@ use crate::session::{Session, TrainOptions};
 use crate::train::Schedule;
 use crate::train::data::Example;
 
+mod task;
+
 thread_local! {
     static COMPUTE: RefCell<Option<Compute>> = const { RefCell::new(None) };
     /// First GPU-stack error logged since the flag was last cleared.
