@@ -234,6 +234,8 @@ export class TaskModel {
   loadAdapter(files: Record<string, Uint8Array | ArrayBuffer | Blob | string>): Promise<void>;
   saveAdapter(): Promise<Record<string, string | Uint8Array>>;
   trainClassifier(rows: { text: string; label: string | number }[], options?: TaskTrainOptions, onEpoch?: (r: EpochReport) => boolean | void): Promise<ClassifierReport>;
+  trainImageClassifier(rows: { image: Blob | ArrayBuffer | Uint8Array; label: string | number }[], options?: TaskTrainOptions, onEpoch?: (r: EpochReport) => boolean | void): Promise<ClassifierReport>;
+  predictImages(images: (Blob | ArrayBuffer | Uint8Array)[], options?: { batch?: number; timeoutMs?: number }): Promise<Prediction[]>;
   predict(texts: string[], options?: { seqLen?: number; batch?: number; timeoutMs?: number }): Promise<Prediction[]>;
   embed(texts: string[], options?: { seqLen?: number; batch?: number; timeoutMs?: number }): Promise<Float32Array[]>;
   trainEmbeddings(pairs: { anchor: string; positive: string }[], options?: TaskTrainOptions, onStep?: (r: { step: number; loss: number; lr: number }) => boolean | void): Promise<number[]>;

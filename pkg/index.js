@@ -92,7 +92,11 @@ async function filesFromUrl(url, onProgress) {
   }
   const base = url.endsWith('/') ? url : `${url}/`;
   const files = {};
-  for (const f of ['config.json', 'tokenizer.json']) files[f] = await fetchWithProgress(base + f, f, onProgress);
+  files['config.json'] = await fetchWithProgress(base + 'config.json', 'config.json', onProgress);
+  // An image model has no tokenizer, a text model no preprocessor: each is fetched if there.
+  for (const f of ['tokenizer.json', 'preprocessor_config.json']) {
+    try { files[f] = await fetchWithProgress(base + f, f, onProgress); } catch (e) { if (!/HTTP 404/.test(e.message)) throw e; }
+  }
   try {
     files['model.safetensors'] = await fetchWithProgress(base + 'model.safetensors', 'model.safetensors', onProgress);
   } catch (e) {
@@ -230,6 +234,12 @@ export class Model {
  * an encoder and their tuning on pairs. Adapters are peft's SEQ_CLS / FEATURE_EXTRACTION
  * adapters (plus `webpeft_head.json`: label names and the fitted temperature).
  */
+async function bytesOf(v) {
+  if (typeof Blob !== 'undefined' && v instanceof Blob) return new Uint8Array(await v.arrayBuffer());
+  if (v instanceof ArrayBuffer) return new Uint8Array(v);
+  return v;
+}
+
 export class TaskModel {
   #core;
   constructor(coreModel) { this.#core = coreModel; }
@@ -267,6 +277,26 @@ export class TaskModel {
     const { timeoutMs, ...opts } = options;
     if (opts.seed !== undefined) opts.seed = Number(opts.seed);
     return guard(this.#core.trainClassifier(rows, opts, onEpoch), timeoutMs);
+  }
+
+  /**
+   * Train an image classifier (a ViT) on `rows` (`[{image, label}]`, `image` a PNG / JPEG file
+   * as a Blob, File, ArrayBuffer or Uint8Array; decoded and resized to the model's size here).
+   * Options and `onEpoch` as `trainClassifier`.
+   */
+  async trainImageClassifier(rows, options = {}, onEpoch) {
+    const { timeoutMs, ...opts } = options;
+    if (opts.seed !== undefined) opts.seed = Number(opts.seed);
+    const data = [];
+    for (const r of rows) data.push({ image: await bytesOf(r.image), label: r.label });
+    return guard(this.#core.trainImageClassifier(data, opts, onEpoch), timeoutMs);
+  }
+
+  /** Classify images (PNG / JPEG files): `[{label, id, probabilities, logits}]`. */
+  async predictImages(images, { batch, timeoutMs } = {}) {
+    const data = [];
+    for (const i of images) data.push(await bytesOf(i));
+    return guard(this.#core.predictImages(data, batch), timeoutMs);
   }
 
   /** Classify texts: `[{label, id, probabilities, logits}]`. */

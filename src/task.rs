@@ -26,6 +26,7 @@ use crate::models::bert::{Bert, BertConfig};
 use crate::models::config::id2label;
 use crate::models::hooks::{Adapter, NoHook, Site};
 use crate::models::llama::{Inputs, Llama};
+use crate::models::vit::{Preprocess, Vit, VitConfig};
 use crate::peft::lora::{LoraAdapter, LoraConfig};
 use crate::peft::{NamedParam, Trainable, load_all_params, load_params, params_for_save, peft_files, read_params, set_trainable};
 use crate::tensor::{ints, read};
@@ -48,6 +49,8 @@ pub enum TaskKind {
 pub enum Backbone {
     Bert(Bert),
     Decoder(Llama),
+    /// An image classifier (`ViTForImageClassification`): inputs are pixel values.
+    Vit(Vit),
 }
 
 impl Backbone {
@@ -55,6 +58,7 @@ impl Backbone {
         match self {
             Backbone::Bert(m) => m,
             Backbone::Decoder(m) => m,
+            Backbone::Vit(m) => m,
         }
     }
 
@@ -62,6 +66,7 @@ impl Backbone {
         match self {
             Backbone::Bert(m) => m.config.hidden_size,
             Backbone::Decoder(m) => m.config.hidden_size,
+            Backbone::Vit(m) => m.config.hidden_size,
         }
     }
 
@@ -69,13 +74,14 @@ impl Backbone {
         match self {
             Backbone::Bert(m) => m.config.max_position_embeddings,
             Backbone::Decoder(m) => m.config.max_position_embeddings,
+            Backbone::Vit(m) => 1 + m.config.num_patches(),
         }
     }
 
     /// The classification head's module name in transformers.
     pub fn head_module(&self) -> &'static str {
         match self {
-            Backbone::Bert(_) => "classifier",
+            Backbone::Bert(_) | Backbone::Vit(_) => "classifier",
             Backbone::Decoder(_) => "score",
         }
     }
@@ -84,8 +90,15 @@ impl Backbone {
     /// state at each row's last non-padding token (as transformers picks it: the rightmost
     /// position whose id is not `pad`, else 0).
     fn features(&self, b: &EncodedBatch, pad: i64, adapter: &dyn Adapter, device: &burn::tensor::Device) -> Result<Tensor<2>> {
+        if let Backbone::Vit(m) = self {
+            return m.cls_states(&b.pixels, b.rows, adapter);
+        }
+        if !b.pixels.is_empty() {
+            bail!(Unsupported, "this model takes text, not images");
+        }
         let ids = ints(b.ids.clone(), [b.rows, b.len], device);
         match self {
+            Backbone::Vit(_) => unreachable!("handled above"),
             Backbone::Bert(m) => m.pool(m.hidden(ids, Some(&b.mask), adapter)?, b.rows),
             Backbone::Decoder(m) => {
                 let h = m.hidden(&Inputs { ids, attention_mask: Some(b.mask.clone()) }, adapter, None)?;
@@ -214,7 +227,10 @@ impl Trainable for Tuned<'_> {
 pub struct TaskSession {
     pub compute: Compute,
     pub model: Backbone,
-    pub tokenizer: Tokenizer,
+    /// None for an image model.
+    pub tokenizer: Option<Tokenizer>,
+    /// An image model's preprocessing (`preprocessor_config.json`).
+    pub preprocess: Option<Preprocess>,
     /// The padding id of batches (the config's `pad_token_id`, else a decoder's EOS).
     pub pad: i64,
     pub task: TaskKind,
@@ -226,12 +242,35 @@ pub struct TaskSession {
     pub temperature: f64,
 }
 
-/// Token ids and mask [B, T] of texts, padded on the right with `pad`.
+/// A batch of `rows` inputs: token ids and mask [B, T] of texts, padded on the right with
+/// the padding id, or the pixel values [B, C, H, W] of images (then `ids` and `mask` are empty).
 pub struct EncodedBatch {
     pub ids: Vec<i64>,
     pub mask: Vec<i64>,
     pub rows: usize,
     pub len: usize,
+    pub pixels: Vec<f32>,
+}
+
+impl EncodedBatch {
+    /// What the step processed, for the tokens/s report: real tokens, or images.
+    fn units(&self) -> usize {
+        if self.pixels.is_empty() { self.mask.iter().filter(|&&m| m != 0).count() } else { self.rows }
+    }
+}
+
+/// One input: a text's token ids, or an image's pixel values [C, H, W].
+enum Row {
+    Tokens(Vec<u32>),
+    Pixels(Vec<f32>),
+}
+
+/// One labelled image: pixel values [C, H, W] after the model's preprocessing
+/// ([`TaskSession::image_pixels`]) and its label.
+#[derive(Debug, Clone)]
+pub struct LabeledImage {
+    pub pixels: Vec<f32>,
+    pub label: String,
 }
 
 impl TaskSession {
@@ -239,7 +278,22 @@ impl TaskSession {
     /// GGUF (classification only). A `BertForSequenceClassification` /
     /// `LlamaForSequenceClassification` checkpoint keeps its head and `id2label`.
     pub fn load(files: &ModelFiles, compute: Compute, task: TaskKind) -> Result<Self> {
+        let mut preprocess = None;
         let (model, tokenizer, head, labels, pad) = match files {
+            ModelFiles::HfFolder { config, shards, preprocessor, .. } if VitConfig::is_vit(config) => {
+                if task == TaskKind::Embedding {
+                    bail!(Unsupported, "sentence embeddings need a text encoder, not a ViT");
+                }
+                let cfg = VitConfig::from_json(config).map_err(|e| e.context("config.json"))?;
+                preprocess = Some(Preprocess::from_json(preprocessor.as_deref(), &cfg)?);
+                let model = Vit::from_weights(cfg, shard_tensors(shards)?, &compute.device)?;
+                let head = match &model.classifier {
+                    Some((w, b)) => Some(ClassifierHead::from_host(w, Some(b), "classifier", &compute.device)?),
+                    None => None,
+                };
+                let labels = model.config.labels.clone();
+                (Backbone::Vit(model), None, head, labels, 0)
+            }
             ModelFiles::HfFolder { config, shards, tokenizer, .. } if BertConfig::is_bert(config) => {
                 let cfg = BertConfig::from_json(config).map_err(|e| e.context("config.json"))?;
                 let tokenizer = tokenizer.as_deref().ok_or_else(|| err!(Io, "tokenizer.json missing from the model folder"))?;
@@ -258,7 +312,7 @@ impl TaskSession {
                     _ => None,
                 };
                 let labels = model.config.labels.clone();
-                (Backbone::Bert(model), tokenizer, head, labels, pad)
+                (Backbone::Bert(model), Some(tokenizer), head, labels, pad)
             }
             _ => {
                 if task == TaskKind::Embedding {
@@ -282,11 +336,11 @@ impl TaskSession {
                     Some(w) => bail!(Shape, "score.weight: shape {:?}, expected [labels, {}]", w.shape, model.config.hidden_size),
                     None => None,
                 };
-                (Backbone::Decoder(model), tokenizer, head, labels, pad)
+                (Backbone::Decoder(model), Some(tokenizer), head, labels, pad)
             }
         };
         let labels = if head.as_ref().is_some_and(|h| h.num_labels() == labels.len()) { labels } else { Vec::new() };
-        Ok(TaskSession { compute, model, tokenizer, pad, task, lora: None, head, labels, temperature: 1.0 })
+        Ok(TaskSession { compute, model, tokenizer, preprocess, pad, task, lora: None, head, labels, temperature: 1.0 })
     }
 
     /// Tokenise texts (truncated to `max_len` tokens) into one right-padded batch.
@@ -294,8 +348,8 @@ impl TaskSession {
         if texts.is_empty() {
             bail!(Data, "no texts");
         }
-        let rows: Vec<Vec<u32>> = texts.iter().map(|t| self.encode_row(t, max_len)).collect::<Result<_>>()?;
-        Ok(pad_rows(&rows.iter().map(Vec::as_slice).collect::<Vec<_>>(), self.pad))
+        let rows: Vec<Row> = texts.iter().map(|t| self.encode_row(t, max_len).map(Row::Tokens)).collect::<Result<_>>()?;
+        make_batch(&rows.iter().collect::<Vec<_>>(), self.pad)
     }
 
     /// One text's token ids, at most `max_len` (and the model's positions): an encoder keeps
@@ -303,7 +357,8 @@ impl TaskSession {
     /// first tokens, as transformers' right-side truncation.
     fn encode_row(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
         let max_len = max_len.clamp(2, self.model.max_positions());
-        let mut ids = self.tokenizer.encode(text)?;
+        let tokenizer = self.tokenizer.as_ref().ok_or_else(|| err!(Unsupported, "this model takes images, not text"))?;
+        let mut ids = tokenizer.encode(text)?;
         if ids.len() > max_len {
             let last = *ids.last().expect("non-empty");
             ids.truncate(max_len);
@@ -356,7 +411,7 @@ impl TaskSession {
                 if w.shape.len() != 2 || w.shape[1] != h || b.as_ref().is_some_and(|b| b.shape != [w.shape[0]]) {
                     bail!(Shape, "adapter_model.safetensors: {m} weight {:?} / bias {:?} do not fit hidden size {h}", w.shape, b.map(|b| b.shape));
                 }
-                if b.is_none() && m == "classifier" {
+                if b.is_none() && !matches!(self.model, Backbone::Decoder(_)) {
                     bail!(Format, "adapter_model.safetensors: {bk} missing");
                 }
                 Some(ClassifierHead::from_host(&w, b.as_ref(), m, &self.compute.device)?)
@@ -452,13 +507,17 @@ impl TaskSession {
     /// (as a training run takes each batch; for tests and custom loops).
     pub async fn train_step(&mut self, trainer: &mut Trainer, texts: &[&str], labels: &[usize], weights: Option<&[f32]>, seq_len: usize) -> Result<StepStats> {
         let b = self.encode(texts, seq_len)?;
+        self.step_on(trainer, &b, labels, weights).await
+    }
+
+    async fn step_on(&mut self, trainer: &mut Trainer, b: &EncodedBatch, labels: &[usize], weights: Option<&[f32]>) -> Result<StepStats> {
         let device = self.compute.device.clone();
         let mut tuned = Tuned { lora: self.lora.as_mut(), head: self.head.as_mut() };
         if tuned.head.is_none() {
             bail!(Config, "no classification head");
         }
         set_trainable(&mut tuned, true);
-        let r = classifier_step(trainer, &self.model, self.pad, &mut tuned, &b, labels, weights, &device).await;
+        let r = classifier_step(trainer, &self.model, self.pad, &mut tuned, b, labels, weights, &device).await;
         set_trainable(&mut tuned, false);
         r
     }
@@ -540,7 +599,55 @@ impl TaskSession {
     /// Train the LoRA adapter and the classification head on labelled examples: stratified
     /// validation split, per-epoch metrics, optional class weights, early stopping and
     /// temperature scaling. `on_epoch` gets each epoch's report and may return false to stop.
-    pub async fn train_classifier(&mut self, data: &[Labeled], o: &ClassifyOptions, mut on_epoch: impl FnMut(&EpochReport) -> bool) -> Result<ClassifyReport> {
+    pub async fn train_classifier(&mut self, data: &[Labeled], o: &ClassifyOptions, on_epoch: impl FnMut(&EpochReport) -> bool) -> Result<ClassifyReport> {
+        let rows = data.iter().map(|d| self.encode_row(&d.text, o.seq_len).map(Row::Tokens)).collect::<Result<Vec<_>>>()?;
+        let labels: Vec<Labeled> = data.iter().map(|d| Labeled { text: String::new(), label: d.label.clone() }).collect();
+        self.fit(rows, &labels, o, on_epoch).await
+    }
+
+    /// The same for an image classifier (ViT), on preprocessed images.
+    pub async fn train_image_classifier(&mut self, data: &[LabeledImage], o: &ClassifyOptions, on_epoch: impl FnMut(&EpochReport) -> bool) -> Result<ClassifyReport> {
+        let rows = data.iter().map(|d| self.check_pixels(&d.pixels).map(|_| Row::Pixels(d.pixels.clone()))).collect::<Result<Vec<_>>>()?;
+        let labels: Vec<Labeled> = data.iter().map(|d| Labeled { text: String::new(), label: d.label.clone() }).collect();
+        self.fit(rows, &labels, o, on_epoch).await
+    }
+
+    fn check_pixels(&self, pixels: &[f32]) -> Result<()> {
+        let Backbone::Vit(m) = &self.model else { bail!(Unsupported, "this model takes text, not images") };
+        if pixels.len() != m.config.pixels_per_image() {
+            bail!(Shape, "an image of {} values; the model takes {} ({}x{s}x{s})", pixels.len(), m.config.pixels_per_image(), m.config.num_channels, s = m.config.image_size);
+        }
+        Ok(())
+    }
+
+    /// An image file (PNG, JPEG) as the model's pixel values (decoded, resized, normalised).
+    pub fn image_pixels(&self, bytes: &[u8]) -> Result<Vec<f32>> {
+        self.preprocess.as_ref().ok_or_else(|| err!(Unsupported, "this model takes text, not images"))?.decode(bytes)
+    }
+
+    /// Classifier logits of preprocessed images, [images][labels] (at temperature 1).
+    pub async fn image_logits(&self, images: &[Vec<f32>], batch: usize) -> Result<Vec<Vec<f32>>> {
+        let head = self.head.as_ref().ok_or_else(|| err!(Config, "no classification head: train or load a classifier adapter first"))?;
+        let (adapter, _) = self.view();
+        let mut out = Vec::with_capacity(images.len());
+        for chunk in images.chunks(batch.max(1)) {
+            let rows = chunk.iter().map(|p| self.check_pixels(p).map(|_| Row::Pixels(p.clone()))).collect::<Result<Vec<_>>>()?;
+            let b = make_batch(&rows.iter().collect::<Vec<_>>(), self.pad)?;
+            let l = read(head.forward(self.model.features(&b, self.pad, adapter, &self.compute.device)?)).await?;
+            out.extend(l.data.chunks(head.num_labels()).map(<[f32]>::to_vec));
+        }
+        Ok(out)
+    }
+
+    /// One optimizer step of the adapter and the head on preprocessed images with label ids.
+    pub async fn train_step_images(&mut self, trainer: &mut Trainer, images: &[Vec<f32>], labels: &[usize]) -> Result<StepStats> {
+        let rows = images.iter().map(|p| self.check_pixels(p).map(|_| Row::Pixels(p.clone()))).collect::<Result<Vec<_>>>()?;
+        let b = make_batch(&rows.iter().collect::<Vec<_>>(), self.pad)?;
+        self.step_on(trainer, &b, labels, None).await
+    }
+
+    /// Training on prepared rows (token ids or pixels) with labels: see [`TaskSession::train_classifier`].
+    async fn fit(&mut self, rows: Vec<Row>, data: &[Labeled], o: &ClassifyOptions, mut on_epoch: impl FnMut(&EpochReport) -> bool) -> Result<ClassifyReport> {
         if self.task != TaskKind::Classification {
             bail!(Config, "this session was loaded for embeddings, not classification");
         }
@@ -553,15 +660,17 @@ impl TaskSession {
         if self.lora.is_none() {
             bail!(Config, "no LoRA adapter: add one before training");
         }
+        // A head (of the checkpoint or a loaded adapter) trains on when its labels cover the
+        // data's; otherwise a new head is trained for the data's labels.
+        let fits = self.head.as_ref().is_some_and(|h| h.num_labels() == self.labels.len()) && data.iter().all(|d| self.labels.contains(&d.label));
+        if self.head.is_some() && !fits {
+            log::info!("the existing head's labels {:?} do not cover the data's: a new head is trained", self.labels);
+            self.head = None;
+        }
         let known = if self.head.is_some() { self.labels.clone() } else { Vec::new() };
         let (labels, ids) = classify::label_ids(data, &known)?;
-        if let Some(h) = &self.head
-            && h.num_labels() != labels.len()
-        {
-            bail!(Config, "the head has {} labels, the data {}", h.num_labels(), labels.len());
-        }
         if self.head.is_none() {
-            let bias = matches!(self.model, Backbone::Bert(_));
+            let bias = !matches!(self.model, Backbone::Decoder(_));
             self.head = Some(ClassifierHead::new(self.model.hidden_size(), labels.len(), bias, self.model.head_module(), o.seed, &self.compute.device)?);
         }
         self.labels = labels.clone();
@@ -571,8 +680,6 @@ impl TaskSession {
             bail!(Data, "no training examples left after the validation split");
         }
         let weights = o.class_weights.then(|| classify::balanced_weights(&train.iter().map(|&i| ids[i]).collect::<Vec<_>>(), labels.len()));
-        // Tokenise once: rows of token ids.
-        let tokenized: Vec<Vec<u32>> = data.iter().map(|d| self.encode_row(&d.text, o.seq_len)).collect::<Result<_>>()?;
         let pad = self.pad;
         let steps_per_epoch = train.len().div_ceil(o.batch);
         let total = o.max_steps.unwrap_or(usize::MAX).min(steps_per_epoch * o.epochs).max(1);
@@ -592,7 +699,7 @@ impl TaskSession {
         // (validation loss, epoch, the trainable tensors then)
         let mut best: Option<(f64, usize, BTreeMap<String, HostTensor>)> = None;
         let mut steps = 0usize;
-        let val_rows: Vec<&[u32]> = val.iter().map(|&i| tokenized[i].as_slice()).collect();
+        let val_rows: Vec<&Row> = val.iter().map(|&i| &rows[i]).collect();
         let val_labels: Vec<usize> = val.iter().map(|&i| ids[i]).collect();
         let device = self.compute.device.clone();
         let model = &self.model;
@@ -609,7 +716,7 @@ impl TaskSession {
                     }
                     // Dropout draws keyed by the step, as the LM trainer.
                     device.seed(o.seed ^ (steps as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-                    let b = pad_rows(&chunk.iter().map(|&i| tokenized[i].as_slice()).collect::<Vec<_>>(), pad);
+                    let b = make_batch(&chunk.iter().map(|&i| &rows[i]).collect::<Vec<_>>(), pad)?;
                     let y: Vec<usize> = chunk.iter().map(|&i| ids[i]).collect();
                     let stats = classifier_step(&mut trainer, model, pad, &mut tuned, &b, &y, weights.as_deref(), &device).await?;
                     steps += 1;
@@ -684,34 +791,41 @@ async fn classifier_step(
     weights: Option<&[f32]>,
     device: &burn::tensor::Device,
 ) -> Result<StepStats> {
-    let real = b.mask.iter().filter(|&&m| m != 0).count();
     let denom = classify::loss_denominator(y, weights);
     trainer
-        .step_loss(tuned, 1, real, |t, _| {
+        .step_loss(tuned, 1, b.units(), |t, _| {
             let head = t.head.as_deref().ok_or_else(|| err!(Config, "no classification head"))?;
             classify::cross_entropy(head.forward(model.features(b, pad, t, device)?), y, weights, denom)
         })
         .await
 }
 
-/// Rows of token ids as one batch padded on the right with `pad`.
-fn pad_rows(rows: &[&[u32]], pad: i64) -> EncodedBatch {
-    let len = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
-    let mut ids = Vec::with_capacity(rows.len() * len);
-    let mut mask = Vec::with_capacity(rows.len() * len);
+/// Rows as one batch: token ids padded on the right with `pad`, or images' pixels stacked.
+fn make_batch(rows: &[&Row], pad: i64) -> Result<EncodedBatch> {
+    let mut b = EncodedBatch { ids: Vec::new(), mask: Vec::new(), rows: rows.len(), len: 0, pixels: Vec::new() };
+    let len = rows.iter().map(|r| if let Row::Tokens(t) = r { t.len() } else { 0 }).max().unwrap_or(0).max(1);
     for r in rows {
-        ids.extend(r.iter().map(|&i| i as i64).chain(std::iter::repeat_n(pad, len - r.len())));
-        mask.extend(std::iter::repeat_n(1i64, r.len()).chain(std::iter::repeat_n(0, len - r.len())));
+        match r {
+            Row::Tokens(t) => {
+                b.ids.extend(t.iter().map(|&i| i as i64).chain(std::iter::repeat_n(pad, len - t.len())));
+                b.mask.extend(std::iter::repeat_n(1i64, t.len()).chain(std::iter::repeat_n(0, len - t.len())));
+                b.len = len;
+            }
+            Row::Pixels(p) => b.pixels.extend_from_slice(p),
+        }
     }
-    EncodedBatch { ids, mask, rows: rows.len(), len }
+    if !b.ids.is_empty() && !b.pixels.is_empty() {
+        bail!(Data, "a batch mixes texts and images");
+    }
+    Ok(b)
 }
 
 /// Host logits of token rows, in batches (no gradients).
-async fn batched_logits(model: &Backbone, tuned: &Tuned<'_>, rows: &[&[u32]], batch: usize, pad: i64, device: &burn::tensor::Device) -> Result<Vec<Vec<f32>>> {
+async fn batched_logits(model: &Backbone, tuned: &Tuned<'_>, rows: &[&Row], batch: usize, pad: i64, device: &burn::tensor::Device) -> Result<Vec<Vec<f32>>> {
     let head = tuned.head.as_deref().ok_or_else(|| err!(Config, "no classification head"))?;
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch.max(1)) {
-        let b = pad_rows(chunk, pad);
+        let b = make_batch(chunk, pad)?;
         let l = read(head.forward(model.features(&b, pad, tuned, device)?).detach()).await?;
         out.extend(l.data.chunks(head.num_labels()).map(<[f32]>::to_vec));
     }

@@ -276,3 +276,30 @@ async fn tiny_gpt2_and_decoder_classifier_match_pytorch() {
     web_sys_log(&format!("browser tiny LlamaForSequenceClassification + peft SEQ_CLS LoRA logits max |d| = {d:e}"));
     assert!(d < 1e-4, "decoder classifier logits |d| = {d}");
 }
+
+/// ViT in the browser: logits of pixel values and with a peft LoRA against transformers, the
+/// preprocessing of a PNG decoded in wasm, and one AdamW step of LoRA + classifier.
+#[wasm_bindgen_test]
+async fn tiny_vit_matches_pytorch() {
+    use webpeft::task::{TaskKind, TaskSession};
+    let mut files = BTreeMap::new();
+    files.insert("config.json".to_string(), fx!("tiny-vit/config.json").to_vec());
+    files.insert("model.safetensors".to_string(), fx!("tiny-vit/model.safetensors").to_vec());
+    files.insert("preprocessor_config.json".to_string(), fx!("tiny-vit/preprocessor_config.json").to_vec());
+    let mut s = TaskSession::load(&ModelFiles::from_named(files).unwrap(), gpu().await, TaskKind::Classification).unwrap();
+    let exp = fx!("tiny-vit/expected.safetensors");
+    let images: Vec<Vec<f32>> = f32_of(exp, "pixel_values").data.chunks(3 * 16 * 16).map(<[f32]>::to_vec).collect();
+    let flat = |v: Vec<Vec<f32>>| v.into_iter().flatten().collect::<Vec<f32>>();
+    let d = max_abs_diff(&flat(s.image_logits(&images, 2).await.unwrap()), &f32_of(exp, "logits").data);
+    let dp = max_abs_diff(&s.image_pixels(fx!("tiny-vit/small.png")).unwrap(), &f32_of(exp, "small_pixels").data);
+    s.load_adapter(std::str::from_utf8(fx!("tiny-vit/lora/adapter_config.json")).unwrap(), fx!("tiny-vit/lora/adapter_model.safetensors"), None).unwrap();
+    let dl = max_abs_diff(&flat(s.image_logits(&images, 2).await.unwrap()), &f32_of(exp, "lora_logits").data);
+    let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() }, ..Default::default() });
+    let st = s.train_step_images(&mut tr, &images, &[0, 2]).await.unwrap();
+    let hp: serde_json::Value = serde_json::from_slice(fx!("tiny-vit/train.json")).unwrap();
+    let dloss = (st.loss as f64 - hp["loss"].as_f64().unwrap()).abs();
+    let train = fx!("tiny-vit/train.safetensors");
+    let worst = s.trainable_tensors().await.unwrap().iter().map(|(k, v)| max_abs_diff(&v.data, &f32_of(train, k).data)).fold(0f32, f32::max);
+    web_sys_log(&format!("browser tiny ViT: logits |d| = {d:e}, PNG preprocessing |d| = {dp:e}, + peft LoRA |d| = {dl:e}, one step loss |d| = {dloss:e}, tensors |d| = {worst:e}"));
+    assert!(d < 1e-4 && dp < 1e-6 && dl < 1e-4 && dloss < 1e-5 && worst < 5e-5);
+}

@@ -1,4 +1,4 @@
-//! A model's config.json, read as a Llama-family decoder and as a BERT encoder.
+//! A model's config.json, read as a decoder (Llama family, GPT-2), a BERT encoder and a ViT.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -8,4 +8,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = c.rope_inv_freq();
     }
     let _ = webpeft::models::bert::BertConfig::from_json(text);
+    if let Ok(c) = webpeft::models::vit::VitConfig::from_json(text) {
+        let _ = webpeft::models::vit::Preprocess::from_json(None, &c);
+    }
 });

@@ -1,7 +1,7 @@
 //! A Hugging Face model folder as the browser hands it over: config.json and
 //! model.safetensors from the input (u16 little-endian length of the config first), the
 //! tokenizer fixed (the tiny Llama's, or the tiny BERT's when the config says bert); then the
-//! whole load onto Burn's CPU backend, as a decoder or as an encoder. Sizes in the config that
+//! whole load onto Burn's CPU backend, as a decoder, or as an encoder or ViT classifier. Sizes in the config that
 //! the weights do not back must be refused before anything is allocated.
 #![no_main]
 use std::collections::BTreeMap;
@@ -19,7 +19,9 @@ const BERT_TOKENIZER: &[u8] = include_bytes!("../../tests/fixtures/tiny-bert/tok
 
 fuzz_target!(|data: &[u8]| {
     let Some((config, weights)) = split(data) else { return };
-    let bert = std::str::from_utf8(config).is_ok_and(webpeft::models::bert::BertConfig::is_bert);
+    let text = std::str::from_utf8(config).unwrap_or("");
+    // Encoders and ViTs load as task models (a ViT ignores the tokenizer).
+    let bert = webpeft::models::bert::BertConfig::is_bert(text) || webpeft::models::vit::VitConfig::is_vit(text);
     let tokenizer = if bert { BERT_TOKENIZER } else { TOKENIZER };
     let files = BTreeMap::from([("config.json".to_string(), config.to_vec()), ("model.safetensors".to_string(), weights.to_vec()), ("tokenizer.json".to_string(), tokenizer.to_vec())]);
     let Ok(files) = ModelFiles::from_named(files) else { return };

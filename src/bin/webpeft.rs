@@ -17,7 +17,7 @@ use webpeft::io::source::ModelFiles;
 use webpeft::peft::lora::LoraConfig;
 use webpeft::peft::targets::Targets;
 use webpeft::session::{Session, StepReport, TrainOptions};
-use webpeft::task::{ClassifyOptions, TaskKind, TaskSession};
+use webpeft::task::{ClassifyOptions, LabeledImage, TaskKind, TaskSession};
 use webpeft::tensor::block_on;
 use webpeft::train::classify::{Labeled, Metrics, parse_labeled_file};
 use webpeft::train::contrastive::parse_pairs_file;
@@ -242,7 +242,8 @@ impl DpArgs {
 /// A LoRA training run on a task (`classify`, `embed-train`): the data, the LoRA and the run's options.
 #[derive(Args, Clone)]
 struct TaskTrainArgs {
-    /// classify: CSV/TSV with `text` and `label` columns, or JSONL {"text": ..., "label": ...};
+    /// classify: CSV/TSV with `text` and `label` columns, or JSONL {"text": ..., "label": ...}
+    /// (an image classifier: `image` (a path relative to the data file) and `label`);
     /// embed-train: `anchor` and `positive` columns / keys.
     #[arg(long)]
     data: PathBuf,
@@ -360,6 +361,9 @@ enum Cmd {
         adapter: PathBuf,
         #[arg(long)]
         text: Vec<String>,
+        /// An image file (PNG, JPEG) for an image classifier (ViT); repeatable.
+        #[arg(long)]
+        image: Vec<PathBuf>,
         /// Labelled data (as for classify): predict every row and report the metrics.
         #[arg(long)]
         data: Option<PathBuf>,
@@ -568,6 +572,23 @@ fn load_task_adapter(s: &mut TaskSession, dir: &Path) -> Result<()> {
     s.load_adapter(&cfg, &w, head.as_deref()).map_err(|e| e.context(dir.display()))
 }
 
+/// Labelled images: a CSV/TSV with `image` and `label` columns (or JSONL), image paths relative
+/// to the data file's folder; each decoded and preprocessed for the model. (path, pixels, label)
+fn read_images(s: &TaskSession, data: &Path) -> Result<Vec<(String, Vec<f32>, String)>> {
+    let dir = data.parent().unwrap_or(Path::new("."));
+    let rows = webpeft::train::data::two_fields(&data.display().to_string(), &read_text(data)?, ["image", "label"])?;
+    if rows.is_empty() {
+        return Err(Error::new(ErrorCode::Data, format!("{}: the data has no examples", data.display())));
+    }
+    rows.into_iter()
+        .map(|[file, label]| {
+            let p = dir.join(&file);
+            let bytes = std::fs::read(&p).map_err(|e| Error::new(ErrorCode::Io, format!("{}: {e}", p.display())))?;
+            Ok((file, s.image_pixels(&bytes).map_err(|e| e.context(p.display()))?, label.trim().to_string()))
+        })
+        .collect()
+}
+
 /// Write files into `dir`, each through a temporary file and a rename.
 fn write_files(dir: &Path, files: Vec<(String, Vec<u8>)>) -> Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -717,19 +738,25 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", args.out.display());
         }
         Cmd::Classify { common, args, flags } => {
-            let rows = parse_labeled_file(&args.data.display().to_string(), &read_text(&args.data)?)?;
             let mut s = open_task(&common, TaskKind::Classification)?;
             s.add_lora(args.lora(&common.model, "SEQ_CLS")?, args.seed)?;
             let o = args.options(Some(&flags))?;
             let t0 = Instant::now();
-            let rep = block_on(s.train_classifier(&rows, &o, |e| {
+            let show = |e: &webpeft::task::EpochReport| {
                 let val = e
                     .val
                     .as_ref()
                     .map_or(String::new(), |m| format!(" val_loss {:.4} val_acc {:.4} macro_f1 {:.4} ece {:.4} confusion {:?}", m.loss, m.accuracy, m.macro_f1, m.ece, m.confusion));
                 eprintln!("epoch {} step {} train_loss {:.4}{val} {:.1}s {:.0} tok/s", e.epoch, e.steps, e.train_loss, e.seconds, e.tokens_per_second);
                 true
-            }))?;
+            };
+            let rep = if s.preprocess.is_some() {
+                let images = read_images(&s, &args.data)?;
+                let data: Vec<LabeledImage> = images.into_iter().map(|(_, pixels, label)| LabeledImage { pixels, label }).collect();
+                block_on(s.train_image_classifier(&data, &o, show))?
+            } else {
+                block_on(s.train_classifier(&parse_labeled_file(&args.data.display().to_string(), &read_text(&args.data)?)?, &o, show))?
+            };
             eprintln!(
                 "labels {:?}; {} train / {} validation examples; kept epoch {}; temperature {:.4} (val ECE {:.4} -> {:.4}) in {:.1}s",
                 rep.labels,
@@ -753,18 +780,31 @@ fn run(cli: Cli) -> Result<()> {
                 std::fs::write(path, serde_json::to_string_pretty(&j).expect("json"))?;
             }
         }
-        Cmd::Predict { common, adapter, text, data, seq_len, batch } => {
+        Cmd::Predict { common, adapter, text, image, data, seq_len, batch } => {
             let mut s = open_task(&common, TaskKind::Classification)?;
             load_task_adapter(&mut s, &adapter)?;
-            let rows = match &data {
-                Some(p) => parse_labeled_file(&p.display().to_string(), &read_text(p)?)?,
-                None => text.iter().map(|t| Labeled { text: t.clone(), label: String::new() }).collect(),
+            let logits;
+            let rows = if s.preprocess.is_some() {
+                let images: Vec<(String, Vec<f32>, String)> = match &data {
+                    Some(p) => read_images(&s, p)?,
+                    None => image
+                        .iter()
+                        .map(|p| Ok((p.display().to_string(), s.image_pixels(&std::fs::read(p).map_err(|e| Error::new(ErrorCode::Io, format!("{}: {e}", p.display())))?)?, String::new())))
+                        .collect::<Result<_>>()?,
+                };
+                logits = block_on(s.image_logits(&images.iter().map(|i| i.1.clone()).collect::<Vec<_>>(), batch))?;
+                images.into_iter().map(|(text, _, label)| Labeled { text, label }).collect::<Vec<_>>()
+            } else {
+                let rows = match &data {
+                    Some(p) => parse_labeled_file(&p.display().to_string(), &read_text(p)?)?,
+                    None => text.iter().map(|t| Labeled { text: t.clone(), label: String::new() }).collect(),
+                };
+                logits = block_on(s.logits(&rows.iter().map(|r| r.text.as_str()).collect::<Vec<_>>(), seq_len, batch))?;
+                rows
             };
             if rows.is_empty() {
-                return Err(Error::new(ErrorCode::Config, "give --text (repeatable) or --data"));
+                return Err(Error::new(ErrorCode::Config, "give --text / --image (repeatable) or --data"));
             }
-            let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
-            let logits = block_on(s.logits(&texts, seq_len, batch))?;
             let probs = webpeft::train::classify::softmax_rows(&logits, s.temperature);
             for (l, p) in logits.iter().zip(&probs) {
                 let k = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);

@@ -12,7 +12,7 @@ use crate::models::config::LlamaConfig;
 /// The files of a model, as bytes.
 pub enum ModelFiles {
     /// A Hugging Face folder: `config.json`, one or more safetensors shards, `tokenizer.json`.
-    HfFolder { config: String, shards: Vec<(String, Vec<u8>)>, tokenizer: Option<String>, chat_template: Option<String> },
+    HfFolder { config: String, shards: Vec<(String, Vec<u8>)>, tokenizer: Option<String>, chat_template: Option<String>, preprocessor: Option<String> },
     /// A GGUF file (weights, config and tokenizer in one).
     Gguf { name: String, bytes: Vec<u8> },
 }
@@ -56,7 +56,8 @@ impl ModelFiles {
             let b = files.remove("model.safetensors").ok_or_else(|| err!(Io, "model files: model.safetensors (or model.safetensors.index.json) missing"))?;
             vec![("model.safetensors".to_string(), b)]
         };
-        Ok(ModelFiles::HfFolder { config, shards, tokenizer, chat_template })
+        let preprocessor = text(&mut files, "preprocessor_config.json")?;
+        Ok(ModelFiles::HfFolder { config, shards, tokenizer, chat_template, preprocessor })
     }
 
     /// Read a Hugging Face folder or a .gguf file from disk.
@@ -72,7 +73,7 @@ impl ModelFiles {
             bail!(Io, "{}: no such file or folder", path.display());
         }
         let mut files = BTreeMap::new();
-        for n in ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "model.safetensors", "model.safetensors.index.json"] {
+        for n in ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json"] {
             let p = path.join(n);
             if p.is_file() {
                 files.insert(n.to_string(), read(&p)?);

@@ -52,6 +52,8 @@ pub enum Family {
     Bert { prefix: &'static str },
     /// GPT-2: `transformer.h.{l}.attn.c_attn`, ... (Conv1D layers).
     Gpt2,
+    /// ViT, with transformers 5's module names: `vit.layers.{l}.attention.q_proj`, `mlp.fc1`, ...
+    Vit,
 }
 
 /// A linear layer of the model: layer index + projection (+ the architecture's naming).
@@ -92,6 +94,17 @@ impl Site {
                     Proj::Down => "mlp.c_proj",
                 };
                 format!("transformer.h.{}.{m}", self.layer)
+            }
+            Family::Vit => {
+                let m = match self.proj {
+                    Proj::Q => "attention.q_proj",
+                    Proj::K => "attention.k_proj",
+                    Proj::V | Proj::Qkv => "attention.v_proj",
+                    Proj::O => "attention.o_proj",
+                    Proj::Up | Proj::Gate => "mlp.fc1",
+                    Proj::Down => "mlp.fc2",
+                };
+                format!("vit.layers.{}.{m}", self.layer)
             }
         }
     }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod hooks;
 pub mod linear;
 pub mod llama;
+pub mod vit;
 
 use burn::tensor::Device;
 

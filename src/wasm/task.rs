@@ -1,6 +1,7 @@
 //! `TaskModel`: classification and sentence embeddings from JavaScript (see [`crate::task`]).
-//! A text classifier (LoRA + head) on an encoder or a decoder, predictions with the fitted
-//! temperature, sentence embeddings and their tuning on pairs, peft adapters in and out.
+//! A text classifier (LoRA + head) on an encoder or a decoder, an image classifier on a ViT
+//! (images decoded and resized in the module), predictions with the fitted temperature,
+//! sentence embeddings and their tuning on pairs, peft adapters in and out.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -13,7 +14,7 @@ use super::{busy, compute, files_of, from_js, promise, set};
 use crate::error::{Result, err};
 use crate::io::source::ModelFiles;
 use crate::peft::lora::LoraConfig;
-use crate::task::{ClassifyOptions, EpochReport, HEAD_FILE, TaskKind, TaskSession};
+use crate::task::{ClassifyOptions, ClassifyReport, EpochReport, HEAD_FILE, LabeledImage, TaskKind, TaskSession};
 use crate::train::Schedule;
 use crate::train::classify::{Labeled, Metrics};
 use crate::train::contrastive::Pair;
@@ -103,6 +104,35 @@ fn epoch_js(e: &EpochReport) -> JsValue {
     o.into()
 }
 
+fn report_js(rep: &ClassifyReport, epochs: Array) -> JsValue {
+    let out = Object::new();
+    set(&out, "labels", rep.labels.iter().map(|l| JsValue::from(l.as_str())).collect::<Array>());
+    set(&out, "epochs", epochs);
+    set(&out, "bestEpoch", rep.best_epoch as u32);
+    set(&out, "temperature", rep.temperature);
+    set(&out, "val", rep.val_uncalibrated.as_ref().map_or(JsValue::NULL, metrics_js));
+    set(&out, "valCalibrated", rep.val_calibrated.as_ref().map_or(JsValue::NULL, metrics_js));
+    set(&out, "trainExamples", rep.train_examples as u32);
+    set(&out, "valExamples", rep.val_examples as u32);
+    out.into()
+}
+
+/// `[{ label, id, probabilities, logits }]`, probabilities at the session's temperature.
+fn predictions_js(sess: &TaskSession, logits: &[Vec<f32>]) -> JsValue {
+    let probs = crate::train::classify::softmax_rows(logits, sess.temperature);
+    let out = Array::new();
+    for (l, p) in logits.iter().zip(&probs) {
+        let k = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+        let o = Object::new();
+        set(&o, "label", sess.labels.get(k).cloned().unwrap_or_else(|| k.to_string()));
+        set(&o, "id", k as u32);
+        set(&o, "probabilities", p.iter().map(|&x| JsValue::from(x)).collect::<Array>());
+        set(&o, "logits", Float32Array::from(&l[..]));
+        out.push(&o);
+    }
+    out.into()
+}
+
 fn texts_of(v: JsValue) -> Result<Vec<String>> {
     from_js(v, "texts (an array of strings)")
 }
@@ -140,6 +170,7 @@ impl TaskModel {
             match &s.model {
                 crate::task::Backbone::Bert(_) => "bert",
                 crate::task::Backbone::Decoder(m) => m.config.model_type.as_str(),
+                crate::task::Backbone::Vit(_) => "vit",
             },
         );
         set(&o, "hiddenSize", s.model.hidden_size() as u32);
@@ -225,16 +256,49 @@ impl TaskModel {
                     on_epoch.as_ref().is_none_or(|f| f.call1(&JsValue::NULL, &r).map(|v| v != JsValue::FALSE).unwrap_or(true))
                 })
                 .await?;
-            let out = Object::new();
-            set(&out, "labels", rep.labels.iter().map(|l| JsValue::from(l.as_str())).collect::<Array>());
-            set(&out, "epochs", epochs);
-            set(&out, "bestEpoch", rep.best_epoch as u32);
-            set(&out, "temperature", rep.temperature);
-            set(&out, "val", rep.val_uncalibrated.as_ref().map_or(JsValue::NULL, metrics_js));
-            set(&out, "valCalibrated", rep.val_calibrated.as_ref().map_or(JsValue::NULL, metrics_js));
-            set(&out, "trainExamples", rep.train_examples as u32);
-            set(&out, "valExamples", rep.val_examples as u32);
-            Ok(JsValue::from(out))
+            Ok(report_js(&rep, epochs))
+        })
+    }
+
+    /// Train an image classifier (ViT) on `rows` (`[{image, label}]`, `image` the bytes of a
+    /// PNG or JPEG file, decoded and resized here); as `trainClassifier` otherwise.
+    #[wasm_bindgen(js_name = trainImageClassifier)]
+    pub fn train_image_classifier(&self, rows: Array, options: JsValue, on_epoch: Option<Function>) -> js_sys::Promise {
+        let s = self.inner.clone();
+        promise(async move {
+            let o = from_js::<JsTaskOptions>(options, "options")?.options()?;
+            let mut sess = s.try_borrow_mut().map_err(|_| busy())?;
+            let mut data = Vec::with_capacity(rows.length() as usize);
+            for (i, r) in rows.iter().enumerate() {
+                let image = js_sys::Reflect::get(&r, &"image".into()).map_err(|_| err!(Data, "row {i}: no image"))?;
+                let label = js_sys::Reflect::get(&r, &"label".into())
+                    .ok()
+                    .and_then(|l| l.as_string().or_else(|| l.as_f64().map(|x| x.to_string())))
+                    .ok_or_else(|| err!(Data, "row {i}: expected a string or number label"))?;
+                let pixels = sess.image_pixels(&super::bytes_of(&image, &format!("row {i} image"))?)?;
+                data.push(LabeledImage { pixels, label });
+            }
+            let epochs = Array::new();
+            let rep = sess
+                .train_image_classifier(&data, &o, |e| {
+                    let r = epoch_js(e);
+                    epochs.push(&r);
+                    on_epoch.as_ref().is_none_or(|f| f.call1(&JsValue::NULL, &r).map(|v| v != JsValue::FALSE).unwrap_or(true))
+                })
+                .await?;
+            Ok(report_js(&rep, epochs))
+        })
+    }
+
+    /// Classify images (bytes of PNG / JPEG files): as `predict`.
+    #[wasm_bindgen(js_name = predictImages)]
+    pub fn predict_images(&self, images: Array, batch: Option<usize>) -> js_sys::Promise {
+        let s = self.inner.clone();
+        promise(async move {
+            let sess = s.try_borrow().map_err(|_| busy())?;
+            let pixels = images.iter().enumerate().map(|(i, b)| sess.image_pixels(&super::bytes_of(&b, &format!("image {i}"))?)).collect::<Result<Vec<_>>>()?;
+            let logits = sess.image_logits(&pixels, batch.unwrap_or(32)).await?;
+            Ok(predictions_js(&sess, &logits))
         })
     }
 
@@ -247,18 +311,7 @@ impl TaskModel {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             let sess = s.try_borrow().map_err(|_| busy())?;
             let logits = sess.logits(&refs, seq_len.unwrap_or(128), batch.unwrap_or(32)).await?;
-            let probs = crate::train::classify::softmax_rows(&logits, sess.temperature);
-            let out = Array::new();
-            for (l, p) in logits.iter().zip(&probs) {
-                let k = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
-                let o = Object::new();
-                set(&o, "label", sess.labels.get(k).cloned().unwrap_or_else(|| k.to_string()));
-                set(&o, "id", k as u32);
-                set(&o, "probabilities", p.iter().map(|&x| JsValue::from(x)).collect::<Array>());
-                set(&o, "logits", Float32Array::from(&l[..]));
-                out.push(&o);
-            }
-            Ok(JsValue::from(out))
+            Ok(predictions_js(&sess, &logits))
         })
     }
 

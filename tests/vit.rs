@@ -1,0 +1,181 @@
+#![cfg(not(target_family = "wasm"))]
+//! ViT image classification against transformers + peft (fixtures from
+//! scripts/fixtures/make_family_fixtures.py, tiny-vit/): the forward pass on pixel values,
+//! ViTImageProcessor's preprocessing, a peft LoRA (q_proj, v_proj) + classifier, one AdamW
+//! step of it, and an image classifier trained on images.
+
+mod common;
+
+use common::*;
+use webpeft::io::source::ModelFiles;
+use webpeft::peft::lora::LoraConfig;
+use webpeft::task::{Backbone, ClassifyOptions, LabeledImage, TaskKind, TaskSession};
+use webpeft::tensor::block_on;
+use webpeft::train::{AdamWConfig, TrainConfig, Trainer};
+
+fn vit() -> TaskSession {
+    TaskSession::load(&ModelFiles::from_path(&fixture("tiny-vit")).unwrap(), compute(), TaskKind::Classification).unwrap()
+}
+
+/// The fixture's two images of random pixel values, [C, H, W] each.
+fn pixel_images() -> Vec<Vec<f32>> {
+    let fx = load("tiny-vit/expected.safetensors");
+    fx.f32["pixel_values"].data.chunks(3 * 16 * 16).map(<[f32]>::to_vec).collect()
+}
+
+fn flat(v: Vec<Vec<f32>>) -> Vec<f32> {
+    v.into_iter().flatten().collect()
+}
+
+fn load_lora(s: &mut TaskSession) {
+    let d = fixture("tiny-vit/lora");
+    s.load_adapter(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap(), &std::fs::read(d.join("adapter_model.safetensors")).unwrap(), None).unwrap();
+}
+
+#[test]
+fn tiny_vit_matches_transformers() {
+    let fx = load("tiny-vit/expected.safetensors");
+    let s = vit();
+    assert!(matches!(s.model, Backbone::Vit(_)));
+    assert_eq!(s.labels, ["cat", "dog", "bird"]);
+    assert_close("tiny ViTForImageClassification logits", &flat(block_on(s.image_logits(&pixel_images(), 2)).unwrap()), &fx.f32["logits"].data, 1e-4);
+    // ViTImageProcessor: an image of the model's size (rescale + normalise) is exact ...
+    let small = s.image_pixels(&std::fs::read(fixture("tiny-vit/small.png")).unwrap()).unwrap();
+    assert_close("preprocessing of a 16x16 PNG", &small, &fx.f32["small_pixels"].data, 1e-6);
+    // ... and a resized one (bilinear, PIL vs the image crate) within one intensity level.
+    let big = s.image_pixels(&std::fs::read(fixture("tiny-vit/big.png")).unwrap()).unwrap();
+    let d = max_abs_diff(&big, &fx.f32["big_pixels"].data);
+    eprintln!("24x20 -> 16x16 bilinear resize vs PIL: max |d| = {d:.3e} in normalised units (2/255 = {:.3e})", 2.0 / 255.0);
+    assert!(d <= 2.0 / 255.0 + 1e-6, "resize differs from PIL's by more than one intensity level: {d}");
+    // A file that is no image, text into an image model, and a wrong image size, are refused.
+    let e = s.image_pixels(b"not an image").unwrap_err();
+    assert_eq!(e.code, webpeft::ErrorCode::Format, "{e}");
+    assert!(s.encode(&["hello"], 8).is_err());
+    assert!(block_on(s.image_logits(&[vec![0.0; 10]], 1)).unwrap_err().to_string().contains("3x16x16"));
+}
+
+#[test]
+fn peft_lora_on_vit_loads_and_one_step_matches_torch() {
+    let fx = load("tiny-vit/expected.safetensors");
+    let mut s = vit();
+    load_lora(&mut s);
+    assert_close("tiny ViT + peft LoRA (q_proj, v_proj) + classifier", &flat(block_on(s.image_logits(&pixel_images(), 2)).unwrap()), &fx.f32["lora_logits"].data, 1e-4);
+    let hp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("tiny-vit/train.json")).unwrap()).unwrap();
+    let labels: Vec<usize> = hp["labels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let mut tr =
+        Trainer::new(TrainConfig { optim: AdamWConfig { lr: hp["lr"].as_f64().unwrap(), weight_decay: hp["weight_decay"].as_f64().unwrap(), ..Default::default() }, ..Default::default() });
+    let before = block_on(s.trainable_tensors()).unwrap();
+    let st = block_on(s.train_step_images(&mut tr, &pixel_images(), &labels)).unwrap();
+    let d = (st.loss as f64 - hp["loss"].as_f64().unwrap()).abs();
+    eprintln!("ViT loss {} vs torch {}: |d| = {d:.2e}", st.loss, hp["loss"]);
+    assert!(d < 1e-5);
+    let want = load("tiny-vit/train.safetensors");
+    let after = block_on(s.trainable_tensors()).unwrap();
+    assert_eq!(after.keys().collect::<Vec<_>>(), want.f32.keys().collect::<Vec<_>>(), "peft's names: vit.layers.N.attention.q_proj, classifier");
+    for (k, w) in &want.f32 {
+        assert_close(&format!("after one step: {k}"), &after[k].data, &w.data, 5e-5);
+        assert!(max_abs_diff(&before[k].data, &w.data) > 1e-3, "{k} moved");
+    }
+}
+
+#[test]
+fn vit_image_classifier_trains_saves_and_reloads() {
+    // Three classes of 16x16 images: bright red, green or blue squares on noise.
+    let mut rng: u64 = 7;
+    let mut next = || {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (rng >> 33) as u8
+    };
+    let mut s = vit();
+    let mut data = Vec::new();
+    for i in 0..24 {
+        let class = i % 3;
+        let mut rgb: Vec<u8> = (0..16 * 16 * 3).map(|_| next() / 2).collect();
+        for y in 4..12 {
+            for x in 4..12 {
+                rgb[(y * 16 + x) * 3 + class] = 255;
+            }
+        }
+        let mut png = Vec::new();
+        image::RgbImage::from_raw(16, 16, rgb).unwrap().write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        data.push(LabeledImage { pixels: s.image_pixels(&png).unwrap(), label: ["red", "green", "blue"][class].to_string() });
+    }
+    s.add_lora(LoraConfig::from_value(&serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})).unwrap(), 0).unwrap();
+    let o = ClassifyOptions { epochs: 20, batch: 6, lr: 3e-2, val_fraction: 0.25, ..Default::default() };
+    let rep = block_on(s.train_image_classifier(&data, &o, |e| {
+        eprintln!("epoch {}: train loss {:.4}, val {:?}", e.epoch, e.train_loss, e.val.as_ref().map(|m| (m.loss, m.accuracy)));
+        true
+    }))
+    .unwrap();
+    assert_eq!(rep.labels, ["blue", "green", "red"]);
+    let (first, last) = (rep.epochs[0].train_loss, rep.epochs.last().unwrap().train_loss);
+    assert!(last < first * 0.5, "{first} -> {last}");
+    assert!(rep.val_uncalibrated.as_ref().unwrap().accuracy >= 0.99, "{:?}", rep.val_uncalibrated);
+    let files = block_on(s.save_adapter()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_slice(&files[0].1).unwrap();
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["classifier"]));
+    let mut again = vit();
+    again.load_adapter(std::str::from_utf8(&files[0].1).unwrap(), &files[1].1, Some(std::str::from_utf8(&files[2].1).unwrap())).unwrap();
+    let images: Vec<Vec<f32>> = data.iter().take(6).map(|d| d.pixels.clone()).collect();
+    assert_eq!(block_on(again.image_logits(&images, 6)).unwrap(), block_on(s.image_logits(&images, 6)).unwrap());
+}
+
+#[test]
+fn cli_classifies_images_from_a_csv_of_paths() {
+    let tmp = std::env::temp_dir().join(format!("webpeft-vit-cli-{}", std::process::id()));
+    std::fs::create_dir_all(tmp.join("img")).unwrap();
+    let mut csv = String::from("image,label\n");
+    for i in 0..12 {
+        let class = i % 2;
+        let rgb: Vec<u8> = (0..16 * 16).flat_map(|p| if class == 0 { [250, (p % 7) as u8, 10] } else { [10, (p % 5) as u8, 250] }).collect();
+        let name = format!("img/{i}.png");
+        image::RgbImage::from_raw(16, 16, rgb).unwrap().save(tmp.join(&name)).unwrap();
+        csv += &format!("{name},{}\n", ["red", "blue"][class]);
+    }
+    std::fs::write(tmp.join("data.csv"), csv).unwrap();
+    let dev = std::env::var("WEBPEFT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_webpeft")).args(args).args(["--device", &dev]).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (m, out) = (fixture("tiny-vit"), tmp.join("adapter"));
+    let (ok, _, err) = run(&[
+        "classify",
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        tmp.join("data.csv").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--target",
+        "q_proj,v_proj",
+        "--r",
+        "4",
+        "--epochs",
+        "6",
+        "--batch",
+        "4",
+        "--lr",
+        "3e-2",
+        "--val-split",
+        "0.25",
+    ]);
+    assert!(ok && err.contains("epoch 6"), "{err}");
+    let (ok, stdout, err) = run(&[
+        "predict",
+        "--model",
+        m.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--image",
+        tmp.join("img/0.png").to_str().unwrap(),
+        "--image",
+        tmp.join("img/1.png").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let labels: Vec<String> = stdout.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["label"].as_str().unwrap().to_string()).collect();
+    assert_eq!(labels, ["red", "blue"]);
+    let (ok, _, err) = run(&["predict", "--model", m.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--image", tmp.join("data.csv").to_str().unwrap()]);
+    assert!(!ok && err.contains("image"), "a CSV is not an image: {err}");
+    std::fs::remove_dir_all(&tmp).ok();
+}
