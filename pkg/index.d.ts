@@ -231,6 +231,8 @@ export class TaskModel {
   static load(source: ModelSource, options?: { task?: 'classification' | 'embedding'; onProgress?: (p: Progress) => void; timeoutMs?: number }): Promise<TaskModel>;
   info(): { architecture: string; hiddenSize: number; labels: string[]; temperature: number; device: string };
   addLora(config: LoraConfig | string, options?: { seed?: number }): Promise<void>;
+  /** BitFit: every bias of the model (linear layers, LayerNorms, ViT's patch embedding, BERT's pooler) trains with the head; resolves to the number of trainable values. */
+  addBitFit(): Promise<number>;
   loadAdapter(files: Record<string, Uint8Array | ArrayBuffer | Blob | string>): Promise<void>;
   saveAdapter(): Promise<Record<string, string | Uint8Array>>;
   trainClassifier(rows: { text: string; label: string | number }[], options?: TaskTrainOptions, onEpoch?: (r: EpochReport) => boolean | void): Promise<ClassifierReport>;

@@ -261,6 +261,9 @@ export class TaskModel {
     return guard(this.#core.addLora(typeof config === 'string' ? config : JSON.stringify(config), BigInt(seed)));
   }
 
+  /** BitFit: every bias of the model trains, with the head (saved as a SELECTIVE adapter). Resolves to the trainable value count. */
+  addBitFit() { return guard(this.#core.addBitFit()); }
+
   /** Load a PEFT adapter: `{ "adapter_config.json", "adapter_model.safetensors", "webpeft_head.json"? }`. */
   async loadAdapter(files) { return guard(this.#core.loadAdapter(await normaliseFiles(files))); }
 

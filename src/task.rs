@@ -24,11 +24,12 @@ use crate::io::source::{ModelFiles, shard_tensors};
 use crate::models::Base;
 use crate::models::bert::{Bert, BertConfig};
 use crate::models::config::id2label;
-use crate::models::hooks::{Adapter, NoHook, Site};
+use crate::models::hooks::{Adapter, NoHook};
 use crate::models::llama::{Inputs, Llama};
 use crate::models::vit::{Preprocess, Vit, VitConfig};
 use crate::peft::lora::{LoraAdapter, LoraConfig};
-use crate::peft::{NamedParam, Trainable, load_all_params, load_params, params_for_save, peft_files, read_params, set_trainable};
+use crate::peft::selective::{SelectiveAdapter, SelectiveConfig};
+use crate::peft::{AnyAdapter, NamedParam, Trainable, delegate_adapter, load_all_params, load_params, params_for_save, peft_files, read_params, set_trainable};
 use crate::tensor::{ints, read};
 use crate::tokenizer::Tokenizer;
 use crate::train::classify::{self, ClassifierHead, Labeled, Metrics};
@@ -99,7 +100,7 @@ impl Backbone {
         let ids = ints(b.ids.clone(), [b.rows, b.len], device);
         match self {
             Backbone::Vit(_) => unreachable!("handled above"),
-            Backbone::Bert(m) => m.pool(m.hidden(ids, Some(&b.mask), adapter)?, b.rows),
+            Backbone::Bert(m) => m.pool(m.hidden(ids, Some(&b.mask), adapter)?, b.rows, adapter),
             Backbone::Decoder(m) => {
                 let h = m.hidden(&Inputs { ids, attention_mask: Some(b.mask.clone()) }, adapter, None)?;
                 let last: Vec<i64> = b.ids.chunks(b.len).enumerate().map(|(r, row)| (r * b.len + row.iter().rposition(|&i| i != pad).unwrap_or(0)) as i64).collect();
@@ -108,6 +109,9 @@ impl Backbone {
         }
     }
 }
+
+/// BitFit's parameters: every bias.
+pub const BITFIT: &str = r".*\.bias";
 
 /// The side file of a classifier adapter.
 pub const HEAD_FILE: &str = "webpeft_head.json";
@@ -159,6 +163,21 @@ impl Default for ClassifyOptions {
     }
 }
 
+impl ClassifyOptions {
+    /// The trainer of a run of `total` optimizer steps with these options.
+    fn trainer(&self, total: usize) -> Trainer {
+        Trainer::new(TrainConfig {
+            optim: AdamWConfig { lr: self.lr, weight_decay: self.weight_decay, ..Default::default() },
+            schedule: self.schedule,
+            warmup: self.warmup,
+            total_steps: total,
+            max_grad_norm: self.max_grad_norm,
+            seed: self.seed,
+            ..Default::default()
+        })
+    }
+}
+
 /// One epoch's report.
 #[derive(Debug, Clone)]
 pub struct EpochReport {
@@ -188,37 +207,31 @@ pub struct ClassifyReport {
     pub val_calibrated: Option<Metrics>,
 }
 
-/// The LoRA adapter and the classification head, trained and applied together.
+/// The adapter (LoRA or selective tuning such as BitFit) and the classification head,
+/// trained and applied together.
 struct Tuned<'a> {
-    lora: Option<&'a mut LoraAdapter>,
+    adapter: Option<&'a mut AnyAdapter>,
     head: Option<&'a mut ClassifierHead>,
 }
 
-impl Adapter for Tuned<'_> {
-    fn linear_input(&self, site: Site, x: Tensor<2>) -> Tensor<2> {
-        match &self.lora {
-            Some(l) => l.linear_input(site, x),
-            None => x,
-        }
-    }
-    fn linear_output(&self, site: Site, x: &Tensor<2>, y: Tensor<2>) -> Tensor<2> {
-        match &self.lora {
-            Some(l) => l.linear_output(site, x, y),
-            None => y,
-        }
+impl Tuned<'_> {
+    fn hooks(&self) -> &dyn Adapter {
+        self.adapter.as_deref().map_or(&NoHook as &dyn Adapter, |a| a as &dyn Adapter)
     }
 }
 
+delegate_adapter!(Tuned<'_>, self => self.hooks());
+
 impl Trainable for Tuned<'_> {
     fn params_mut(&mut self) -> Vec<NamedParam<'_>> {
-        let mut v = self.lora.as_mut().map(|l| l.params_mut()).unwrap_or_default();
+        let mut v = self.adapter.as_mut().map(|l| l.params_mut()).unwrap_or_default();
         if let Some(h) = self.head.as_mut() {
             v.extend(h.params_mut());
         }
         v
     }
     fn set_training(&mut self, on: bool) {
-        if let Some(l) = self.lora.as_mut() {
+        if let Some(l) = self.adapter.as_mut() {
             l.set_training(on);
         }
     }
@@ -234,7 +247,8 @@ pub struct TaskSession {
     /// The padding id of batches (the config's `pad_token_id`, else a decoder's EOS).
     pub pad: i64,
     pub task: TaskKind,
-    pub lora: Option<LoraAdapter>,
+    /// The adapter being trained or applied: LoRA, or selective tuning (BitFit).
+    pub adapter: Option<AnyAdapter>,
     pub head: Option<ClassifierHead>,
     /// Class names by id (from the adapter, the data, or the checkpoint's `id2label`).
     pub labels: Vec<String>,
@@ -340,7 +354,7 @@ impl TaskSession {
             }
         };
         let labels = if head.as_ref().is_some_and(|h| h.num_labels() == labels.len()) { labels } else { Vec::new() };
-        Ok(TaskSession { compute, model, tokenizer, preprocess, pad, task, lora: None, head, labels, temperature: 1.0 })
+        Ok(TaskSession { compute, model, tokenizer, preprocess, pad, task, adapter: None, head, labels, temperature: 1.0 })
     }
 
     /// Tokenise texts (truncated to `max_len` tokens) into one right-padded batch.
@@ -376,8 +390,29 @@ impl TaskSession {
             config.modules_to_save.retain(|m| m != "classifier" && m != "score");
             config.modules_to_save.push(self.model.head_module().into());
         }
-        self.lora = Some(self.new_lora(config, seed)?);
+        self.adapter = Some(AnyAdapter::Lora(self.new_lora(config, seed)?));
         Ok(())
+    }
+
+    /// A new selective-tuning adapter: trainable copies of the base parameters whose names
+    /// match `config.parameters` (see [`crate::peft::selective`]); the head trains beside it.
+    pub fn add_selective(&mut self, mut config: SelectiveConfig) -> Result<()> {
+        config.task_type = Some(self.peft_task_type().into());
+        self.adapter = Some(AnyAdapter::Selective(self.new_selective(config)?));
+        Ok(())
+    }
+
+    /// BitFit (Ben Zaken et al. 2021): every bias of the model trains (linear layers,
+    /// LayerNorms, ViT's patch embedding), with the classification head.
+    pub fn add_bitfit(&mut self) -> Result<()> {
+        self.add_selective(SelectiveConfig { parameters: BITFIT.into(), task_type: None, base_model_name_or_path: None })
+    }
+
+    fn new_selective(&self, config: SelectiveConfig) -> Result<SelectiveAdapter> {
+        if self.model.base().conv1d() {
+            bail!(Unsupported, "selective tuning (BitFit) on GPT-2 is not supported yet (LoRA is)");
+        }
+        SelectiveAdapter::new(config, self.model.base())
     }
 
     /// A LoRA over the backbone. The head's `modules_to_save` entries (`classifier`, `score`)
@@ -398,10 +433,10 @@ impl TaskSession {
         }
     }
 
-    /// Load a peft adapter (LoRA; for classification with its `classifier` head) and, when
-    /// given, `webpeft_head.json` (labels, temperature).
+    /// Load a peft adapter (LoRA, or SELECTIVE such as BitFit; for classification with its
+    /// `classifier` head) and, when given, `webpeft_head.json` (labels, temperature).
     pub fn load_adapter(&mut self, config_json: &str, weights: &[u8], head_json: Option<&str>) -> Result<()> {
-        let config = LoraConfig::from_json(config_json).map_err(|e| e.context("adapter_config.json"))?;
+        let value: serde_json::Value = serde_json::from_str(config_json).map_err(|e| err!(Parse, "adapter_config.json: {e}"))?;
         let mut tensors = crate::peft::read_weights(weights)?;
         let m = self.model.head_module();
         let (wk, bk) = (format!("base_model.model.{m}.weight"), format!("base_model.model.{m}.bias"));
@@ -420,8 +455,11 @@ impl TaskSession {
             (None, None) => None,
             _ => bail!(Config, "this adapter carries a classifier head: load it for classification"),
         };
-        let mut lora = self.new_lora(config, 0)?;
-        load_all_params(&mut lora, &tensors)?;
+        let mut adapter = match value.get("peft_type").and_then(serde_json::Value::as_str) {
+            Some("SELECTIVE") => AnyAdapter::Selective(self.new_selective(SelectiveConfig::from_value(&value).map_err(|e| e.context("adapter_config.json"))?)?),
+            _ => AnyAdapter::Lora(self.new_lora(LoraConfig::from_value(&value).map_err(|e| e.context("adapter_config.json"))?, 0)?),
+        };
+        load_all_params(&mut adapter, &tensors)?;
         let (labels, temperature) = match head_json {
             Some(text) => {
                 let v: serde_json::Value = serde_json::from_str(text).map_err(|e| err!(Parse, "{HEAD_FILE}: {e}"))?;
@@ -440,7 +478,7 @@ impl TaskSession {
         {
             bail!(Config, "{HEAD_FILE}: {} labels for a head of {}", labels.len(), h.num_labels());
         }
-        self.lora = Some(lora);
+        self.adapter = Some(adapter);
         if head.is_some() {
             self.labels = labels;
             self.head = head;
@@ -452,9 +490,13 @@ impl TaskSession {
     /// The adapter's files: `adapter_config.json`, `adapter_model.safetensors` and, for a
     /// classifier, `webpeft_head.json`.
     pub async fn save_adapter(&mut self) -> Result<Vec<(String, Vec<u8>)>> {
-        let lora = self.lora.as_mut().ok_or_else(|| err!(Config, "no adapter to save"))?;
-        let config = lora.config.to_json();
-        let mut tuned = Tuned { lora: Some(lora), head: self.head.as_mut() };
+        let adapter = self.adapter.as_mut().ok_or_else(|| err!(Config, "no adapter to save"))?;
+        let config = match &*adapter {
+            AnyAdapter::Lora(l) => l.config.to_json(),
+            AnyAdapter::Selective(a) => a.config.to_json(),
+            other => bail!(Unsupported, "a task adapter is LoRA or selective tuning, not {}", other.method()),
+        };
+        let mut tuned = Tuned { adapter: Some(adapter), head: self.head.as_mut() };
         let tensors = params_for_save(&mut tuned).await?;
         let (config, weights) = peft_files(config, &tensors)?;
         let mut files = vec![("adapter_config.json".to_string(), config.into_bytes()), ("adapter_model.safetensors".to_string(), weights)];
@@ -466,7 +508,7 @@ impl TaskSession {
     }
 
     fn view(&self) -> (&dyn Adapter, Option<&ClassifierHead>) {
-        (self.lora.as_ref().map_or(&NoHook as &dyn Adapter, |l| l as &dyn Adapter), self.head.as_ref())
+        (self.adapter.as_ref().map_or(&NoHook as &dyn Adapter, |l| l as &dyn Adapter), self.head.as_ref())
     }
 
     /// Classifier logits of texts, [texts][labels] (at temperature 1).
@@ -512,7 +554,7 @@ impl TaskSession {
 
     async fn step_on(&mut self, trainer: &mut Trainer, b: &EncodedBatch, labels: &[usize], weights: Option<&[f32]>) -> Result<StepStats> {
         let device = self.compute.device.clone();
-        let mut tuned = Tuned { lora: self.lora.as_mut(), head: self.head.as_mut() };
+        let mut tuned = Tuned { adapter: self.adapter.as_mut(), head: self.head.as_mut() };
         if tuned.head.is_none() {
             bail!(Config, "no classification head");
         }
@@ -538,11 +580,11 @@ impl TaskSession {
         let a = self.encode(&pairs.iter().map(|p| p.0).collect::<Vec<_>>(), seq_len)?;
         let p = self.encode(&pairs.iter().map(|p| p.1).collect::<Vec<_>>(), seq_len)?;
         let tokens = a.mask.iter().chain(&p.mask).filter(|&&m| m != 0).count();
-        let mut lora = self.lora.take().ok_or_else(|| err!(Config, "no LoRA adapter: add one before training"))?;
-        set_trainable(&mut lora, true);
-        let r = trainer.step_loss(&mut lora, 1, tokens, |l, _| contrastive::mnrl_loss(self.embeddings_of(&a, l)?, self.embeddings_of(&p, l)?, scale)).await;
-        set_trainable(&mut lora, false);
-        self.lora = Some(lora);
+        let mut adapter = self.adapter.take().ok_or_else(|| err!(Config, "no adapter: add one (LoRA, BitFit) before training"))?;
+        set_trainable(&mut adapter, true);
+        let r = trainer.step_loss(&mut adapter, 1, tokens, |l, _| contrastive::mnrl_loss(self.embeddings_of(&a, l)?, self.embeddings_of(&p, l)?, scale)).await;
+        set_trainable(&mut adapter, false);
+        self.adapter = Some(adapter);
         r
     }
 
@@ -555,15 +597,7 @@ impl TaskSession {
         }
         let per_epoch = pairs.len().div_ceil(o.batch);
         let total = o.max_steps.unwrap_or(usize::MAX).min(per_epoch * o.epochs).max(1);
-        let mut trainer = Trainer::new(TrainConfig {
-            optim: AdamWConfig { lr: o.lr, weight_decay: o.weight_decay, ..Default::default() },
-            schedule: o.schedule,
-            warmup: o.warmup,
-            total_steps: total,
-            max_grad_norm: o.max_grad_norm,
-            seed: o.seed,
-            ..Default::default()
-        });
+        let mut trainer = o.trainer(total);
         let mut order: Vec<usize> = (0..pairs.len()).collect();
         let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(o.seed);
         let mut out = Vec::new();
@@ -591,9 +625,14 @@ impl TaskSession {
         Ok(out)
     }
 
+    /// How many values train: the adapter's and the head's.
+    pub fn num_trainable(&mut self) -> usize {
+        Tuned { adapter: self.adapter.as_mut(), head: self.head.as_mut() }.params_mut().iter().map(|p| p.tensor.dims().iter().product::<usize>()).sum()
+    }
+
     /// The adapter's and the head's trainable tensors by their peft names, in PyTorch layout.
     pub async fn trainable_tensors(&mut self) -> Result<BTreeMap<String, HostTensor>> {
-        read_params(&mut Tuned { lora: self.lora.as_mut(), head: self.head.as_mut() }).await
+        read_params(&mut Tuned { adapter: self.adapter.as_mut(), head: self.head.as_mut() }).await
     }
 
     /// Train the LoRA adapter and the classification head on labelled examples: stratified
@@ -601,14 +640,14 @@ impl TaskSession {
     /// temperature scaling. `on_epoch` gets each epoch's report and may return false to stop.
     pub async fn train_classifier(&mut self, data: &[Labeled], o: &ClassifyOptions, on_epoch: impl FnMut(&EpochReport) -> bool) -> Result<ClassifyReport> {
         let rows = data.iter().map(|d| self.encode_row(&d.text, o.seq_len).map(Row::Tokens)).collect::<Result<Vec<_>>>()?;
-        let labels: Vec<Labeled> = data.iter().map(|d| Labeled { text: String::new(), label: d.label.clone() }).collect();
+        let labels: Vec<&str> = data.iter().map(|d| d.label.as_str()).collect();
         self.fit(rows, &labels, o, on_epoch).await
     }
 
     /// The same for an image classifier (ViT), on preprocessed images.
     pub async fn train_image_classifier(&mut self, data: &[LabeledImage], o: &ClassifyOptions, on_epoch: impl FnMut(&EpochReport) -> bool) -> Result<ClassifyReport> {
         let rows = data.iter().map(|d| self.check_pixels(&d.pixels).map(|_| Row::Pixels(d.pixels.clone()))).collect::<Result<Vec<_>>>()?;
-        let labels: Vec<Labeled> = data.iter().map(|d| Labeled { text: String::new(), label: d.label.clone() }).collect();
+        let labels: Vec<&str> = data.iter().map(|d| d.label.as_str()).collect();
         self.fit(rows, &labels, o, on_epoch).await
     }
 
@@ -647,7 +686,7 @@ impl TaskSession {
     }
 
     /// Training on prepared rows (token ids or pixels) with labels: see [`TaskSession::train_classifier`].
-    async fn fit(&mut self, rows: Vec<Row>, data: &[Labeled], o: &ClassifyOptions, mut on_epoch: impl FnMut(&EpochReport) -> bool) -> Result<ClassifyReport> {
+    async fn fit(&mut self, rows: Vec<Row>, data: &[&str], o: &ClassifyOptions, mut on_epoch: impl FnMut(&EpochReport) -> bool) -> Result<ClassifyReport> {
         if self.task != TaskKind::Classification {
             bail!(Config, "this session was loaded for embeddings, not classification");
         }
@@ -657,12 +696,12 @@ impl TaskSession {
         if !(0.0..1.0).contains(&o.val_fraction) {
             bail!(Config, "the validation fraction must be in [0, 1)");
         }
-        if self.lora.is_none() {
-            bail!(Config, "no LoRA adapter: add one before training");
+        if self.adapter.is_none() {
+            bail!(Config, "no adapter: add one (LoRA, BitFit) before training");
         }
         // A head (of the checkpoint or a loaded adapter) trains on when its labels cover the
         // data's; otherwise a new head is trained for the data's labels.
-        let fits = self.head.as_ref().is_some_and(|h| h.num_labels() == self.labels.len()) && data.iter().all(|d| self.labels.contains(&d.label));
+        let fits = self.head.as_ref().is_some_and(|h| h.num_labels() == self.labels.len()) && data.iter().all(|d| self.labels.iter().any(|l| l == d));
         if self.head.is_some() && !fits {
             log::info!("the existing head's labels {:?} do not cover the data's: a new head is trained", self.labels);
             self.head = None;
@@ -683,16 +722,7 @@ impl TaskSession {
         let pad = self.pad;
         let steps_per_epoch = train.len().div_ceil(o.batch);
         let total = o.max_steps.unwrap_or(usize::MAX).min(steps_per_epoch * o.epochs).max(1);
-        let config = TrainConfig {
-            optim: AdamWConfig { lr: o.lr, weight_decay: o.weight_decay, ..Default::default() },
-            schedule: o.schedule,
-            warmup: o.warmup,
-            total_steps: total,
-            max_grad_norm: o.max_grad_norm,
-            seed: o.seed,
-            ..Default::default()
-        };
-        let mut trainer = Trainer::new(config);
+        let mut trainer = o.trainer(total);
         let mut order = train.clone();
         let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(o.seed);
         let mut epochs: Vec<EpochReport> = Vec::new();
@@ -703,7 +733,7 @@ impl TaskSession {
         let val_labels: Vec<usize> = val.iter().map(|&i| ids[i]).collect();
         let device = self.compute.device.clone();
         let model = &self.model;
-        let mut tuned = Tuned { lora: self.lora.as_mut(), head: self.head.as_mut() };
+        let mut tuned = Tuned { adapter: self.adapter.as_mut(), head: self.head.as_mut() };
         set_trainable(&mut tuned, true);
         let result: Result<()> = async {
             for epoch in 1..=o.epochs {
@@ -730,8 +760,11 @@ impl TaskSession {
                 let metrics = if val_rows.is_empty() {
                     None
                 } else {
-                    let logits = batched_logits(model, &tuned, &val_rows, o.batch, pad, &device).await?;
-                    Some(classify::metrics(&logits, &val_labels, 1.0))
+                    // In eval mode (no dropout) and without gradient tracking.
+                    set_trainable(&mut tuned, false);
+                    let logits = batched_logits(model, &tuned, &val_rows, o.batch, pad, &device).await;
+                    set_trainable(&mut tuned, true);
+                    Some(classify::metrics(&logits?, &val_labels, 1.0))
                 };
                 let r = EpochReport { epoch, steps, train_loss: loss_sum / loss_n.max(1) as f64, val: metrics, seconds, tokens_per_second: tokens as f64 / seconds.max(1e-9) };
                 let val_loss = r.val.as_ref().map(|m| m.loss);
@@ -820,13 +853,13 @@ fn make_batch(rows: &[&Row], pad: i64) -> Result<EncodedBatch> {
     Ok(b)
 }
 
-/// Host logits of token rows, in batches (no gradients).
+/// Host logits of rows, in batches (the caller leaves the adapter untracked: no graph is built).
 async fn batched_logits(model: &Backbone, tuned: &Tuned<'_>, rows: &[&Row], batch: usize, pad: i64, device: &burn::tensor::Device) -> Result<Vec<Vec<f32>>> {
     let head = tuned.head.as_deref().ok_or_else(|| err!(Config, "no classification head"))?;
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch.max(1)) {
         let b = make_batch(chunk, pad)?;
-        let l = read(head.forward(model.features(&b, pad, tuned, device)?).detach()).await?;
+        let l = read(head.forward(model.features(&b, pad, tuned, device)?)).await?;
         out.extend(l.data.chunks(head.num_labels()).map(<[f32]>::to_vec));
     }
     Ok(out)

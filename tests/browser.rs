@@ -282,11 +282,7 @@ async fn tiny_gpt2_and_decoder_classifier_match_pytorch() {
 #[wasm_bindgen_test]
 async fn tiny_vit_matches_pytorch() {
     use webpeft::task::{TaskKind, TaskSession};
-    let mut files = BTreeMap::new();
-    files.insert("config.json".to_string(), fx!("tiny-vit/config.json").to_vec());
-    files.insert("model.safetensors".to_string(), fx!("tiny-vit/model.safetensors").to_vec());
-    files.insert("preprocessor_config.json".to_string(), fx!("tiny-vit/preprocessor_config.json").to_vec());
-    let mut s = TaskSession::load(&ModelFiles::from_named(files).unwrap(), gpu().await, TaskKind::Classification).unwrap();
+    let mut s = TaskSession::load(&ModelFiles::from_named(fx_files_vit()).unwrap(), gpu().await, TaskKind::Classification).unwrap();
     let exp = fx!("tiny-vit/expected.safetensors");
     let images: Vec<Vec<f32>> = f32_of(exp, "pixel_values").data.chunks(3 * 16 * 16).map(<[f32]>::to_vec).collect();
     let flat = |v: Vec<Vec<f32>>| v.into_iter().flatten().collect::<Vec<f32>>();
@@ -302,4 +298,28 @@ async fn tiny_vit_matches_pytorch() {
     let worst = s.trainable_tensors().await.unwrap().iter().map(|(k, v)| max_abs_diff(&v.data, &f32_of(train, k).data)).fold(0f32, f32::max);
     web_sys_log(&format!("browser tiny ViT: logits |d| = {d:e}, PNG preprocessing |d| = {dp:e}, + peft LoRA |d| = {dl:e}, one step loss |d| = {dloss:e}, tensors |d| = {worst:e}"));
     assert!(d < 1e-4 && dp < 1e-6 && dl < 1e-4 && dloss < 1e-5 && worst < 5e-5);
+    // BitFit: every bias + the classifier, one AdamW step from the checkpoint. A key bias gets
+    // no gradient (only rounding noise, which AdamW scales up): compared within 1e-3.
+    let mut s = TaskSession::load(&ModelFiles::from_named(fx_files_vit()).unwrap(), gpu().await, TaskKind::Classification).unwrap();
+    s.add_bitfit().unwrap();
+    let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() }, ..Default::default() });
+    let st = s.train_step_images(&mut tr, &images, &[0, 2]).await.unwrap();
+    let hp: serde_json::Value = serde_json::from_slice(fx!("tiny-vit/bitfit/train.json")).unwrap();
+    let dloss = (st.loss as f64 - hp["loss"].as_f64().unwrap()).abs();
+    let train = fx!("tiny-vit/bitfit/train.safetensors");
+    let tensors = s.trainable_tensors().await.unwrap();
+    let (key, other): (Vec<_>, Vec<_>) = tensors.iter().partition(|(k, _)| k.ends_with("k_proj.bias"));
+    let worst = |v: &[(&String, &webpeft::io::safetensors::HostTensor)]| v.iter().map(|(k, t)| max_abs_diff(&t.data, &f32_of(train, k).data)).fold(0f32, f32::max);
+    let (wk, wo) = (worst(&key), worst(&other));
+    let dl = max_abs_diff(&flat(s.image_logits(&images, 2).await.unwrap()), &f32_of(fx!("tiny-vit/bitfit/expected.safetensors"), "logits").data);
+    web_sys_log(&format!("browser tiny ViT BitFit: one step loss |d| = {dloss:e}, tensors |d| = {wo:e} (key biases {wk:e}), logits after it |d| = {dl:e}"));
+    assert!(tensors.len() == 20 && dloss < 1e-5 && wo < 5e-5 && wk < 1e-3 && dl < 1e-4);
+}
+
+fn fx_files_vit() -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    files.insert("config.json".to_string(), fx!("tiny-vit/config.json").to_vec());
+    files.insert("model.safetensors".to_string(), fx!("tiny-vit/model.safetensors").to_vec());
+    files.insert("preprocessor_config.json".to_string(), fx!("tiny-vit/preprocessor_config.json").to_vec());
+    files
 }

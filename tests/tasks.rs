@@ -18,12 +18,11 @@ use webpeft::peft::lora::LoraConfig;
 use webpeft::task::{Backbone, ClassifyOptions, TaskKind, TaskSession};
 use webpeft::tensor::{block_on, ints, read};
 use webpeft::train::classify::{Labeled, parse_labeled_file};
-use webpeft::train::{AdamWConfig, TrainConfig, Trainer};
 
 const TEXTS: [&str; 3] = ["Free entry to win a cash prize, text WIN now!", "Are you coming to dinner tonight?", "the meeting moved to thursday"];
 
 fn session(dir: &str, task: TaskKind) -> TaskSession {
-    TaskSession::load(&ModelFiles::from_path(&fixture(dir)).unwrap(), compute(), task).unwrap()
+    task_session(dir, task)
 }
 
 fn bert(s: &TaskSession) -> &Bert {
@@ -33,13 +32,8 @@ fn bert(s: &TaskSession) -> &Bert {
     }
 }
 
-fn flat(v: Vec<Vec<f32>>) -> Vec<f32> {
-    v.into_iter().flatten().collect()
-}
-
 fn load_tiny_lora(s: &mut TaskSession) {
-    let d = fixture("tiny-bert/lora");
-    s.load_adapter(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap(), &std::fs::read(d.join("adapter_model.safetensors")).unwrap(), None).unwrap();
+    load_task_adapter(s, "tiny-bert/lora");
 }
 
 #[test]
@@ -53,7 +47,7 @@ fn tiny_bert_matches_transformers() {
     assert_eq!(b.mask, fx.i64["attention_mask"].1);
     let hidden = bert(&s).hidden(ints(b.ids.clone(), [b.rows, b.len], &bert(&s).device), Some(&b.mask), &NoHook).unwrap();
     assert_close("tiny-bert last hidden state (padded positions too)", &block_on(read(hidden.clone())).unwrap().data, &fx.f32["hidden"].data, 1e-4);
-    assert_close("tiny-bert pooler", &block_on(read(bert(&s).pool(hidden, b.rows).unwrap())).unwrap().data, &fx.f32["pooled"].data, 1e-4);
+    assert_close("tiny-bert pooler", &block_on(read(bert(&s).pool(hidden, b.rows, &NoHook).unwrap())).unwrap().data, &fx.f32["pooled"].data, 1e-4);
     assert_close("tiny-bert classifier logits", &flat(block_on(s.logits(&TEXTS, 64, 2)).unwrap()), &fx.f32["logits"].data, 1e-4);
     // A bare BertModel for embeddings: mean pooling over the mask + L2 norm.
     let e = session("tiny-bert", TaskKind::Embedding);
@@ -91,37 +85,53 @@ fn peft_seq_cls_lora_loads_and_round_trips() {
 #[test]
 fn one_adamw_step_of_lora_and_head_matches_torch() {
     let want = load("tiny-bert/train.safetensors");
-    let hp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("tiny-bert/train.json")).unwrap()).unwrap();
-    let labels: Vec<usize> = hp["labels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-    let trainer = || {
-        Trainer::new(TrainConfig {
-            optim: AdamWConfig { lr: hp["lr"].as_f64().unwrap(), weight_decay: hp["weight_decay"].as_f64().unwrap(), ..Default::default() },
-            total_steps: 1,
-            max_grad_norm: None,
-            ..Default::default()
-        })
-    };
+    let hp = json("tiny-bert/train.json");
+    let labels = label_ids(&hp);
     let mut s = session("tiny-bert", TaskKind::Classification);
     load_tiny_lora(&mut s);
     let before = block_on(s.trainable_tensors()).unwrap();
-    let stats = block_on(s.train_step(&mut trainer(), &TEXTS, &labels, None, 64)).unwrap();
-    let d = (stats.loss as f64 - hp["loss"].as_f64().unwrap()).abs();
-    eprintln!("loss {} vs torch {}: |d| = {d:.2e}", stats.loss, hp["loss"]);
-    assert!(d < 1e-5);
-    let after = block_on(s.trainable_tensors()).unwrap();
-    assert_eq!(after.keys().collect::<Vec<_>>(), want.f32.keys().collect::<Vec<_>>(), "LoRA pairs and the head, under peft's names");
-    for (k, w) in &want.f32 {
-        assert_close(&format!("after one step: {k}"), &after[k].data, &w.data, 5e-5);
-        assert!(max_abs_diff(&before[k].data, &w.data) > 1e-3, "{k} moved");
-    }
+    let stats = block_on(s.train_step(&mut trainer_from(&hp), &TEXTS, &labels, None, 64)).unwrap();
+    assert_loss("tiny-bert LoRA", stats.loss, &hp, "loss");
+    assert_step(&before, &block_on(s.trainable_tensors()).unwrap(), &want);
     // Class weights: torch's cross_entropy(weight=w) divides by the rows' total weight.
     let mut s = session("tiny-bert", TaskKind::Classification);
     load_tiny_lora(&mut s);
     let w: Vec<f32> = hp["class_weights"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
-    let stats = block_on(s.train_step(&mut trainer(), &TEXTS, &labels, Some(&w), 64)).unwrap();
-    let d = (stats.loss as f64 - hp["weighted_loss"].as_f64().unwrap()).abs();
-    eprintln!("class-weighted loss {} vs torch {}: |d| = {d:.2e}", stats.loss, hp["weighted_loss"]);
-    assert!(d < 1e-5);
+    let stats = block_on(s.train_step(&mut trainer_from(&hp), &TEXTS, &labels, Some(&w), 64)).unwrap();
+    assert_loss("tiny-bert LoRA, class-weighted", stats.loss, &hp, "weighted_loss");
+}
+
+#[test]
+fn bitfit_on_bert_matches_torch() {
+    // BitFit: every bias (linear layers, LayerNorms, the pooler) and the classifier train.
+    let hp = json("tiny-bert/bitfit/train.json");
+    let mut s = session("tiny-bert", TaskKind::Classification);
+    s.add_bitfit().unwrap();
+    let before = block_on(s.trainable_tensors()).unwrap();
+    let stats = block_on(s.train_step(&mut trainer_from(&hp), &TEXTS, &label_ids(&hp), None, 64)).unwrap();
+    assert_loss("tiny-bert BitFit", stats.loss, &hp, "loss");
+    assert_step_moving(&before, &block_on(s.trainable_tensors()).unwrap(), &load("tiny-bert/bitfit/train.safetensors"), not_key_bias);
+    let after_step = flat(block_on(s.logits(&TEXTS, 64, 3)).unwrap());
+    let want = load("tiny-bert/bitfit/expected.safetensors");
+    assert_close("tiny-bert after one BitFit step", &after_step, &want.f32["logits"].data, 1e-4);
+    // Saved as a SELECTIVE adapter, state_dict names, the same tensors as the fixture's.
+    let files = block_on(s.save_adapter()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_slice(&files[0].1).unwrap();
+    assert_eq!((cfg["peft_type"].as_str(), cfg["parameters"].as_str(), cfg["task_type"].as_str()), (Some("SELECTIVE"), Some(r".*\.bias"), Some("SEQ_CLS")));
+    let ours = webpeft::io::safetensors::read_all_f32(&files[1].1).unwrap();
+    assert_eq!(ours.into_keys().collect::<Vec<_>>(), want_keys("tiny-bert/bitfit/adapter_model.safetensors"));
+    // The fixture's adapter (torch's tensors after the step) loads and gives torch's logits.
+    let mut other = session("tiny-bert", TaskKind::Classification);
+    load_task_adapter(&mut other, "tiny-bert/bitfit");
+    assert_close("tiny-bert + torch's BitFit tensors", &flat(block_on(other.logits(&TEXTS, 64, 3)).unwrap()), &want.f32["logits"].data, 1e-4);
+    // Ours reloads to the same logits.
+    let mut again = session("tiny-bert", TaskKind::Classification);
+    again.load_adapter(std::str::from_utf8(&files[0].1).unwrap(), &files[1].1, Some(std::str::from_utf8(&files[2].1).unwrap())).unwrap();
+    assert_eq!(flat(block_on(again.logits(&TEXTS, 64, 3)).unwrap()), after_step);
+}
+
+fn want_keys(p: &str) -> Vec<String> {
+    webpeft::io::safetensors::read_all_f32(&std::fs::read(fixture(p)).unwrap()).unwrap().into_keys().collect()
 }
 
 #[test]
@@ -187,8 +197,9 @@ fn minilm_embeddings_match_sentence_transformers() {
     let h = bert(&s).config.hidden_size;
     let cls: Vec<f32> = block_on(read(hidden.clone())).unwrap().data.chunks(h).step_by(b.len).flatten().copied().collect();
     assert_close("MiniLM [CLS] hidden state", &cls, &fx.f32["cls_hidden"].data, 1e-3);
-    assert_close("MiniLM pooler", &block_on(read(bert(&s).pool(hidden, b.rows).unwrap())).unwrap().data, &fx.f32["pooled"].data, 1e-4);
-    let _ = Bert::mean_pool;
+    assert_close("MiniLM pooler", &block_on(read(bert(&s).pool(hidden.clone(), b.rows, &NoHook).unwrap())).unwrap().data, &fx.f32["pooled"].data, 1e-4);
+    // Mean pooling itself on these hidden states.
+    assert_close("MiniLM mean pooling + L2 norm", &block_on(read(Bert::mean_pool(hidden, &b.mask, b.rows))).unwrap().data, &fx.f32["embeddings"].data, 1e-4);
 }
 
 /// SMS spam (data/sms-cls-*.csv from scripts/fetch-data), or None when it is not there.
@@ -241,41 +252,10 @@ fn minilm_lora_spam_classifier_end_to_end() {
     assert_eq!(block_on(again.logits(&texts[..10], 64, 10)).unwrap(), logits[..10].to_vec());
 }
 
-fn trainer_from(hp: &serde_json::Value) -> Trainer {
-    Trainer::new(TrainConfig {
-        optim: AdamWConfig { lr: hp["lr"].as_f64().unwrap(), weight_decay: hp["weight_decay"].as_f64().unwrap(), ..Default::default() },
-        total_steps: 1,
-        max_grad_norm: None,
-        ..Default::default()
-    })
-}
-
-fn json(p: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(p)).unwrap()).unwrap()
-}
-
-fn load_peft(s: &mut TaskSession, dir: &str) {
-    let d = fixture(dir);
-    s.load_adapter(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap(), &std::fs::read(d.join("adapter_model.safetensors")).unwrap(), None).unwrap();
-}
-
-/// Every tensor after one step equals PyTorch's, and moved.
-fn assert_step(
-    before: &std::collections::BTreeMap<String, webpeft::io::safetensors::HostTensor>,
-    after: &std::collections::BTreeMap<String, webpeft::io::safetensors::HostTensor>,
-    want: &Fixture,
-) {
-    assert_eq!(after.keys().collect::<Vec<_>>(), want.f32.keys().collect::<Vec<_>>(), "the trainable tensors under peft's names");
-    for (k, w) in &want.f32 {
-        assert_close(&format!("after one step: {k}"), &after[k].data, &w.data, 5e-5);
-        assert!(max_abs_diff(&before[k].data, &w.data) > 1e-3, "{k} moved");
-    }
-}
-
 #[test]
 fn feature_extraction_lora_and_one_mnrl_step_match_torch() {
     let mut s = session("tiny-bert", TaskKind::Embedding);
-    load_peft(&mut s, "tiny-bert/embed");
+    load_task_adapter(&mut s, "tiny-bert/embed");
     let hp = json("tiny-bert/embed-train.json");
     let pairs: Vec<(String, String)> = hp["pairs"].as_array().unwrap().iter().map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_str().unwrap().to_string())).collect();
     let anchors: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
@@ -342,7 +322,7 @@ fn decoder_classifier_matches_transformers_and_peft() {
     // The score head on each row's last non-padding token, as LlamaForSequenceClassification.
     assert_close("tiny LlamaForSequenceClassification logits", &flat(block_on(s.logits(&TEXTS, 64, 3)).unwrap()), &fx.f32["logits"].data, 1e-4);
     assert_close("the same one text per batch (no padding)", &flat(block_on(s.logits(&TEXTS, 64, 1)).unwrap()), &fx.f32["logits"].data, 1e-4);
-    load_peft(&mut s, "tiny-llama-cls/lora");
+    load_task_adapter(&mut s, "tiny-llama-cls/lora");
     assert_close("+ peft SEQ_CLS LoRA (q_proj, v_proj) + score", &flat(block_on(s.logits(&TEXTS, 64, 3)).unwrap()), &fx.f32["lora_logits"].data, 1e-4);
     let hp = json("tiny-llama-cls/train.json");
     let labels: Vec<usize> = hp["labels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();

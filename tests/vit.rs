@@ -7,29 +7,18 @@
 mod common;
 
 use common::*;
-use webpeft::io::source::ModelFiles;
 use webpeft::peft::lora::LoraConfig;
 use webpeft::task::{Backbone, ClassifyOptions, LabeledImage, TaskKind, TaskSession};
 use webpeft::tensor::block_on;
-use webpeft::train::{AdamWConfig, TrainConfig, Trainer};
 
 fn vit() -> TaskSession {
-    TaskSession::load(&ModelFiles::from_path(&fixture("tiny-vit")).unwrap(), compute(), TaskKind::Classification).unwrap()
+    task_session("tiny-vit", TaskKind::Classification)
 }
 
 /// The fixture's two images of random pixel values, [C, H, W] each.
 fn pixel_images() -> Vec<Vec<f32>> {
     let fx = load("tiny-vit/expected.safetensors");
     fx.f32["pixel_values"].data.chunks(3 * 16 * 16).map(<[f32]>::to_vec).collect()
-}
-
-fn flat(v: Vec<Vec<f32>>) -> Vec<f32> {
-    v.into_iter().flatten().collect()
-}
-
-fn load_lora(s: &mut TaskSession) {
-    let d = fixture("tiny-vit/lora");
-    s.load_adapter(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap(), &std::fs::read(d.join("adapter_model.safetensors")).unwrap(), None).unwrap();
 }
 
 #[test]
@@ -58,24 +47,31 @@ fn tiny_vit_matches_transformers() {
 fn peft_lora_on_vit_loads_and_one_step_matches_torch() {
     let fx = load("tiny-vit/expected.safetensors");
     let mut s = vit();
-    load_lora(&mut s);
+    load_task_adapter(&mut s, "tiny-vit/lora");
     assert_close("tiny ViT + peft LoRA (q_proj, v_proj) + classifier", &flat(block_on(s.image_logits(&pixel_images(), 2)).unwrap()), &fx.f32["lora_logits"].data, 1e-4);
-    let hp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("tiny-vit/train.json")).unwrap()).unwrap();
-    let labels: Vec<usize> = hp["labels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-    let mut tr =
-        Trainer::new(TrainConfig { optim: AdamWConfig { lr: hp["lr"].as_f64().unwrap(), weight_decay: hp["weight_decay"].as_f64().unwrap(), ..Default::default() }, ..Default::default() });
+    let hp = json("tiny-vit/train.json");
     let before = block_on(s.trainable_tensors()).unwrap();
-    let st = block_on(s.train_step_images(&mut tr, &pixel_images(), &labels)).unwrap();
-    let d = (st.loss as f64 - hp["loss"].as_f64().unwrap()).abs();
-    eprintln!("ViT loss {} vs torch {}: |d| = {d:.2e}", st.loss, hp["loss"]);
-    assert!(d < 1e-5);
-    let want = load("tiny-vit/train.safetensors");
-    let after = block_on(s.trainable_tensors()).unwrap();
-    assert_eq!(after.keys().collect::<Vec<_>>(), want.f32.keys().collect::<Vec<_>>(), "peft's names: vit.layers.N.attention.q_proj, classifier");
-    for (k, w) in &want.f32 {
-        assert_close(&format!("after one step: {k}"), &after[k].data, &w.data, 5e-5);
-        assert!(max_abs_diff(&before[k].data, &w.data) > 1e-3, "{k} moved");
-    }
+    let st = block_on(s.train_step_images(&mut trainer_from(&hp), &pixel_images(), &label_ids(&hp))).unwrap();
+    assert_loss("ViT LoRA", st.loss, &hp, "loss");
+    // peft's names: vit.layers.N.attention.q_proj, classifier.
+    assert_step(&before, &block_on(s.trainable_tensors()).unwrap(), &load("tiny-vit/train.safetensors"));
+}
+
+#[test]
+fn bitfit_on_vit_matches_torch() {
+    // Every bias: patch embedding, q/k/v/o, fc1/fc2, the LayerNorms; and the classifier.
+    let hp = json("tiny-vit/bitfit/train.json");
+    let mut s = vit();
+    s.add_bitfit().unwrap();
+    let before = block_on(s.trainable_tensors()).unwrap();
+    let st = block_on(s.train_step_images(&mut trainer_from(&hp), &pixel_images(), &label_ids(&hp))).unwrap();
+    assert_loss("ViT BitFit", st.loss, &hp, "loss");
+    assert_step_moving(&before, &block_on(s.trainable_tensors()).unwrap(), &load("tiny-vit/bitfit/train.safetensors"), not_key_bias);
+    let want = load("tiny-vit/bitfit/expected.safetensors");
+    assert_close("tiny ViT after one BitFit step", &flat(block_on(s.image_logits(&pixel_images(), 2)).unwrap()), &want.f32["logits"].data, 1e-4);
+    let mut other = vit();
+    load_task_adapter(&mut other, "tiny-vit/bitfit");
+    assert_close("tiny ViT + torch's BitFit tensors", &flat(block_on(other.image_logits(&pixel_images(), 2)).unwrap()), &want.f32["logits"].data, 1e-4);
 }
 
 #[test]
@@ -177,5 +173,62 @@ fn cli_classifies_images_from_a_csv_of_paths() {
     assert_eq!(labels, ["red", "blue"]);
     let (ok, _, err) = run(&["predict", "--model", m.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--image", tmp.join("data.csv").to_str().unwrap()]);
     assert!(!ok && err.contains("image"), "a CSV is not an image: {err}");
+    // LoRA vs BitFit from the same start: a folder and a table row each, and a joint report.
+    let (cmp, report) = (tmp.join("compare"), tmp.join("report.json"));
+    let (ok, stdout, err) = run(&[
+        "classify",
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        tmp.join("data.csv").to_str().unwrap(),
+        "--out",
+        cmp.to_str().unwrap(),
+        "--method",
+        "lora",
+        "--method",
+        "bitfit",
+        "--target",
+        "q_proj,v_proj",
+        "--r",
+        "4",
+        "--epochs",
+        "6",
+        "--batch",
+        "4",
+        "--lr",
+        "3e-2",
+        "--val-split",
+        "0.25",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert!(ok && err.contains("[bitfit] epoch 6"), "{err}");
+    eprintln!("{stdout}");
+    assert!(stdout.lines().next().unwrap().starts_with("method") && stdout.lines().filter(|l| l.starts_with("lora ") || l.starts_with("bitfit ")).count() == 2, "{stdout}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    // Head 2x32 + 2; LoRA r 4 on q, v of 2 layers: 4 x (32x4 + 4x32); BitFit: the patch bias
+    // (32), per layer q/k/v/o (4x32), fc1 (64), fc2 (32) and two LayerNorms (2x32), the final LayerNorm (32).
+    assert_eq!(r["methods"]["lora"]["trainable_parameters"], 66 + 4 * 256);
+    assert_eq!(r["methods"]["bitfit"]["trainable_parameters"], 66 + 32 + 2 * (128 + 64 + 32 + 64) + 32);
+    for method in ["lora", "bitfit"] {
+        assert!(r["methods"][method]["val"]["accuracy"].as_f64().unwrap() >= 0.99, "{method}: {}", r["methods"][method]);
+    }
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cmp.join("bitfit/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "SELECTIVE");
+    let bitfit = cmp.join("bitfit");
+    let (ok, stdout, err) = run(&[
+        "predict",
+        "--model",
+        m.to_str().unwrap(),
+        "--adapter",
+        bitfit.to_str().unwrap(),
+        "--image",
+        tmp.join("img/0.png").to_str().unwrap(),
+        "--image",
+        tmp.join("img/1.png").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let labels: Vec<String> = stdout.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["label"].as_str().unwrap().to_string()).collect();
+    assert_eq!(labels, ["red", "blue"], "the BitFit classifier reloaded");
     std::fs::remove_dir_all(&tmp).ok();
 }

@@ -242,6 +242,10 @@ impl DpArgs {
 /// A LoRA training run on a task (`classify`, `embed-train`): the data, the LoRA and the run's options.
 #[derive(Args, Clone)]
 struct TaskTrainArgs {
+    /// lora | bitfit (every bias of the model, with the head). classify: repeat to compare methods
+    /// from the same start (each written to OUT/<method>, with a table of the results).
+    #[arg(long = "method", default_value = "lora")]
+    methods: Vec<String>,
     /// classify: CSV/TSV with `text` and `label` columns, or JSONL {"text": ..., "label": ...}
     /// (an image classifier: `image` (a path relative to the data file) and `label`);
     /// embed-train: `anchor` and `positive` columns / keys.
@@ -302,6 +306,15 @@ struct ClassifyFlags {
 }
 
 impl TaskTrainArgs {
+    /// Add the adapter of `method` to a task session.
+    fn add_method(&self, s: &mut TaskSession, method: &str, model: &Path, task_type: &str) -> Result<()> {
+        match method {
+            "lora" => s.add_lora(self.lora(model, task_type)?, self.seed),
+            "bitfit" => s.add_bitfit(),
+            other => Err(Error::new(ErrorCode::Unsupported, format!("--method {other}: classify and embed-train take lora or bitfit"))),
+        }
+    }
+
     fn lora(&self, model: &Path, task_type: &str) -> Result<LoraConfig> {
         LoraConfig::from_value(&serde_json::json!({
             "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": model.display().to_string(),
@@ -555,6 +568,61 @@ enum Cmd {
     },
 }
 
+/// Train one classifier with `method` and write it to `out`: its report (JSON) and a row of
+/// the comparison table.
+fn classify(common: &Common, args: &TaskTrainArgs, flags: &ClassifyFlags, method: &str, out: &Path) -> Result<(serde_json::Value, String)> {
+    let mut s = open_task(common, TaskKind::Classification)?;
+    args.add_method(&mut s, method, &common.model, "SEQ_CLS")?;
+    let o = args.options(Some(flags))?;
+    let t0 = Instant::now();
+    let show = |e: &webpeft::task::EpochReport| {
+        let val =
+            e.val.as_ref().map_or(String::new(), |m| format!(" val_loss {:.4} val_acc {:.4} macro_f1 {:.4} ece {:.4} confusion {:?}", m.loss, m.accuracy, m.macro_f1, m.ece, m.confusion));
+        eprintln!("[{method}] epoch {} step {} train_loss {:.4}{val} {:.1}s {:.0} tok/s", e.epoch, e.steps, e.train_loss, e.seconds, e.tokens_per_second);
+        true
+    };
+    let rep = if s.preprocess.is_some() {
+        let images = read_images(&s, &args.data)?;
+        let data: Vec<LabeledImage> = images.into_iter().map(|(_, pixels, label)| LabeledImage { pixels, label }).collect();
+        block_on(s.train_image_classifier(&data, &o, show))?
+    } else {
+        block_on(s.train_classifier(&parse_labeled_file(&args.data.display().to_string(), &read_text(&args.data)?)?, &o, show))?
+    };
+    let seconds = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "[{method}] labels {:?}; {} train / {} validation examples; kept epoch {}; temperature {:.4} (val ECE {:.4} -> {:.4}) in {seconds:.1}s",
+        rep.labels,
+        rep.train_examples,
+        rep.val_examples,
+        rep.best_epoch,
+        rep.temperature,
+        rep.val_uncalibrated.as_ref().map_or(f64::NAN, |m| m.ece),
+        rep.val_calibrated.as_ref().map_or(f64::NAN, |m| m.ece),
+    );
+    let trainable = s.num_trainable();
+    write_files(out, block_on(s.save_adapter())?)?;
+    eprintln!("[{method}] wrote {}", out.display());
+    let n = rep.epochs.len().max(1) as f64;
+    let per_epoch = rep.epochs.iter().map(|e| e.seconds).sum::<f64>() / n;
+    let rate = rep.epochs.iter().map(|e| e.tokens_per_second).sum::<f64>() / n;
+    let val = rep.val_uncalibrated.as_ref();
+    let row = format!(
+        "{method:<8} {trainable:>10} {:>7} {:>8.4} {:>8.4} {:>7.4} {per_epoch:>9.2} {rate:>10.1}",
+        rep.epochs.len(),
+        val.map_or(f64::NAN, |m| m.accuracy),
+        val.map_or(f64::NAN, |m| m.macro_f1),
+        val.map_or(f64::NAN, |m| m.ece)
+    );
+    let j = serde_json::json!({
+        "method": method, "trainable_parameters": trainable, "seconds": seconds,
+        "labels": rep.labels, "train_examples": rep.train_examples, "val_examples": rep.val_examples, "best_epoch": rep.best_epoch,
+        "temperature": rep.temperature, "val": val.map(metrics_json), "val_calibrated": rep.val_calibrated.as_ref().map(metrics_json),
+        "epochs": rep.epochs.iter().map(|e| serde_json::json!({"epoch": e.epoch, "steps": e.steps, "train_loss": e.train_loss, "seconds": e.seconds,
+            "tokens_per_second": e.tokens_per_second, "val": e.val.as_ref().map(metrics_json)})).collect::<Vec<_>>(),
+    });
+    Ok((j, row))
+}
+
 fn open_task(common: &Common, task: TaskKind) -> Result<TaskSession> {
     let files = ModelFiles::from_path(&common.model)?;
     let compute = device::select(DeviceChoice::parse(&common.device)?)?;
@@ -727,7 +795,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::EmbedTrain { common, args } => {
             let pairs = parse_pairs_file(&args.data.display().to_string(), &read_text(&args.data)?)?;
             let mut s = open_task(&common, TaskKind::Embedding)?;
-            s.add_lora(args.lora(&common.model, "FEATURE_EXTRACTION")?, args.seed)?;
+            let [method] = args.methods.as_slice() else { return Err(Error::new(ErrorCode::Config, "embed-train takes one --method")) };
+            args.add_method(&mut s, method, &common.model, "FEATURE_EXTRACTION")?;
             let t0 = Instant::now();
             let steps = block_on(s.train_embeddings(&pairs, &args.options(None)?, |st| {
                 eprintln!("step {} loss {:.4} lr {:.3e} grad_norm {:.3} tokens {}", st.step, st.loss, st.lr, st.grad_norm, st.tokens);
@@ -738,45 +807,23 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", args.out.display());
         }
         Cmd::Classify { common, args, flags } => {
-            let mut s = open_task(&common, TaskKind::Classification)?;
-            s.add_lora(args.lora(&common.model, "SEQ_CLS")?, args.seed)?;
-            let o = args.options(Some(&flags))?;
-            let t0 = Instant::now();
-            let show = |e: &webpeft::task::EpochReport| {
-                let val = e
-                    .val
-                    .as_ref()
-                    .map_or(String::new(), |m| format!(" val_loss {:.4} val_acc {:.4} macro_f1 {:.4} ece {:.4} confusion {:?}", m.loss, m.accuracy, m.macro_f1, m.ece, m.confusion));
-                eprintln!("epoch {} step {} train_loss {:.4}{val} {:.1}s {:.0} tok/s", e.epoch, e.steps, e.train_loss, e.seconds, e.tokens_per_second);
-                true
-            };
-            let rep = if s.preprocess.is_some() {
-                let images = read_images(&s, &args.data)?;
-                let data: Vec<LabeledImage> = images.into_iter().map(|(_, pixels, label)| LabeledImage { pixels, label }).collect();
-                block_on(s.train_image_classifier(&data, &o, show))?
-            } else {
-                block_on(s.train_classifier(&parse_labeled_file(&args.data.display().to_string(), &read_text(&args.data)?)?, &o, show))?
-            };
-            eprintln!(
-                "labels {:?}; {} train / {} validation examples; kept epoch {}; temperature {:.4} (val ECE {:.4} -> {:.4}) in {:.1}s",
-                rep.labels,
-                rep.train_examples,
-                rep.val_examples,
-                rep.best_epoch,
-                rep.temperature,
-                rep.val_uncalibrated.as_ref().map_or(f64::NAN, |m| m.ece),
-                rep.val_calibrated.as_ref().map_or(f64::NAN, |m| m.ece),
-                t0.elapsed().as_secs_f64()
-            );
-            write_files(&args.out, block_on(s.save_adapter())?)?;
-            eprintln!("wrote {}", args.out.display());
+            let compare = args.methods.len() > 1;
+            let mut reports = serde_json::Map::new();
+            let mut table = Vec::new();
+            for method in &args.methods {
+                let out = if compare { args.out.join(method) } else { args.out.clone() };
+                let (report, row) = classify(&common, &args, &flags, method, &out)?;
+                reports.insert(method.clone(), report);
+                table.push(row);
+            }
+            if compare {
+                println!("{:<8} {:>10} {:>7} {:>8} {:>8} {:>7} {:>9} {:>10}", "method", "trainable", "epochs", "val_acc", "macro_f1", "ece", "s/epoch", "inputs/s");
+                for r in &table {
+                    println!("{r}");
+                }
+            }
             if let Some(path) = &flags.report {
-                let j = serde_json::json!({
-                    "labels": rep.labels, "train_examples": rep.train_examples, "val_examples": rep.val_examples, "best_epoch": rep.best_epoch,
-                    "temperature": rep.temperature, "val": rep.val_uncalibrated.as_ref().map(metrics_json), "val_calibrated": rep.val_calibrated.as_ref().map(metrics_json),
-                    "epochs": rep.epochs.iter().map(|e| serde_json::json!({"epoch": e.epoch, "steps": e.steps, "train_loss": e.train_loss, "seconds": e.seconds,
-                        "tokens_per_second": e.tokens_per_second, "val": e.val.as_ref().map(metrics_json)})).collect::<Vec<_>>(),
-                });
+                let j = if compare { serde_json::json!({ "methods": reports }) } else { reports.into_values().next().unwrap_or_default() };
                 std::fs::write(path, serde_json::to_string_pretty(&j).expect("json"))?;
             }
         }

@@ -14,7 +14,7 @@ use serde_json::Value as Json;
 use crate::error::{Result, bail, err};
 use crate::io::safetensors::{HostTensor, take};
 use crate::models::Base;
-use crate::models::hooks::{Adapter, Family, Proj, Site};
+use crate::models::hooks::{Adapter, Family, NoHook, Norm, Proj, Site, Tunable};
 use crate::models::linear::Linear;
 use crate::tensor::{floats, upload};
 
@@ -121,10 +121,22 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension (biased variance, as torch).
     pub fn forward(&self, x: Tensor<2>, eps: f64) -> Tensor<2> {
+        self.forward_with(x, eps, Norm::Final, &NoHook)
+    }
+
+    /// The same with the adapter's replacements for norm `norm`'s weight and bias [1, hidden].
+    pub fn forward_with(&self, x: Tensor<2>, eps: f64, norm: Norm, adapter: &dyn Adapter) -> Tensor<2> {
         let mean = x.clone().mean_dim(1);
         let centered = x - mean;
         let var = centered.clone().square().mean_dim(1);
-        centered * (var + eps).sqrt().recip() * self.weight.clone().unsqueeze() + self.bias.clone().unsqueeze()
+        let w = adapter.tunable(Tunable::NormWeight(norm)).unwrap_or_else(|| self.weight.clone().unsqueeze());
+        let b = adapter.tunable(Tunable::NormBias(norm)).unwrap_or_else(|| self.bias.clone().unsqueeze());
+        centered * (var + eps).sqrt().recip() * w + b
+    }
+
+    /// Its weight and bias as [`Tunable`]s of `norm`, named under `module`.
+    pub fn tunables(&self, norm: Norm, module: &str) -> [(Tunable, String, Tensor<1>); 2] {
+        [(Tunable::NormWeight(norm), format!("{module}.weight"), self.weight.clone()), (Tunable::NormBias(norm), format!("{module}.bias"), self.bias.clone())]
     }
 }
 
@@ -244,7 +256,7 @@ impl Bert {
         let pos: Tensor<3> = self.position.clone().narrow(0, 0, t).unsqueeze::<3>();
         let typ: Tensor<3> = self.token_type.clone().narrow(0, 0, 1).unsqueeze::<3>();
         let x = (words.reshape([b, t, h]) + pos + typ).reshape([b * t, h]);
-        let mut x = self.embed_norm.forward(x, eps);
+        let mut x = self.embed_norm.forward_with(x, eps, Norm::Embedding, adapter);
         // Additive key mask [B, 1, 1, T]: transformers adds finfo(f32).min at padded keys.
         let key_mask = mask.map(|m| floats(m.iter().map(|&v| if v == 0 { f32::MIN } else { 0.0 }).collect(), [b, 1, 1, t], &self.device));
         let scale = 1.0 / (hd as f64).sqrt();
@@ -264,20 +276,20 @@ impl Bert {
                 scores = scores + m.clone();
             }
             let ctx = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b * t, h]);
-            let a = layer.attn_norm.forward(lin(Proj::O, &ctx) + x, eps);
+            let a = layer.attn_norm.forward_with(lin(Proj::O, &ctx) + x, eps, Norm::PostAttention(l), adapter);
             let inter = gelu(lin(Proj::Up, &a));
-            x = layer.out_norm.forward(lin(Proj::Down, &inter) + a, eps);
+            x = layer.out_norm.forward_with(lin(Proj::Down, &inter) + a, eps, Norm::Output(l), adapter);
         }
         Ok(x)
     }
 
     /// The pooler's output `tanh(dense(h[CLS]))` [B, hidden] from hidden states [B*T, hidden].
-    pub fn pool(&self, hidden: Tensor<2>, b: usize) -> Result<Tensor<2>> {
+    pub fn pool(&self, hidden: Tensor<2>, b: usize, adapter: &dyn Adapter) -> Result<Tensor<2>> {
         let p = self.pooler.as_ref().ok_or_else(|| err!(Unsupported, "this checkpoint has no pooler (pooler.dense): it cannot be a BertForSequenceClassification"))?;
         let h = self.config.hidden_size;
         let t = hidden.dims()[0] / b;
         let cls = hidden.reshape([b, t, h]).narrow(1, 0, 1).reshape([b, h]);
-        Ok(p.forward(&cls).tanh())
+        Ok(p.forward_with(&cls, None, adapter.tunable(Tunable::PoolerBias)).tanh())
     }
 
     /// Sentence embeddings as sentence-transformers computes them: the mean of the real
@@ -311,5 +323,18 @@ impl Base for Bert {
     }
     fn device(&self) -> &Device {
         &self.device
+    }
+    fn tunables(&self) -> Vec<(Tunable, String, Tensor<1>)> {
+        let name = |n: Norm| n.module_name_in(self.family);
+        let mut v = self.embed_norm.tunables(Norm::Embedding, &name(Norm::Embedding)).to_vec();
+        for (l, layer) in self.layers.iter().enumerate() {
+            v.extend(layer.attn_norm.tunables(Norm::PostAttention(l), &name(Norm::PostAttention(l))));
+            v.extend(layer.out_norm.tunables(Norm::Output(l), &name(Norm::Output(l))));
+        }
+        if let Some(b) = self.pooler.as_ref().and_then(|p| p.bias.as_ref()) {
+            let prefix = if let Family::Bert { prefix } = self.family { prefix } else { "" };
+            v.push((Tunable::PoolerBias, format!("{prefix}pooler.dense.bias"), b.clone()));
+        }
+        v
     }
 }

@@ -110,22 +110,55 @@ impl Site {
     }
 }
 
-/// The normalisation layers of a decoder.
+/// The normalisation layers of a model. A decoder (and ViT) has `Input` and `PostAttention`
+/// in each layer and a `Final` one; BERT has `Embedding`, then `PostAttention` (after the
+/// attention's residual) and `Output` (after the MLP's) in each layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Norm {
     Input(usize),
     PostAttention(usize),
     Final,
+    Embedding,
+    Output(usize),
 }
 
 impl Norm {
+    /// The module name in a Llama-family decoder.
     pub fn module_name(&self) -> String {
-        match self {
-            Norm::Input(l) => format!("model.layers.{l}.input_layernorm"),
-            Norm::PostAttention(l) => format!("model.layers.{l}.post_attention_layernorm"),
-            Norm::Final => "model.norm".to_string(),
+        self.module_name_in(Family::Llama)
+    }
+
+    /// The module name in a model of `family` (a norm the family does not have is named as
+    /// its nearest one: models only list the norms they have).
+    pub fn module_name_in(&self, family: Family) -> String {
+        match (family, *self) {
+            (Family::Bert { prefix }, Norm::Embedding | Norm::Final) => format!("{prefix}embeddings.LayerNorm"),
+            (Family::Bert { prefix }, Norm::PostAttention(l) | Norm::Input(l)) => format!("{prefix}encoder.layer.{l}.attention.output.LayerNorm"),
+            (Family::Bert { prefix }, Norm::Output(l)) => format!("{prefix}encoder.layer.{l}.output.LayerNorm"),
+            (Family::Vit, Norm::Input(l)) => format!("vit.layers.{l}.layernorm_before"),
+            (Family::Vit, Norm::PostAttention(l) | Norm::Output(l)) => format!("vit.layers.{l}.layernorm_after"),
+            (Family::Vit, Norm::Final | Norm::Embedding) => "vit.layernorm".to_string(),
+            (Family::Gpt2, Norm::Input(l)) => format!("transformer.h.{l}.ln_1"),
+            (Family::Gpt2, Norm::PostAttention(l) | Norm::Output(l)) => format!("transformer.h.{l}.ln_2"),
+            (Family::Gpt2, Norm::Final | Norm::Embedding) => "transformer.ln_f".to_string(),
+            (Family::Llama, Norm::Input(l)) => format!("model.layers.{l}.input_layernorm"),
+            (Family::Llama, Norm::PostAttention(l) | Norm::Output(l)) => format!("model.layers.{l}.post_attention_layernorm"),
+            (Family::Llama, Norm::Final | Norm::Embedding) => "model.norm".to_string(),
         }
     }
+}
+
+/// A base vector outside the linear layers that selective tuning (BitFit) may replace with a
+/// trainable copy (see [`Adapter::tunable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tunable {
+    /// An encoder's LayerNorm weight, or its bias.
+    NormWeight(Norm),
+    NormBias(Norm),
+    /// ViT's patch embedding bias (`vit.embeddings.patch_embeddings.projection.bias`).
+    PatchBias,
+    /// BERT's pooler bias (`bert.pooler.dense.bias`).
+    PoolerBias,
 }
 
 /// The two residual branches of a decoder layer.
@@ -157,6 +190,12 @@ pub trait Adapter {
     }
     /// A replacement weight [1, hidden] for a normalisation layer (LN tuning).
     fn norm_weight(&self, _norm: Norm) -> Option<Tensor<2>> {
+        None
+    }
+    /// A trainable replacement [1, n] for a base vector outside the linear layers: an
+    /// encoder's LayerNorm weight or bias, ViT's patch-embedding bias, BERT's pooler bias
+    /// (selective tuning, BitFit).
+    fn tunable(&self, _t: Tunable) -> Option<Tensor<2>> {
         None
     }
     /// The output of a residual branch before it is added back: `normed` is the branch's
@@ -206,6 +245,9 @@ impl Adapter for Stack<'_> {
     }
     fn norm_weight(&self, norm: Norm) -> Option<Tensor<2>> {
         self.0.iter().find_map(|a| a.norm_weight(norm))
+    }
+    fn tunable(&self, t: Tunable) -> Option<Tensor<2>> {
+        self.0.iter().find_map(|a| a.tunable(t))
     }
     fn sublayer_output(&self, layer: usize, which: Sublayer, normed: &Tensor<2>, out: Tensor<2>) -> Tensor<2> {
         self.0.iter().fold(out, |o, a| a.sublayer_output(layer, which, normed, o))

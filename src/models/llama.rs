@@ -356,7 +356,8 @@ impl Llama {
             let pos: Tensor<3> = wpe.clone().narrow(0, past, t_all).unsqueeze::<3>();
             x = (x.reshape([b, t_all, h]) + pos).reshape([b * t_all, h]);
         }
-        let (cos, sin) = if self.positions.is_none() { self.rope_tables(past, t_all) } else { (Tensor::zeros([1, 1, 1, 1], &self.device), Tensor::zeros([1, 1, 1, 1], &self.device)) };
+        // RoPE tables, unless the positions are learned (GPT-2).
+        let rope = self.positions.is_none().then(|| self.rope_tables(past, t_all));
         let mask = self.attn_mask(b, t_all, past, mask.as_deref());
         let scale = 1.0 / (hd as f64).sqrt();
         if let Some(k) = cache.as_deref_mut()
@@ -384,7 +385,10 @@ impl Llama {
             let q = q.reshape([b, t, nh, hd]).swap_dims(1, 2);
             let k = k.reshape([b, t, nkv, hd]).swap_dims(1, 2);
             let mut v = v.reshape([b, t, nkv, hd]).swap_dims(1, 2);
-            let (q, mut k) = if self.positions.is_none() { (Self::rope(q, &cos, &sin), Self::rope(k, &cos, &sin)) } else { (q, k) };
+            let (q, mut k) = match &rope {
+                Some((cos, sin)) => (Self::rope(q, cos, sin), Self::rope(k, cos, sin)),
+                None => (q, k),
+            };
             if let Some(kc) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = kc.layers[l].take() {
                     k = Tensor::cat(vec![pk, k], 2);

@@ -7,9 +7,9 @@ pub mod linear;
 pub mod llama;
 pub mod vit;
 
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 
-use hooks::Site;
+use hooks::{Site, Tunable};
 use linear::Linear;
 
 /// What a PEFT method that works on linear layers (LoRA) needs to know of a frozen model,
@@ -28,6 +28,12 @@ pub trait Base {
     /// records as LoRA's `fan_in_fan_out`.
     fn conv1d(&self) -> bool {
         false
+    }
+    /// The base tensors outside the linear layers that selective tuning may train (an
+    /// encoder's LayerNorms, ViT's patch bias), with their transformers parameter names
+    /// (a decoder's norms and embeddings are reached through [`Base::as_llama`]).
+    fn tunables(&self) -> Vec<(Tunable, String, Tensor<1>)> {
+        Vec::new()
     }
 }
 

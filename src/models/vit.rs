@@ -17,7 +17,7 @@ use crate::error::{Result, bail, err};
 use crate::io::safetensors::{HostTensor, take};
 use crate::models::Base;
 use crate::models::bert::LayerNorm;
-use crate::models::hooks::{Adapter, Family, Proj, Site};
+use crate::models::hooks::{Adapter, Family, Norm, Proj, Site, Tunable};
 use crate::models::linear::Linear;
 use crate::tensor::{floats, upload};
 
@@ -302,7 +302,7 @@ impl Vit {
         let (h, nh) = (c.hidden_size, c.num_attention_heads);
         let (hd, t) = (h / nh, 1 + c.num_patches());
         let eps = c.layer_norm_eps;
-        let x = self.patch.forward(&self.patches(pixels, b)?).reshape([b, t - 1, h]);
+        let x = self.patch.forward_with(&self.patches(pixels, b)?, None, adapter.tunable(Tunable::PatchBias)).reshape([b, t - 1, h]);
         let cls: Tensor<3> = self.cls.clone().unsqueeze::<3>().repeat_dim(0, b);
         let x = Tensor::cat(vec![cls, x], 1) + self.positions.clone().unsqueeze::<3>();
         let mut x = x.reshape([b * t, h]);
@@ -315,14 +315,14 @@ impl Vit {
                 adapter.linear_output(site, &x, y)
             };
             let heads = |y: Tensor<2>| y.reshape([b, t, nh, hd]).swap_dims(1, 2);
-            let hx = layer.norm_before.forward(x.clone(), eps);
+            let hx = layer.norm_before.forward_with(x.clone(), eps, Norm::Input(l), adapter);
             let (q, k, v) = (heads(lin(Proj::Q, &hx)), heads(lin(Proj::K, &hx)), heads(lin(Proj::V, &hx)));
             let ctx = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3).matmul(v).swap_dims(1, 2).reshape([b * t, h]);
             x = x + lin(Proj::O, &ctx);
-            let hx = layer.norm_after.forward(x.clone(), eps);
+            let hx = layer.norm_after.forward_with(x.clone(), eps, Norm::PostAttention(l), adapter);
             x = x.clone() + lin(Proj::Down, &gelu(lin(Proj::Up, &hx)));
         }
-        Ok(self.norm.forward(x, eps))
+        Ok(self.norm.forward_with(x, eps, Norm::Final, adapter))
     }
 
     /// The `[CLS]` states [B, hidden] the classifier reads.
@@ -341,5 +341,18 @@ impl Base for Vit {
     }
     fn device(&self) -> &Device {
         &self.device
+    }
+    fn tunables(&self) -> Vec<(Tunable, String, Tensor<1>)> {
+        let name = |n: Norm| n.module_name_in(Family::Vit);
+        let mut v = Vec::new();
+        if let Some(b) = &self.patch.bias {
+            v.push((Tunable::PatchBias, "vit.embeddings.patch_embeddings.projection.bias".to_string(), b.clone()));
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            v.extend(layer.norm_before.tunables(Norm::Input(l), &name(Norm::Input(l))));
+            v.extend(layer.norm_after.tunables(Norm::PostAttention(l), &name(Norm::PostAttention(l))));
+        }
+        v.extend(self.norm.tunables(Norm::Final, &name(Norm::Final)));
+        v
     }
 }

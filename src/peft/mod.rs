@@ -19,7 +19,7 @@ use burn::tensor::Tensor;
 use serde_json::Value as Json;
 
 use crate::error::{Result, bail, err};
-use crate::models::hooks::{Adapter, Norm, PerRow, Site, Stack, Sublayer, row_masks};
+use crate::models::hooks::{Adapter, PerRow, Stack, row_masks};
 use crate::models::llama::Llama;
 use crate::tokenizer::Tokenizer;
 
@@ -402,43 +402,48 @@ impl AnyAdapter {
 /// Forwards every hook to the wrapped method.
 macro_rules! delegate_adapter {
     ($t:ty, $this:ident => $inner:expr) => {
-        impl Adapter for $t {
-            fn linear_input(&$this, site: Site, x: Tensor<2>) -> Tensor<2> {
+        impl $crate::models::hooks::Adapter for $t {
+            fn linear_input(&$this, site: $crate::models::hooks::Site, x: burn::tensor::Tensor<2>) -> burn::tensor::Tensor<2> {
                 $inner.linear_input(site, x)
             }
-            fn linear_output(&$this, site: Site, x: &Tensor<2>, y: Tensor<2>) -> Tensor<2> {
+            fn linear_output(&$this, site: $crate::models::hooks::Site, x: &burn::tensor::Tensor<2>, y: burn::tensor::Tensor<2>) -> burn::tensor::Tensor<2> {
                 $inner.linear_output(site, x, y)
             }
-            fn prefix(&$this) -> Option<Tensor<2>> {
+            fn prefix(&$this) -> Option<burn::tensor::Tensor<2>> {
                 $inner.prefix()
             }
-            fn prefix_kv(&$this) -> Option<Vec<(Tensor<4>, Tensor<4>)>> {
+            fn prefix_kv(&$this) -> Option<Vec<(burn::tensor::Tensor<4>, burn::tensor::Tensor<4>)>> {
                 $inner.prefix_kv()
             }
-            fn norm_weight(&$this, norm: Norm) -> Option<Tensor<2>> {
+            fn norm_weight(&$this, norm: $crate::models::hooks::Norm) -> Option<burn::tensor::Tensor<2>> {
                 $inner.norm_weight(norm)
             }
-            fn sublayer_output(&$this, layer: usize, which: Sublayer, normed: &Tensor<2>, out: Tensor<2>) -> Tensor<2> {
+            fn tunable(&$this, t: $crate::models::hooks::Tunable) -> Option<burn::tensor::Tensor<2>> {
+                $inner.tunable(t)
+            }
+            fn sublayer_output(&$this, layer: usize, which: $crate::models::hooks::Sublayer, normed: &burn::tensor::Tensor<2>, out: burn::tensor::Tensor<2>) -> burn::tensor::Tensor<2> {
                 $inner.sublayer_output(layer, which, normed, out)
             }
-            fn linear_weight(&$this, site: Site) -> Option<Tensor<2>> {
+            fn linear_weight(&$this, site: $crate::models::hooks::Site) -> Option<burn::tensor::Tensor<2>> {
                 $inner.linear_weight(site)
             }
-            fn linear_bias(&$this, site: Site) -> Option<Tensor<2>> {
+            fn linear_bias(&$this, site: $crate::models::hooks::Site) -> Option<burn::tensor::Tensor<2>> {
                 $inner.linear_bias(site)
             }
-            fn embedding(&$this) -> Option<Tensor<2>> {
+            fn embedding(&$this) -> Option<burn::tensor::Tensor<2>> {
                 $inner.embedding()
             }
-            fn lm_head(&$this) -> Option<Tensor<2>> {
+            fn lm_head(&$this) -> Option<burn::tensor::Tensor<2>> {
                 $inner.lm_head()
             }
-            fn embed_output(&$this, ids: &Tensor<1, burn::tensor::Int>, x: Tensor<2>) -> Tensor<2> {
+            fn embed_output(&$this, ids: &burn::tensor::Tensor<1, burn::tensor::Int>, x: burn::tensor::Tensor<2>) -> burn::tensor::Tensor<2> {
                 $inner.embed_output(ids, x)
             }
         }
     };
 }
+
+pub(crate) use delegate_adapter;
 
 delegate_adapter!(AnyAdapter, self => self.inner());
 

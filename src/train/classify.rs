@@ -45,30 +45,27 @@ pub fn parse_labeled_file(name: &str, text: &str) -> Result<Vec<Labeled>> {
         .collect()
 }
 
-/// The label names (`known`, else the data's, sorted) and each example's label id; the data
-/// must have two labels at least.
-pub fn label_ids(rows: &[Labeled], known: &[String]) -> Result<(Vec<String>, Vec<usize>)> {
-    let names: Vec<String> = if known.is_empty() {
-        let mut n: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
-        n.sort();
-        n.dedup();
-        n
-    } else {
-        known.to_vec()
-    };
-    let mut present: Vec<&str> = rows.iter().map(|r| r.label.as_str()).collect();
+/// The label names (`known`, else the data's, sorted) and each example's label id, given the
+/// examples' labels; the data must have two labels at least.
+pub fn label_ids<S: AsRef<str>>(labels: &[S], known: &[String]) -> Result<(Vec<String>, Vec<usize>)> {
+    let mut present: Vec<&str> = labels.iter().map(AsRef::as_ref).collect();
     present.sort_unstable();
     present.dedup();
+    let names: Vec<String> = if known.is_empty() { present.iter().map(|l| l.to_string()).collect() } else { known.to_vec() };
     if names.len() < 2 || present.len() < 2 {
         bail!(Data, "classification needs at least two labels, the data has {present:?}");
     }
-    let ids = ids_of(rows, &names)?;
+    let ids = labels.iter().map(|l| label_id(l.as_ref(), &names)).collect::<Result<_>>()?;
     Ok((names, ids))
+}
+
+fn label_id(label: &str, names: &[String]) -> Result<usize> {
+    names.iter().position(|n| n == label).ok_or_else(|| err!(Data, "label {label:?} is not one of the model's labels {names:?}"))
 }
 
 /// Each example's label id among `names` (e.g. a trained classifier's labels).
 pub fn ids_of(rows: &[Labeled], names: &[String]) -> Result<Vec<usize>> {
-    rows.iter().map(|r| names.iter().position(|n| *n == r.label).ok_or_else(|| err!(Data, "label {:?} is not one of the model's labels {names:?}", r.label))).collect()
+    rows.iter().map(|r| label_id(&r.label, names)).collect()
 }
 
 /// A stratified split: about `fraction` of each class (at least one of every class with two

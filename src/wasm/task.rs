@@ -194,6 +194,18 @@ impl TaskModel {
         })
     }
 
+    /// Add a BitFit adapter: every bias of the model trains (with the classification head);
+    /// saved as a SELECTIVE adapter. Resolves to the number of trainable values.
+    #[wasm_bindgen(js_name = addBitFit)]
+    pub fn add_bitfit(&self) -> js_sys::Promise {
+        let s = self.inner.clone();
+        promise(async move {
+            let mut s = s.try_borrow_mut().map_err(|_| busy())?;
+            s.add_bitfit()?;
+            Ok(JsValue::from_f64(s.num_trainable() as f64))
+        })
+    }
+
     /// Load a PEFT adapter: `{ "adapter_config.json", "adapter_model.safetensors", "webpeft_head.json"? }`.
     #[wasm_bindgen(js_name = loadAdapter)]
     pub fn load_adapter(&self, files: JsValue) -> js_sys::Promise {

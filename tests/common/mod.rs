@@ -96,3 +96,75 @@ pub fn zen_examples() -> Vec<webpeft::train::data::Example> {
         .map(|t| webpeft::train::data::Example::Text(t.to_string()))
         .collect()
 }
+
+/// A task session (classification or embeddings) on the fixture model folder `dir`.
+pub fn task_session(dir: &str, task: webpeft::task::TaskKind) -> webpeft::task::TaskSession {
+    webpeft::task::TaskSession::load(&ModelFiles::from_path(&fixture(dir)).unwrap(), compute(), task).unwrap()
+}
+
+/// Load the adapter folder `dir` (under tests/fixtures) into a task session.
+pub fn load_task_adapter(s: &mut webpeft::task::TaskSession, dir: &str) {
+    let d = fixture(dir);
+    s.load_adapter(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap(), &std::fs::read(d.join("adapter_model.safetensors")).unwrap(), None).unwrap();
+}
+
+/// Rows flattened.
+pub fn flat(v: Vec<Vec<f32>>) -> Vec<f32> {
+    v.into_iter().flatten().collect()
+}
+
+/// A JSON fixture.
+pub fn json(p: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(p)).unwrap()).unwrap()
+}
+
+/// The `labels` list of a fixture's train.json.
+pub fn label_ids(hp: &serde_json::Value) -> Vec<usize> {
+    hp["labels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect()
+}
+
+/// A one-step AdamW trainer with a fixture's hyper-parameters (lr, weight_decay), no clipping.
+pub fn trainer_from(hp: &serde_json::Value) -> webpeft::train::Trainer {
+    webpeft::train::Trainer::new(webpeft::train::TrainConfig {
+        optim: webpeft::train::AdamWConfig { lr: hp["lr"].as_f64().unwrap(), weight_decay: hp["weight_decay"].as_f64().unwrap(), ..Default::default() },
+        total_steps: 1,
+        max_grad_norm: None,
+        ..Default::default()
+    })
+}
+
+/// Every tensor after one step equals PyTorch's (the same names), and moved.
+pub fn assert_step(before: &BTreeMap<String, HostTensor>, after: &BTreeMap<String, HostTensor>, want: &Fixture) {
+    assert_step_moving(before, after, want, |_| true);
+}
+
+/// The same where only the tensors `moves(name)` must have moved: a key projection's bias
+/// gets no gradient (softmax is invariant to it: q·b_k is the same for every key), only
+/// rounding noise (~1e-9) that AdamW's normalisation turns into steps of up to ~lr·|g|/eps
+/// in either implementation; those are compared within 1e-3 (they stay within 1e-3 of the
+/// start: weight decay alone).
+pub fn assert_step_moving(before: &BTreeMap<String, HostTensor>, after: &BTreeMap<String, HostTensor>, want: &Fixture, moves: impl Fn(&str) -> bool) {
+    assert_eq!(after.keys().collect::<Vec<_>>(), want.f32.keys().collect::<Vec<_>>(), "the trainable tensors under peft's names");
+    for (k, w) in &want.f32 {
+        if moves(k) {
+            assert_close(&format!("after one step: {k}"), &after[k].data, &w.data, 5e-5);
+            assert!(max_abs_diff(&before[k].data, &w.data) > 1e-3, "{k} moved");
+        } else {
+            assert_close(&format!("after one step (no gradient): {k}"), &after[k].data, &w.data, 1e-3);
+            assert!(max_abs_diff(&before[k].data, &after[k].data) < 1e-3, "{k} has no gradient, yet moved");
+        }
+    }
+}
+
+/// Whether a tensor is a key projection's bias (no gradient: see [`assert_step_moving`]).
+pub fn not_key_bias(name: &str) -> bool {
+    !(name.ends_with("key.bias") || name.ends_with("k_proj.bias"))
+}
+
+/// A step's loss equals PyTorch's (train.json `key`) within 1e-5.
+pub fn assert_loss(what: &str, got: f32, hp: &serde_json::Value, key: &str) {
+    let want = hp[key].as_f64().unwrap();
+    let d = (got as f64 - want).abs();
+    eprintln!("{what}: loss {got} vs torch {want}: |d| = {d:.2e}");
+    assert!(d < 1e-5, "{what}: |d| = {d:e}");
+}

@@ -1,8 +1,12 @@
 //! Selective tuning: train chosen base parameters themselves (peft has no such method; the
 //! format is defined here). BitFit is `".*\.bias"`, norm tuning `".*norm.*"`, full
 //! fine-tuning `".*"`. Config `{"peft_type": "SELECTIVE", "parameters": REGEX}` (matched
-//! against the whole transformers parameter name, e.g. `model.layers.0.self_attn.q_proj.bias`);
-//! tensors saved as `base_model.model.<name>` in PyTorch layout.
+//! against the whole transformers parameter name, e.g. `model.layers.0.self_attn.q_proj.bias`,
+//! `bert.encoder.layer.0.attention.output.LayerNorm.bias`); tensors saved as
+//! `base_model.model.<name>` in PyTorch layout, so `model.load_state_dict` takes them once
+//! the prefix is cut. On an encoder (BERT, ViT) the candidates are the linear layers' weights
+//! and biases, the LayerNorms' weights and biases and ViT's patch-embedding bias; on a decoder
+//! also the embeddings and the LM head.
 
 use std::collections::BTreeMap;
 
@@ -11,8 +15,8 @@ use serde_json::{Value as Json, json};
 
 use crate::error::{Result, bail, err};
 
-use crate::models::hooks::{Adapter, Norm, Site};
-use crate::models::llama::Llama;
+use crate::models::Base;
+use crate::models::hooks::{Adapter, Norm, Site, Tunable};
 use crate::peft::{Layout, NamedParam, Trainable, load_all_params};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +34,7 @@ impl SelectiveConfig {
         Ok(SelectiveConfig { parameters, task_type: s("task_type"), base_model_name_or_path: s("base_model_name_or_path") })
     }
 
-    fn to_json(&self) -> String {
+    pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(&json!({
             "base_model_name_or_path": self.base_model_name_or_path,
             "parameters": self.parameters,
@@ -47,6 +51,7 @@ enum Target {
     Weight(Site),
     Bias(Site),
     Norm(Norm),
+    Other(Tunable),
     Embedding,
     LmHead,
 }
@@ -58,7 +63,7 @@ pub struct SelectiveAdapter {
 
 impl SelectiveAdapter {
     /// Trainable copies of the matching parameters, starting from the model's values.
-    pub fn new(config: SelectiveConfig, model: &Llama) -> Result<Self> {
+    pub fn new(config: SelectiveConfig, model: &dyn Base) -> Result<Self> {
         let re = regex::Regex::new(&format!("^(?:{})$", config.parameters)).map_err(|e| err!(Config, "parameters: bad regex: {e}"))?;
         let mut all: Vec<(Target, String, Tensor<2>)> = Vec::new();
         for site in model.sites() {
@@ -69,26 +74,31 @@ impl SelectiveAdapter {
                 all.push((Target::Bias(site), format!("{n}.bias"), b.clone().unsqueeze()));
             }
         }
-        for (norm, w) in model.norms() {
-            all.push((Target::Norm(norm), format!("{}.weight", norm.module_name()), w.clone().unsqueeze()));
+        all.extend(model.tunables().into_iter().map(|(t, n, w)| (Target::Other(t), n, w.unsqueeze())));
+        if let Some(llama) = model.as_llama() {
+            for (norm, w) in llama.norms() {
+                all.push((Target::Norm(norm), format!("{}.weight", norm.module_name()), w.clone().unsqueeze()));
+            }
+            all.push((Target::Embedding, "model.embed_tokens.weight".into(), llama.embed.clone()));
+            if let Some(h) = &llama.lm_head {
+                all.push((Target::LmHead, "lm_head.weight".into(), h.clone()));
+            }
         }
-        all.push((Target::Embedding, "model.embed_tokens.weight".into(), model.embed.clone()));
-        if let Some(h) = &model.lm_head {
-            all.push((Target::LmHead, "lm_head.weight".into(), h.clone()));
-        }
+        let biases = all.iter().filter(|(_, n, _)| n.ends_with(".bias")).count();
+        let example = all.first().map_or(String::new(), |(_, n, _)| n.clone());
         let params: BTreeMap<_, _> = all.into_iter().filter(|(_, n, _)| re.is_match(n)).map(|(t, n, w)| (t, (format!("base_model.model.{n}"), w))).collect();
         if params.is_empty() {
-            bail!(
-                Config,
-                "parameters {:?} matches no parameter of the model (names look like model.layers.0.self_attn.q_proj.weight; this model has {} biases)",
-                config.parameters,
-                if model.config.qkv_bias { "q/k/v" } else { "no" }
-            );
+            bail!(Config, "parameters {:?} matches no parameter of the model (names look like {example}; this model has {biases} bias tensors)", config.parameters);
         }
         Ok(SelectiveAdapter { config, params })
     }
 
-    pub fn from_peft(config: SelectiveConfig, weights: &[u8], model: &Llama) -> Result<Self> {
+    /// How many values train.
+    pub fn num_trainable(&self) -> usize {
+        self.params.values().map(|(_, w)| w.dims().iter().product::<usize>()).sum()
+    }
+
+    pub fn from_peft(config: SelectiveConfig, weights: &[u8], model: &dyn Base) -> Result<Self> {
         let tensors = crate::peft::read_weights(weights)?;
         let mut a = Self::new(config, model)?;
         load_all_params(&mut a, &tensors)?;
@@ -112,7 +122,7 @@ impl Trainable for SelectiveAdapter {
             .map(|(t, (n, w))| {
                 let layout = match t {
                     Target::Weight(_) | Target::LmHead => Layout::Transposed,
-                    Target::Bias(_) | Target::Norm(_) => Layout::Row,
+                    Target::Bias(_) | Target::Norm(_) | Target::Other(_) => Layout::Row,
                     Target::Embedding => Layout::Same,
                 };
                 NamedParam::new(n.clone(), w, layout)
@@ -130,6 +140,9 @@ impl Adapter for SelectiveAdapter {
     }
     fn norm_weight(&self, norm: Norm) -> Option<Tensor<2>> {
         self.get(Target::Norm(norm))
+    }
+    fn tunable(&self, t: Tunable) -> Option<Tensor<2>> {
+        self.get(Target::Other(t))
     }
     fn embedding(&self) -> Option<Tensor<2>> {
         self.get(Target::Embedding)
