@@ -135,73 +135,38 @@ fn cli_classifies_images_from_a_csv_of_paths() {
         (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
     };
     let (m, out) = (fixture("tiny-vit"), tmp.join("adapter"));
-    let (ok, _, err) = run(&[
-        "classify",
-        "--model",
-        m.to_str().unwrap(),
-        "--data",
-        tmp.join("data.csv").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--target",
-        "q_proj,v_proj",
-        "--r",
-        "4",
-        "--epochs",
-        "6",
-        "--batch",
-        "4",
-        "--lr",
-        "3e-2",
-        "--val-split",
-        "0.25",
-    ]);
+    let data = tmp.join("data.csv");
+    // classify with these options and `more` (the output folder, methods, ...).
+    let classify = |more: &[&str]| {
+        let mut args = vec!["classify", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--target", "q_proj,v_proj", "--r", "4"];
+        args.extend(["--epochs", "6", "--batch", "4", "--lr", "3e-2", "--val-split", "0.25"]);
+        args.extend(more);
+        run(&args)
+    };
+    let (ok, _, err) = classify(&["--out", out.to_str().unwrap()]);
     assert!(ok && err.contains("epoch 6"), "{err}");
-    let (ok, stdout, err) = run(&[
-        "predict",
-        "--model",
-        m.to_str().unwrap(),
-        "--adapter",
-        out.to_str().unwrap(),
-        "--image",
-        tmp.join("img/0.png").to_str().unwrap(),
-        "--image",
-        tmp.join("img/1.png").to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
-    let labels: Vec<String> = stdout.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["label"].as_str().unwrap().to_string()).collect();
-    assert_eq!(labels, ["red", "blue"]);
+    // The labels `predict` gives the first two images with the adapter in `dir`.
+    let predicted = |dir: &std::path::Path| -> Vec<String> {
+        let (ok, stdout, err) = run(&[
+            "predict",
+            "--model",
+            m.to_str().unwrap(),
+            "--adapter",
+            dir.to_str().unwrap(),
+            "--image",
+            tmp.join("img/0.png").to_str().unwrap(),
+            "--image",
+            tmp.join("img/1.png").to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        stdout.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["label"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(predicted(&out), ["red", "blue"]);
     let (ok, _, err) = run(&["predict", "--model", m.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--image", tmp.join("data.csv").to_str().unwrap()]);
     assert!(!ok && err.contains("image"), "a CSV is not an image: {err}");
     // LoRA vs BitFit from the same start: a folder and a table row each, and a joint report.
     let (cmp, report) = (tmp.join("compare"), tmp.join("report.json"));
-    let (ok, stdout, err) = run(&[
-        "classify",
-        "--model",
-        m.to_str().unwrap(),
-        "--data",
-        tmp.join("data.csv").to_str().unwrap(),
-        "--out",
-        cmp.to_str().unwrap(),
-        "--method",
-        "lora",
-        "--method",
-        "bitfit",
-        "--target",
-        "q_proj,v_proj",
-        "--r",
-        "4",
-        "--epochs",
-        "6",
-        "--batch",
-        "4",
-        "--lr",
-        "3e-2",
-        "--val-split",
-        "0.25",
-        "--report",
-        report.to_str().unwrap(),
-    ]);
+    let (ok, stdout, err) = classify(&["--out", cmp.to_str().unwrap(), "--method", "lora", "--method", "bitfit", "--report", report.to_str().unwrap()]);
     assert!(ok && err.contains("[bitfit] epoch 6"), "{err}");
     eprintln!("{stdout}");
     assert!(stdout.lines().next().unwrap().starts_with("method") && stdout.lines().filter(|l| l.starts_with("lora ") || l.starts_with("bitfit ")).count() == 2, "{stdout}");
@@ -215,20 +180,6 @@ fn cli_classifies_images_from_a_csv_of_paths() {
     }
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cmp.join("bitfit/adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "SELECTIVE");
-    let bitfit = cmp.join("bitfit");
-    let (ok, stdout, err) = run(&[
-        "predict",
-        "--model",
-        m.to_str().unwrap(),
-        "--adapter",
-        bitfit.to_str().unwrap(),
-        "--image",
-        tmp.join("img/0.png").to_str().unwrap(),
-        "--image",
-        tmp.join("img/1.png").to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
-    let labels: Vec<String> = stdout.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["label"].as_str().unwrap().to_string()).collect();
-    assert_eq!(labels, ["red", "blue"], "the BitFit classifier reloaded");
+    assert_eq!(predicted(&cmp.join("bitfit")), ["red", "blue"], "the BitFit classifier reloaded");
     std::fs::remove_dir_all(&tmp).ok();
 }

@@ -9,6 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let name = ["data.txt", "data.jsonl", "data.csv", "data.tsv", "data"][kind as usize % 5];
     let _ = webpeft::train::data::parse_data_file(name, text);
     if let Ok(rows) = webpeft::train::classify::parse_labeled_file(name, text) {
-        let _ = webpeft::train::classify::label_ids(&rows, &[]);
+        let labels: Vec<&str> = rows.iter().map(|r| r.label.as_str()).collect();
+        let _ = webpeft::train::classify::label_ids(&labels, &[]);
     }
 });
