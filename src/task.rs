@@ -28,7 +28,7 @@ use crate::models::hooks::{Adapter, NoHook};
 use crate::models::llama::{Inputs, Llama};
 use crate::models::vit::{Preprocess, Vit, VitConfig};
 use crate::peft::lora::{LoraAdapter, LoraConfig};
-use crate::peft::selective::{SelectiveAdapter, SelectiveConfig};
+use crate::peft::selective::{BITFIT, SelectiveAdapter, SelectiveConfig};
 use crate::peft::{AnyAdapter, NamedParam, Trainable, delegate_adapter, load_all_params, load_params, params_for_save, peft_files, read_params, set_trainable};
 use crate::tensor::{ints, read};
 use crate::tokenizer::Tokenizer;
@@ -109,9 +109,6 @@ impl Backbone {
         }
     }
 }
-
-/// BitFit's parameters: every bias.
-pub const BITFIT: &str = r".*\.bias";
 
 /// The side file of a classifier adapter.
 pub const HEAD_FILE: &str = "webpeft_head.json";
@@ -403,7 +400,7 @@ impl TaskSession {
     }
 
     /// BitFit (Ben Zaken et al. 2021): every bias of the model trains (linear layers,
-    /// LayerNorms, ViT's patch embedding), with the classification head.
+    /// LayerNorms, ViT's patch embedding, BERT's pooler), with the classification head.
     pub fn add_bitfit(&mut self) -> Result<()> {
         self.add_selective(SelectiveConfig { parameters: BITFIT.into(), task_type: None, base_model_name_or_path: None })
     }

@@ -188,7 +188,7 @@ impl MethodArgs {
             }
             "bitfit" | "full" | "selective" => {
                 let parameters = match method {
-                    "bitfit" => r".*\.bias".to_string(),
+                    "bitfit" => webpeft::peft::selective::BITFIT.to_string(),
                     "full" => ".*".to_string(),
                     _ => self.parameters.clone().ok_or_else(|| Error::new(ErrorCode::Config, "--method selective needs --parameters REGEX"))?,
                 };

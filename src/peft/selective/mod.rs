@@ -19,6 +19,9 @@ use crate::models::Base;
 use crate::models::hooks::{Adapter, Norm, Site, Tunable};
 use crate::peft::{Layout, NamedParam, Trainable, load_all_params};
 
+/// BitFit's `parameters`: every bias.
+pub const BITFIT: &str = r".*\.bias";
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SelectiveConfig {
     pub parameters: String,
@@ -91,11 +94,6 @@ impl SelectiveAdapter {
             bail!(Config, "parameters {:?} matches no parameter of the model (names look like {example}; this model has {biases} bias tensors)", config.parameters);
         }
         Ok(SelectiveAdapter { config, params })
-    }
-
-    /// How many values train.
-    pub fn num_trainable(&self) -> usize {
-        self.params.values().map(|(_, w)| w.dims().iter().product::<usize>()).sum()
     }
 
     pub fn from_peft(config: SelectiveConfig, weights: &[u8], model: &dyn Base) -> Result<Self> {
