@@ -1,7 +1,11 @@
 /** Error thrown by every webpeft call. */
 export interface WebpeftError extends Error {
-  /** "io" | "parse" | "format" | "shape" | "unsupported" | "config" | "device" | "data" | "numeric" | "panic" | "timeout" */
+  /** "io" | "parse" | "format" | "shape" | "unsupported" | "config" | "device" | "data" | "numeric" | "panic" | "timeout" | "aborted" */
   code: string;
+  /** "AbortError" when a signal cancelled the call. */
+  name: string;
+  /** HTTP status of a failed download. */
+  status?: number;
 }
 
 export interface InitOptions {
@@ -13,7 +17,20 @@ export interface InitOptions {
 /** Loads the wasm module, acquires WebGPU and checks the device computes correctly. */
 export function init(options?: InitOptions): Promise<{ device: string }>;
 
-export interface Progress { file: string; loaded: number; total: number }
+/** Download progress of one file; `cached`: read from the browser's cache (no network). */
+export interface Progress { file: string; loaded: number; total: number; cached: boolean }
+
+export interface LoadOptions {
+  onProgress?: (p: Progress) => void;
+  /** Cancel the download (the promise rejects with an AbortError). */
+  signal?: AbortSignal;
+  /** Keep downloaded files in Cache Storage, checked by size and SHA-256 when read back (default true). */
+  cache?: boolean;
+  timeoutMs?: number;
+}
+
+/** Remove every cached model file; resolves to whether there was a cache. */
+export function clearCache(): Promise<boolean>;
 
 export type ModelSource =
   | string
@@ -85,6 +102,12 @@ export interface DpOptions {
 
 export interface StepReport {
   step: number;
+  /** The steps of the whole run. */
+  totalSteps: number;
+  /** Session API: the time left at the mean step time so far (s). */
+  etaSeconds?: number;
+  /** The run stopped here on a pause (`requestPause`); `checkpoint` resumes it. */
+  paused?: boolean;
   loss: number;
   lr: number;
   gradNorm: number;
@@ -116,7 +139,7 @@ export interface GenerateOptions {
    * Each generated token with the text it adds ('' while a character is incomplete); the
    * pieces add up to the result. A last call with id null flushes text still held back.
    */
-  onToken?: (id: number | null, text: string) => void;
+  onToken?: (id: number | null, text: string) => boolean | void;
   timeoutMs?: number;
 }
 
@@ -149,7 +172,7 @@ export interface Logits {
 }
 
 export class Model {
-  static load(source: ModelSource, options?: { onProgress?: (p: Progress) => void; timeoutMs?: number }): Promise<Model>;
+  static load(source: ModelSource, options?: LoadOptions): Promise<Model>;
   info(): { modelType: string; vocabSize: number; hiddenSize: number; layers: number; parameters: number; device: string };
   tokenize(text: string): number[];
   addAdapter(name: string, config: LoraConfig | string, options?: { seed?: number }): Promise<void>;
@@ -157,6 +180,8 @@ export class Model {
   saveAdapter(name: string): Promise<PeftFiles>;
   train(examples: Example[], options?: TrainOptions, onStep?: (r: StepReport) => boolean | void): Promise<StepReport[]>;
   trainTasks(tasks: Record<string, Example[]>, options?: Omit<TrainOptions, 'adapter'>, onStep?: (r: StepReport) => boolean | void): Promise<StepReport[]>;
+  /** Stop the running training call after its current step, with a checkpoint in that step's report (`paused: true`). Returns whether a call was running. */
+  requestPause(): boolean;
   generate(prompt: string, options?: GenerateOptions): Promise<string>;
   logits(ids: ArrayLike<number>, adapter?: string | string[]): Promise<Logits>;
   logitsPerRow(rows: ArrayLike<number>[], adapters: (string | null)[]): Promise<Logits>;
@@ -228,7 +253,7 @@ export interface Prediction {
 }
 
 export class TaskModel {
-  static load(source: ModelSource, options?: { task?: 'classification' | 'embedding'; onProgress?: (p: Progress) => void; timeoutMs?: number }): Promise<TaskModel>;
+  static load(source: ModelSource, options?: LoadOptions & { task?: 'classification' | 'embedding' }): Promise<TaskModel>;
   info(): { architecture: string; hiddenSize: number; labels: string[]; temperature: number; device: string };
   addLora(config: LoraConfig | string, options?: { seed?: number }): Promise<void>;
   /** BitFit: every bias of the model (linear layers, LayerNorms, ViT's patch embedding, BERT's pooler) trains with the head; resolves to the number of trainable values. */
@@ -241,4 +266,109 @@ export class TaskModel {
   predict(texts: string[], options?: { seqLen?: number; batch?: number; timeoutMs?: number }): Promise<Prediction[]>;
   embed(texts: string[], options?: { seqLen?: number; batch?: number; timeoutMs?: number }): Promise<Float32Array[]>;
   trainEmbeddings(pairs: { anchor: string; positive: string }[], options?: TaskTrainOptions, onStep?: (r: { step: number; loss: number; lr: number }) => boolean | void): Promise<number[]>;
+}
+
+// ---- The session API: the same calls, run in a dedicated Web Worker (the page never blocks).
+// Buffers passed in are transferred to the worker (detached in the caller); results come back
+// the same way.
+
+export interface SessionOptions {
+  /** A Worker running `webpeft/worker` (for bundlers that build workers themselves); default: the package's worker.js. */
+  worker?: Worker;
+  wasmUrl?: string | URL;
+  timeoutMs?: number;
+}
+
+/** Start a session: a dedicated worker with the wasm module and the WebGPU device. */
+export function createSession(options?: SessionOptions): Promise<Session>;
+
+export interface RunControls {
+  onStep?: (r: StepReport) => void;
+  /** Each checkpoint (every `checkpointEvery` steps, and at a pause): store it to resume later. */
+  onCheckpoint?: (c: { step: number; files: Record<string, Uint8Array> }) => void;
+  /** Problems that do not stop the run (e.g. a checkpoint that could not be kept in OPFS); default console.warn. */
+  onWarning?: (message: string) => void;
+  /** Cancel at the next step boundary: the promise rejects with an AbortError; what was trained stays in the adapter. */
+  signal?: AbortSignal;
+}
+
+export interface TrainControls extends RunControls {
+  /** A run id: the run and its checkpoints (every `checkpointEvery` steps, default 10, at a pause and at the end) are kept in the origin-private file system, to resume after a reload or crash. */
+  persist?: string;
+}
+
+export interface SavedRun {
+  id: string;
+  step: number;
+  totalSteps: number;
+  /** The run ended (its last checkpoint is kept). */
+  done: boolean;
+  savedAt: number;
+  adapter: string[];
+  /** The model's URL, when it was loaded from one. */
+  model: string | null;
+}
+
+/** A training call in progress: a promise of its step reports that can pause and resume. */
+export class TrainRun implements PromiseLike<StepReport[]> {
+  readonly state: 'running' | 'pausing' | 'paused' | 'done' | 'failed';
+  /** The last checkpoint's files, or null. */
+  readonly checkpoint: Record<string, Uint8Array> | null;
+  /** Stop after the current step, keeping the run's state; resolves to that step (null if the run ended first). */
+  pause(): Promise<number | null>;
+  /** Continue a paused run; the result is the uninterrupted run's, to the byte. False if not paused. */
+  resume(): boolean;
+  then<A = StepReport[], B = never>(onfulfilled?: ((v: StepReport[]) => A | PromiseLike<A>) | null, onrejected?: ((e: WebpeftError) => B | PromiseLike<B>) | null): Promise<A | B>;
+  catch<B = never>(onrejected?: ((e: WebpeftError) => B | PromiseLike<B>) | null): Promise<StepReport[] | B>;
+  finally(f?: (() => void) | null): Promise<StepReport[]>;
+}
+
+export class RemoteModel {
+  info(): ReturnType<Model['info']>;
+  tokenize(text: string): Promise<number[]>;
+  addAdapter(name: string, config: LoraConfig | string, options?: { seed?: number }): Promise<void>;
+  loadAdapter(name: string, files: PeftFiles | Record<string, Uint8Array | ArrayBuffer | Blob | string>): Promise<void>;
+  saveAdapter(name: string): Promise<PeftFiles>;
+  adapters(): Promise<{ name: string; method: string }[]>;
+  deleteAdapter(name: string): Promise<void>;
+  logits(ids: ArrayLike<number>, adapter?: string | string[]): Promise<Logits>;
+  logitsPerRow(rows: ArrayLike<number>[], adapters: (string | null)[]): Promise<Logits>;
+  addWeightedAdapter(name: string, adapters: string[], weights: number[], options?: CombineOptions): Promise<void>;
+  mergeAdapter(name: string): Promise<void>;
+  unmergeAdapter(name: string): Promise<void>;
+  exportModel(): Promise<Record<string, string | Uint8Array>>;
+  generate(prompt: string, options?: Omit<GenerateOptions, 'onToken'> & { onToken?: (id: number | null, text: string) => void; signal?: AbortSignal }): Promise<string>;
+  train(examples: Example[], options?: TrainOptions, controls?: TrainControls): TrainRun;
+  trainTasks(tasks: Record<string, Example[]>, options?: Omit<TrainOptions, 'adapter'>, controls?: TrainControls): TrainRun;
+  /** Continue a kept run from its last checkpoint (its adapters are re-created if missing). */
+  resumeRun(id: string, controls?: RunControls): TrainRun;
+  dispose(): Promise<boolean>;
+}
+
+export class RemoteTaskModel {
+  info(): ReturnType<TaskModel['info']>;
+  addLora(config: LoraConfig | string, options?: { seed?: number }): Promise<void>;
+  addBitFit(): Promise<number>;
+  loadAdapter(files: Record<string, Uint8Array | ArrayBuffer | Blob | string>): Promise<void>;
+  saveAdapter(): Promise<Record<string, string | Uint8Array>>;
+  predict(texts: string[], options?: { seqLen?: number; batch?: number; timeoutMs?: number }): Promise<Prediction[]>;
+  predictImages(images: (Blob | ArrayBuffer | Uint8Array)[], options?: { batch?: number; timeoutMs?: number }): Promise<Prediction[]>;
+  embed(texts: string[], options?: { seqLen?: number; batch?: number; timeoutMs?: number }): Promise<Float32Array[]>;
+  trainClassifier(rows: { text: string; label: string | number }[], options?: TaskTrainOptions, controls?: { onEpoch?: (r: EpochReport) => void; signal?: AbortSignal }): Promise<ClassifierReport>;
+  trainImageClassifier(rows: { image: Blob | ArrayBuffer | Uint8Array; label: string | number }[], options?: TaskTrainOptions, controls?: { onEpoch?: (r: EpochReport) => void; signal?: AbortSignal }): Promise<ClassifierReport>;
+  trainEmbeddings(pairs: { anchor: string; positive: string }[], options?: TaskTrainOptions, controls?: { onStep?: (r: { step: number; loss: number; lr: number }) => void; signal?: AbortSignal }): Promise<number[]>;
+  dispose(): Promise<boolean>;
+}
+
+export class Session {
+  /** The self-check's result for the worker's GPU device. */
+  readonly device: { device: string };
+  loadModel(source: ModelSource, options?: LoadOptions): Promise<RemoteModel>;
+  loadTaskModel(source: ModelSource, options?: LoadOptions & { task?: 'classification' | 'embedding' }): Promise<RemoteTaskModel>;
+  parseData(name: string, text: string): Promise<Example[]>;
+  savedRuns(): Promise<SavedRun[]>;
+  deleteRun(id: string): Promise<boolean>;
+  clearCache(): Promise<boolean>;
+  /** Stop the worker (its models and GPU memory are freed); pending calls reject with code "panic". */
+  terminate(): void;
 }

@@ -2,6 +2,11 @@
 // All GPU work happens in the wasm module; this file fetches files with progress, normalises
 // inputs and makes sure no promise stays pending if the module crashes.
 import initWasm, * as core from './wasm/webpeft.js';
+import { filesFromUrl, clearCache } from './files.js';
+
+export { clearCache };
+// The main-thread API: the same calls, run in a dedicated worker (pkg/worker.js).
+export { createSession, Session, RemoteModel, RemoteTaskModel, TrainRun } from './session.js';
 
 let ready = null;
 const pending = new Set();
@@ -52,64 +57,6 @@ export async function parseData(name, text) {
   return core.parseData(name, text);
 }
 
-async function fetchWithProgress(url, file, onProgress) {
-  let res;
-  try {
-    res = await fetch(url);
-  } catch (e) {
-    throw Object.assign(new Error(`${url}: network error (offline or blocked by CORS): ${e.message}`), { code: 'io' });
-  }
-  if (!res.ok) throw Object.assign(new Error(`${url}: HTTP ${res.status}`), { code: 'io' });
-  const total = Number(res.headers.get('content-length')) || 0;
-  if (!res.body || !onProgress) {
-    const buf = new Uint8Array(await res.arrayBuffer());
-    onProgress?.({ file, loaded: buf.length, total: total || buf.length });
-    return buf;
-  }
-  const reader = res.body.getReader();
-  const chunks = [];
-  let loaded = 0;
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    chunks.push(value);
-    loaded += value.length;
-    onProgress({ file, loaded, total });
-  }
-  if (total && loaded !== total) {
-    throw Object.assign(new Error(`${url}: truncated download (${loaded} of ${total} bytes)`), { code: 'io' });
-  }
-  const out = new Uint8Array(loaded);
-  let off = 0;
-  for (const c of chunks) { out.set(c, off); off += c.length; }
-  return out;
-}
-
-async function filesFromUrl(url, onProgress) {
-  if (/\.gguf(\?|$)/.test(url)) {
-    const name = url.split('?')[0].split('/').pop();
-    return { [name]: await fetchWithProgress(url, name, onProgress) };
-  }
-  const base = url.endsWith('/') ? url : `${url}/`;
-  const files = {};
-  files['config.json'] = await fetchWithProgress(base + 'config.json', 'config.json', onProgress);
-  // An image model has no tokenizer, a text model no preprocessor: each is fetched if there.
-  for (const f of ['tokenizer.json', 'preprocessor_config.json']) {
-    try { files[f] = await fetchWithProgress(base + f, f, onProgress); } catch (e) { if (!/HTTP 404/.test(e.message)) throw e; }
-  }
-  try {
-    files['model.safetensors'] = await fetchWithProgress(base + 'model.safetensors', 'model.safetensors', onProgress);
-  } catch (e) {
-    // A sharded checkpoint: model.safetensors.index.json names the shards.
-    let index;
-    try { index = await fetchWithProgress(base + 'model.safetensors.index.json', 'model.safetensors.index.json'); } catch { throw e; }
-    files['model.safetensors.index.json'] = index;
-    const map = JSON.parse(new TextDecoder().decode(index)).weight_map ?? {};
-    for (const shard of [...new Set(Object.values(map))]) files[shard] = await fetchWithProgress(base + shard, shard, onProgress);
-  }
-  return files;
-}
-
 async function normaliseFiles(source) {
   const out = {};
   const add = async (name, v) => {
@@ -132,11 +79,13 @@ export class Model {
   /**
    * Load a model: a URL of a Hugging Face-layout folder or of a .gguf file, or files
    * (`{name: Uint8Array|ArrayBuffer|Blob}`, `File[]`, `FileList`).
-   * `onProgress({file, loaded, total})` reports download progress.
+   * `onProgress({file, loaded, total, cached})` reports download progress; downloaded files
+   * are kept in Cache Storage (checked by size and SHA-256 when read back) unless `cache: false`.
+   * `signal` (an AbortSignal) cancels the download.
    */
-  static async load(source, { onProgress, timeoutMs } = {}) {
+  static async load(source, { onProgress, timeoutMs, signal, cache } = {}) {
     await init();
-    const files = typeof source === 'string' ? await filesFromUrl(source, onProgress) : await normaliseFiles(source);
+    const files = typeof source === 'string' ? await filesFromUrl(source, { onProgress, signal, cache }) : await normaliseFiles(source);
     return new Model(await guard(core.Model.fromFiles(files), timeoutMs));
   }
 
@@ -169,6 +118,13 @@ export class Model {
     if (opts.seed !== undefined) opts.seed = Number(opts.seed);
     return guard(this.#core.train(examples, opts, onStep), timeoutMs);
   }
+
+  /**
+   * Pause the running `train` / `trainTasks` call: it stops after the current step, whose
+   * report has `paused: true` and a `checkpoint`; `train(examples, {...options, resume:
+   * checkpoint})` continues it to the byte. Returns whether a training call was running.
+   */
+  requestPause() { return this.#core.requestPause(); }
 
   /**
    * Multi-task training: `tasks` = `{adapterName: examples}`; the adapters (LoRA, IA3 or
@@ -247,9 +203,9 @@ export class TaskModel {
   /**
    * Load as `load(source)` of `Model` does; `task`: 'classification' (default) or 'embedding'.
    */
-  static async load(source, { task = 'classification', onProgress, timeoutMs } = {}) {
+  static async load(source, { task = 'classification', onProgress, timeoutMs, signal, cache } = {}) {
     await init();
-    const files = typeof source === 'string' ? await filesFromUrl(source, onProgress) : await normaliseFiles(source);
+    const files = typeof source === 'string' ? await filesFromUrl(source, { onProgress, signal, cache }) : await normaliseFiles(source);
     return new TaskModel(await guard(core.TaskModel.fromFiles(files, task), timeoutMs));
   }
 

@@ -67,8 +67,9 @@ pub fn sample(logits: &[f32], opts: &GenerateOptions, rng: &mut SmallRng) -> u32
     probs.last().map_or(0, |p| p.0 as u32)
 }
 
-/// Generate up to `max_new_tokens` after `prompt`; `on_token` sees each new token as it comes.
-pub async fn generate(model: &Llama, hook: &dyn Adapter, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32)) -> Result<Vec<u32>> {
+/// Generate up to `max_new_tokens` after `prompt`; `on_token` sees each new token as it comes
+/// and returns whether to go on (`false` stops after that token, e.g. a caller's cancel).
+pub async fn generate(model: &Llama, hook: &dyn Adapter, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32) -> bool) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         bail!(Data, "empty prompt");
     }
@@ -91,7 +92,9 @@ pub async fn generate(model: &Llama, hook: &dyn Adapter, prompt: &[u32], opts: &
             break;
         }
         out.push(tok);
-        on_token(tok);
+        if !on_token(tok) {
+            break;
+        }
         next_input = vec![tok as i64];
     }
     Ok(out)

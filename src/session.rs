@@ -2,6 +2,8 @@
 //! tokenizer, named adapters over it, and logits / training / generation calls.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use web_time::Instant;
 
@@ -59,6 +61,10 @@ pub struct TrainOptions {
     /// Continue the run this checkpoint was taken from (same data and settings): the result
     /// is the one the uninterrupted run gives, to the byte.
     pub resume: Option<Checkpoint>,
+    /// Pause: once the flag is set (from another task, e.g. a UI's pause button, while the
+    /// run awaits the device), the run stops after the current step and that step's report
+    /// carries a checkpoint (`paused: true`), from which `resume` continues to the byte.
+    pub pause: Option<Arc<AtomicBool>>,
 }
 
 impl TrainOptions {
@@ -90,6 +96,7 @@ impl Default for TrainOptions {
             checkpoint_every: 0,
             memory_budget_mib: None,
             resume: None,
+            pause: None,
         }
     }
 }
@@ -120,6 +127,10 @@ pub struct StepReport {
     /// The run's state after this step, every `checkpoint_every` steps and after the last
     /// (only in the report passed to `on_step`; not kept in the returned list).
     pub checkpoint: Option<Checkpoint>,
+    /// The run stops here because `TrainOptions::pause` was set (the checkpoint is there).
+    pub paused: bool,
+    /// The steps of the whole run (`TrainOptions::steps`).
+    pub total_steps: usize,
 }
 
 impl Session {
@@ -284,7 +295,7 @@ impl Session {
         read(self.model.forward(&inputs, &self.stack(adapters)?, None)?).await
     }
 
-    pub async fn generate(&self, prompt: &str, chat: bool, opts: &GenerateOptions, adapters: &[&str], on_token: impl FnMut(u32)) -> Result<String> {
+    pub async fn generate(&self, prompt: &str, chat: bool, opts: &GenerateOptions, adapters: &[&str], on_token: impl FnMut(u32) -> bool) -> Result<String> {
         let text = if chat { self.tokenizer.apply_chat_template(&[("user".into(), prompt.into())], true)? } else { prompt.to_string() };
         let ids = self.tokenizer.encode(&text)?;
         let mut opts = opts.clone();
@@ -552,7 +563,8 @@ async fn run_training(
             let t0 = Instant::now();
             let stats = trainer.step(model, adapter, &micro).await?;
             let seconds = t0.elapsed().as_secs_f64();
-            let due = o.checkpoint_every > 0 && ((step + 1) % o.checkpoint_every == 0 || step + 1 == o.steps);
+            let paused = o.pause.as_ref().is_some_and(|p| p.load(Ordering::SeqCst)) && step + 1 < o.steps;
+            let due = paused || (o.checkpoint_every > 0 && ((step + 1) % o.checkpoint_every == 0 || step + 1 == o.steps));
             let checkpoint = if due { Some(Checkpoint::capture(adapter, &trainer.opt, step + 1, trainer.nonfinite, fingerprint.clone()).await?) } else { None };
             let mut r = StepReport {
                 tokens_per_second: stats.tokens as f64 / seconds.max(1e-9),
@@ -563,8 +575,10 @@ async fn run_training(
                 task_names: task_names.to_vec(),
                 epsilon: epsilon_after(step + 1),
                 checkpoint,
+                paused,
+                total_steps: o.steps,
             };
-            let go_on = on_step(&r);
+            let go_on = on_step(&r) && !paused;
             r.checkpoint = None;
             reports.push(r);
             if !go_on {

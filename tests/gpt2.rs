@@ -107,7 +107,7 @@ fn gpt2_trains_generates_and_classifies() {
     eprintln!("GPT-2 LoRA training: loss {first:.4} -> {last:.4}");
     assert!(last < first * 0.7, "{first} -> {last}");
     let g = GenerateOptions { max_new_tokens: 8, temperature: 0.0, top_p: 1.0, seed: 0, stop: None };
-    let text = block_on(s.generate("Beautiful is", false, &g, &["a"], |_| {})).unwrap();
+    let text = block_on(s.generate("Beautiful is", false, &g, &["a"], |_| true)).unwrap();
     assert!(!text.is_empty());
     // Only LoRA so far: other methods and options are refused with a clear error.
     for (cfg, what) in [

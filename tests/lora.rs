@@ -278,7 +278,7 @@ fn prompt_tuning_greedy_generation_matches_peft() {
     for name in ["prompt", "ia3"] {
         let want = ids(&g[name]["new_ids"]);
         let opts = webpeft::generate::GenerateOptions { max_new_tokens: want.len(), ..Default::default() };
-        let got = block_on(webpeft::generate::generate(&s.model, &s.adapters[name], &prompt, &opts, |_| {})).unwrap();
+        let got = block_on(webpeft::generate::generate(&s.model, &s.adapters[name], &prompt, &opts, |_| true)).unwrap();
         assert_eq!(got, want, "{name} greedy (KV cache)");
     }
 }

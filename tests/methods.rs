@@ -173,7 +173,7 @@ fn prefix_tuning_greedy_generation_matches_reference() {
     let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
     let want = ids(&g["new_ids"]);
     let opts = webpeft::generate::GenerateOptions { max_new_tokens: want.len(), ..Default::default() };
-    let got = block_on(webpeft::generate::generate(&s.model, &s.adapters["prefix"], &ids(&g["prompt_ids"]), &opts, |_| {})).unwrap();
+    let got = block_on(webpeft::generate::generate(&s.model, &s.adapters["prefix"], &ids(&g["prompt_ids"]), &opts, |_| true)).unwrap();
     assert_eq!(got, want);
     assert!(matches!(s.adapters["prefix"], AnyAdapter::PrefixTuning(_)));
 }

@@ -117,7 +117,7 @@ fn smollm2_tokenizer_logits_and_greedy_generation() {
     let prompt: Vec<u32> = g["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     let want: Vec<u32> = g["new_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     let opts = webpeft::generate::GenerateOptions { max_new_tokens: want.len(), ..Default::default() };
-    let got = block_on(webpeft::generate::generate(&s.model, &NoHook, &prompt, &opts, |_| {})).unwrap();
+    let got = block_on(webpeft::generate::generate(&s.model, &NoHook, &prompt, &opts, |_| true)).unwrap();
     assert_eq!(got, want, "greedy continuation");
     // The chat template renders as transformers' apply_chat_template.
     let cases: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(fixture("smollm2-tokenizer.json")).unwrap()).unwrap();

@@ -984,6 +984,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
                 append_eos,
                 dp: dp.config()?,
+                pause: None,
             };
             let Some(data) = data else {
                 return train_tasks(&common, &task, &method, &opts, &out);
@@ -1058,7 +1059,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut s = open(&common)?;
             let names = adapter.as_ref().map(|d| load_adapters(&mut s, d)).transpose()?.unwrap_or_default();
             let opts = GenerateOptions { max_new_tokens, temperature, top_p, seed, stop: None };
-            let text = block_on(s.generate(&prompt, chat, &opts, &names.iter().map(String::as_str).collect::<Vec<_>>(), |_| {}))?;
+            let text = block_on(s.generate(&prompt, chat, &opts, &names.iter().map(String::as_str).collect::<Vec<_>>(), |_| true))?;
             println!("{text}");
         }
         Cmd::Eval { common, adapter, data, seq_len, batch, choices } => {
@@ -1137,7 +1138,7 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
     let prompt: Vec<u32> = rows[0].ids.iter().copied().cycle().take(32).collect();
     let gen_opts = GenerateOptions { max_new_tokens: gen_tokens, ..Default::default() };
     let t2 = Instant::now();
-    let out = block_on(webpeft::generate::generate(&s.model, &s.stack(&["bench"])?, &prompt, &gen_opts, |_| {}))?;
+    let out = block_on(webpeft::generate::generate(&s.model, &s.stack(&["bench"])?, &prompt, &gen_opts, |_| true))?;
     let gen_s = t2.elapsed().as_secs_f64();
     sample_mem(&mut peak);
     let reserved = device::memory_usage(&s.compute.device).map(|m| m.1);

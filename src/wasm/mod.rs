@@ -7,6 +7,8 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
 use serde::Deserialize;
@@ -234,7 +236,8 @@ fn train_options(options: JsValue) -> Result<(JsTrainOptions, TrainOptions)> {
     let mut resume = None;
     let options = if options.is_object() && Reflect::has(&options, &"resume".into()).unwrap_or(false) {
         let files = Reflect::get(&options, &"resume".into()).unwrap_or(JsValue::UNDEFINED);
-        resume = Some(crate::train::checkpoint::Checkpoint::from_files(&files_of(&files)?).map_err(|e| e.context("options.resume"))?);
+        // `resume: undefined` / `null` is no checkpoint (as any unset option).
+        resume = if files.is_undefined() || files.is_null() { None } else { Some(crate::train::checkpoint::Checkpoint::from_files(&files_of(&files)?).map_err(|e| e.context("options.resume"))?) };
         let copy = Object::assign(&Object::new(), &Object::from(options));
         let _ = Reflect::delete_property(&copy, &"resume".into());
         JsValue::from(copy)
@@ -334,6 +337,7 @@ impl JsTrainOptions {
             checkpoint_every: self.checkpoint_every.unwrap_or(0),
             memory_budget_mib: self.memory_budget_mib,
             resume: None,
+            pause: None,
         })
     }
 }
@@ -342,6 +346,7 @@ impl JsTrainOptions {
 fn report_step(r: &crate::session::StepReport, all: &Array, on_step: Option<&Function>) -> bool {
     let j = Object::new();
     set(&j, "step", r.stats.step as u32);
+    set(&j, "totalSteps", r.total_steps as u32);
     set(&j, "loss", r.stats.loss);
     set(&j, "lr", r.stats.lr);
     set(&j, "gradNorm", r.stats.grad_norm);
@@ -350,6 +355,9 @@ fn report_step(r: &crate::session::StepReport, all: &Array, on_step: Option<&Fun
     set(&j, "seconds", r.seconds);
     set(&j, "epoch", r.epoch as u32);
     set(&j, "skipped", r.stats.skipped);
+    if r.paused {
+        set(&j, "paused", true);
+    }
     if let Some(m) = r.memory_in_use {
         set(&j, "memoryInUse", m as f64);
     }
@@ -390,11 +398,20 @@ fn set(o: &Object, k: &str, v: impl Into<JsValue>) {
 #[wasm_bindgen]
 pub struct Model {
     inner: Rc<RefCell<Session>>,
+    /// Set by `requestPause` while a `train` / `trainTasks` call runs (it cannot borrow the
+    /// session then); the run stops after its current step with a checkpoint.
+    pause: Arc<AtomicBool>,
 }
 
 impl Model {
     fn session(&self) -> Rc<RefCell<Session>> {
         self.inner.clone()
+    }
+
+    /// The pause flag for a new training call, cleared.
+    fn pause_flag(&self) -> Arc<AtomicBool> {
+        self.pause.store(false, Ordering::SeqCst);
+        self.pause.clone()
     }
 }
 
@@ -411,7 +428,7 @@ impl Model {
         promise(async move {
             let files = ModelFiles::from_named(files_of(&files)?)?;
             let s = Session::load(&files, compute()?)?;
-            Ok(Model { inner: Rc::new(RefCell::new(s)) })
+            Ok(Model { inner: Rc::new(RefCell::new(s)), pause: Arc::default() })
         })
     }
 
@@ -488,9 +505,11 @@ impl Model {
     /// after each step; it may return `false` to stop. Resolves to the list of reports.
     pub fn train(&self, examples: JsValue, options: JsValue, on_step: Option<Function>) -> Promise {
         let s = self.session();
+        let pause = self.pause_flag();
         promise(async move {
             let ex = examples_of(examples)?;
-            let (o, opts) = train_options(options)?;
+            let (o, mut opts) = train_options(options)?;
+            opts.pause = Some(pause);
             let names = match o.adapter {
                 None => vec!["default".to_string()],
                 some => Names::list(some),
@@ -510,6 +529,7 @@ impl Model {
     #[wasm_bindgen(js_name = trainTasks)]
     pub fn train_tasks(&self, tasks: JsValue, options: JsValue, on_step: Option<Function>) -> Promise {
         let s = self.session();
+        let pause = self.pause_flag();
         promise(async move {
             let obj: Object = tasks.dyn_into().map_err(|_| err!(Data, "tasks: expected an object {{adapter: examples}}"))?;
             let mut data = Vec::new();
@@ -519,7 +539,8 @@ impl Model {
                 let ex = examples_of(pair.get(1)).map_err(|e| e.context(format!("task {name:?}")))?;
                 data.push((name, ex));
             }
-            let (o, opts) = train_options(options)?;
+            let (o, mut opts) = train_options(options)?;
+            opts.pause = Some(pause);
             if o.adapter.is_some() {
                 return Err(err!(Config, "trainTasks: the tasks name the adapters; drop options.adapter"));
             }
@@ -567,8 +588,10 @@ impl Model {
                         } else {
                             String::new()
                         };
-                        let _ = f.call2(&JsValue::NULL, &t.into(), &piece.into());
+                        // `false` from the callback stops generation (a caller's cancel).
+                        return f.call2(&JsValue::NULL, &t.into(), &piece.into()).map_or(true, |v| v != JsValue::FALSE);
                     }
+                    true
                 })
                 .await?;
             if let Some(f) = &on_token
@@ -579,6 +602,18 @@ impl Model {
             }
             Ok(JsValue::from(text))
         })
+    }
+
+    /// Pause the running `train` / `trainTasks` call: it stops after its current step, and that
+    /// step's report has `paused: true` and a `checkpoint`; passing it as `options.resume` to the
+    /// same call continues the run to the byte. Returns whether a training call was running.
+    #[wasm_bindgen(js_name = requestPause)]
+    pub fn request_pause(&self) -> bool {
+        let running = self.inner.try_borrow_mut().is_err();
+        if running {
+            self.pause.store(true, Ordering::SeqCst);
+        }
+        running
     }
 
     /// Logits of token ids: resolves to `{ shape: [1, T, V], data: Float32Array }`.

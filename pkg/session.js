@@ -1,0 +1,276 @@
+// The main-thread API: a session is a dedicated Web Worker (pkg/worker.js) that holds the wasm
+// module, the GPU device and the loaded models; every call is a message, answered by a promise,
+// with its progress as callbacks. The page never blocks on the GPU. Buffers passed in (model
+// files, adapter files) are transferred to the worker, not copied: the caller's copies are
+// detached afterwards.
+
+import { abortError, buffersOf } from './files.js';
+
+function toError(e) {
+  return Object.assign(new Error(e.message), { name: e.name === 'AbortError' ? 'AbortError' : 'Error', code: e.code });
+}
+
+/** A training call in progress: a promise of its step reports that can pause and resume. */
+export class TrainRun {
+  #session; #id; #promise; #state = 'running'; #onPaused = []; #lastCheckpoint = null; #pausedAt = null;
+  constructor(session, id, promise) {
+    this.#session = session;
+    this.#id = id;
+    this.#promise = promise.finally(() => {
+      this.#state = 'done';
+      this.#onPaused.splice(0).forEach((f) => f(null));
+    });
+    this.#promise.catch(() => { this.#state = 'failed'; });
+  }
+
+  /** 'running' | 'pausing' | 'paused' | 'done' | 'failed' */
+  get state() { return this.#state; }
+
+  /** The last checkpoint's files (every `checkpointEvery` steps and at a pause), or null. */
+  get checkpoint() { return this.#lastCheckpoint; }
+
+  /**
+   * Stop after the current step, keeping the run's state (a checkpoint); resolves to the step
+   * it paused after (null if the run ended first).
+   */
+  pause() {
+    if (this.#state !== 'running') return Promise.resolve(this.#state === 'paused' ? this.#pausedAt : null);
+    this.#state = 'pausing';
+    this.#session._post({ pause: this.#id });
+    return new Promise((resolve) => this.#onPaused.push(resolve));
+  }
+
+  /** Continue a paused run from its checkpoint; the result is the uninterrupted run's. */
+  resume() {
+    if (this.#state !== 'paused') return false;
+    this.#state = 'running';
+    this.#session._post({ resume: this.#id });
+    return true;
+  }
+
+  _event(name, data) {
+    if (name === 'checkpoint') this.#lastCheckpoint = data.files;
+    if (name === 'paused') {
+      this.#state = 'paused';
+      this.#pausedAt = data.step;
+      this.#onPaused.splice(0).forEach((f) => f(data.step));
+    }
+  }
+
+  then(a, b) { return this.#promise.then(a, b); }
+  catch(b) { return this.#promise.catch(b); }
+  finally(f) { return this.#promise.finally(f); }
+}
+
+/** A model loaded in the session's worker; the methods mirror `Model` of the direct API. */
+export class RemoteModel {
+  #session; #handle; #info;
+  constructor(session, handle, info) { this.#session = session; this.#handle = handle; this.#info = info; }
+  #call(op, args, options) { return this.#session._call(op, args, { ...options, target: this.#handle }); }
+
+  /** `{modelType, vocabSize, hiddenSize, layers, parameters, device}` */
+  info() { return this.#info; }
+  tokenize(text) { return this.#call('tokenize', [text]); }
+  addAdapter(name, config, options) { return this.#call('addAdapter', [name, config, options]); }
+  /** Load a PEFT adapter (files as for `Model.loadAdapter`; buffers are transferred). */
+  loadAdapter(name, files) { return this.#call('loadAdapter', [name, files], { transfer: buffersOf(files) }); }
+  saveAdapter(name) { return this.#call('saveAdapter', [name]); }
+  adapters() { return this.#call('adapters', []); }
+  deleteAdapter(name) { return this.#call('deleteAdapter', [name]); }
+  logits(ids, adapter) { return this.#call('logits', [Array.from(ids), adapter]); }
+  logitsPerRow(rows, adapters) { return this.#call('logitsPerRow', [rows.map((r) => Array.from(r)), adapters]); }
+  addWeightedAdapter(name, adapters, weights, options) { return this.#call('addWeightedAdapter', [name, adapters, weights, options]); }
+  mergeAdapter(name) { return this.#call('mergeAdapter', [name]); }
+  unmergeAdapter(name) { return this.#call('unmergeAdapter', [name]); }
+  exportModel() { return this.#call('exportModel', []); }
+
+  /**
+   * Generate text; `onToken(id, text)` streams each token, `signal` cancels (the promise then
+   * rejects with an AbortError). Other options as `Model.generate`.
+   */
+  generate(prompt, { onToken, signal, ...options } = {}) {
+    return this.#call('generate', [prompt, options], { signal, onEvent: (n, d) => n === 'token' && onToken?.(d.id, d.text) });
+  }
+
+  /**
+   * Train (options as `Model.train`). Returns a TrainRun: a promise of the step reports with
+   * `pause()` / `resume()`. `onStep(report)` gets each report (with `etaSeconds`),
+   * `onCheckpoint({step, files})` each checkpoint, `signal` cancels at the next step boundary
+   * (what was trained so far stays in the adapter; the promise rejects with an AbortError).
+   * `persist` (a run id) keeps the run and its checkpoints (every `checkpointEvery` steps,
+   * default 10, at a pause and at the end) in the origin-private file system: after a reload or
+   * a crash, `session.savedRuns()` lists it and `resumeRun(id)` continues it.
+   */
+  train(examples, options = {}, { onStep, onCheckpoint, onWarning, signal, persist } = {}) {
+    return this.#session._run('train', [examples, options, persist], this.#handle, { onStep, onCheckpoint, onWarning, signal });
+  }
+
+  /** Multi-task training (as `Model.trainTasks`), with the controls of `train`. */
+  trainTasks(tasks, options = {}, { onStep, onCheckpoint, onWarning, signal, persist } = {}) {
+    return this.#session._run('trainTasks', [tasks, options, persist], this.#handle, { onStep, onCheckpoint, onWarning, signal });
+  }
+
+  /**
+   * Continue a run kept with `persist` from its last checkpoint (its adapters are re-created
+   * if this model lacks them); the result is the uninterrupted run's, to the byte.
+   */
+  resumeRun(id, { onStep, onCheckpoint, onWarning, signal } = {}) {
+    return this.#session._run('resumeRun', [id], this.#handle, { onStep, onCheckpoint, onWarning, signal });
+  }
+
+  /** Free the model in the worker. */
+  dispose() { return this.#session._call('dispose', [this.#handle]); }
+}
+
+/** A task model (classifier / embeddings) in the worker; methods mirror `TaskModel`. */
+export class RemoteTaskModel {
+  #session; #handle; #info;
+  constructor(session, handle, info) { this.#session = session; this.#handle = handle; this.#info = info; }
+  #call(op, args, options) { return this.#session._call(op, args, { ...options, target: this.#handle }); }
+  info() { return this.#info; }
+  addLora(config, options) { return this.#call('addLora', [config, options]); }
+  addBitFit() { return this.#call('addBitFit', []); }
+  loadAdapter(files) { return this.#call('loadAdapter', [files], { transfer: buffersOf(files) }); }
+  saveAdapter() { return this.#call('saveAdapter', []); }
+  predict(texts, options) { return this.#call('predict', [texts, options]); }
+  predictImages(images, options) { return this.#call('predictImages', [images, options]); }
+  embed(texts, options) { return this.#call('embed', [texts, options]); }
+  /** `onEpoch(report)` per epoch, `signal` cancels at the next step. */
+  trainClassifier(rows, options, { onEpoch, signal } = {}) {
+    return this.#call('trainClassifier', [rows, options], { signal, onEvent: (n, d) => n === 'epoch' && onEpoch?.(d) });
+  }
+  trainImageClassifier(rows, options, { onEpoch, signal } = {}) {
+    return this.#call('trainImageClassifier', [rows, options], { signal, onEvent: (n, d) => n === 'epoch' && onEpoch?.(d) });
+  }
+  trainEmbeddings(pairs, options, { onStep, signal } = {}) {
+    return this.#call('trainEmbeddings', [pairs, options], { signal, onEvent: (n, d) => n === 'step' && onStep?.(d) });
+  }
+  dispose() { return this.#session._call('dispose', [this.#handle]); }
+}
+
+const resolveUrl = (u) => (typeof location !== 'undefined' ? new URL(u, location.href).href : u);
+
+/** Model files for the worker: a URL (downloaded there), or files (buffers transferred). */
+async function sourceFor(source) {
+  if (typeof source === 'string') return { source: resolveUrl(source), transfer: [] };
+  const out = {};
+  const entries = Array.isArray(source) || (typeof FileList !== 'undefined' && source instanceof FileList)
+    ? Array.from(source, (f) => [f.name, f]) : Object.entries(source);
+  for (const [k, v] of entries) out[k] = v; // Blobs / Files go as handles: no bytes are copied
+  return { source: out, transfer: buffersOf(out) };
+}
+
+/** A session: one worker with the wasm module and the GPU device. Create with `createSession`. */
+export class Session {
+  #worker; #next = 1; #calls = new Map(); #dead = null; #device = null;
+  constructor(worker) {
+    this.#worker = worker;
+    worker.onmessage = ({ data }) => this.#receive(data);
+    worker.onerror = (e) => { e.preventDefault?.(); this.#fail(`the worker failed: ${e.message ?? 'unknown error'}`); };
+    worker.onmessageerror = () => this.#fail('a message from the worker could not be read');
+  }
+
+  #fail(message) {
+    this.#dead = Object.assign(new Error(`webpeft: ${message}`), { code: 'panic' });
+    for (const c of this.#calls.values()) c.reject(this.#dead);
+    this.#calls.clear();
+  }
+
+  #receive(msg) {
+    const c = this.#calls.get(msg.id);
+    if (!c) return;
+    if (msg.event) { c.onEvent?.(msg.event, msg.data); return; }
+    this.#calls.delete(msg.id);
+    c.cleanup?.();
+    if (msg.ok) c.resolve(msg.value);
+    else c.reject(toError(msg.error));
+  }
+
+  _post(msg, transfer = []) { if (!this.#dead) this.#worker.postMessage(msg, transfer); }
+
+  _call(op, args, { target, onEvent, signal, transfer = [], id = this.#next++ } = {}) {
+    if (this.#dead) return Promise.reject(this.#dead);
+    if (signal?.aborted) return Promise.reject(abortError(signal));
+    return new Promise((resolve, reject) => {
+      const onAbort = () => this._post({ cancel: id });
+      signal?.addEventListener('abort', onAbort, { once: true });
+      const cleanup = () => signal?.removeEventListener('abort', onAbort);
+      this.#calls.set(id, { resolve, reject, onEvent, cleanup });
+      this._post({ id, op, target, args }, transfer);
+    });
+  }
+
+  _run(op, args, target, { onStep, onCheckpoint, onWarning, signal }) {
+    const id = this.#next++;
+    let run = null;
+    const promise = this._call(op, args, {
+      id, target, signal,
+      onEvent: (name, data) => {
+        run?._event(name, data);
+        if (name === 'step') onStep?.(data);
+        else if (name === 'checkpoint') onCheckpoint?.(data);
+        else if (name === 'warning') (onWarning ?? console.warn)(data.message);
+      },
+    });
+    run = new TrainRun(this, id, promise);
+    return run;
+  }
+
+  async _init(options) { this.#device = await this._call('init', [options]); return this; }
+
+  /** The GPU adapter the worker uses (from the self-check). */
+  get device() { return this.#device; }
+
+  /**
+   * Load a model (a URL of a Hugging Face-layout folder or a .gguf file, or files the user
+   * picked). options: {onProgress({file, loaded, total, cached}), signal, cache (default true),
+   * timeoutMs}.
+   */
+  async loadModel(source, { onProgress, signal, cache, timeoutMs } = {}) {
+    const s = await sourceFor(source);
+    const { handle, info } = await this._call('loadModel', [s.source, { cache, timeoutMs }], { signal, transfer: s.transfer, onEvent: (n, d) => n === 'progress' && onProgress?.(d) });
+    return new RemoteModel(this, handle, info);
+  }
+
+  /** Load a classifier / embedding model (`task`: 'classification' | 'embedding'), as `loadModel`. */
+  async loadTaskModel(source, { task, onProgress, signal, cache, timeoutMs } = {}) {
+    const s = await sourceFor(source);
+    const { handle, info } = await this._call('loadTaskModel', [s.source, { task, cache, timeoutMs }], { signal, transfer: s.transfer, onEvent: (n, d) => n === 'progress' && onProgress?.(d) });
+    return new RemoteTaskModel(this, handle, info);
+  }
+
+  /** Parse a data file (plain text, JSONL or CSV by the extension of `name`) into examples. */
+  parseData(name, text) { return this._call('parseData', [name, text]); }
+
+  /** Runs kept with `persist`: `[{id, step, totalSteps, done, savedAt, adapter, model}]`, newest first. */
+  savedRuns() { return this._call('savedRuns', []); }
+
+  /** Forget a kept run. */
+  deleteRun(id) { return this._call('deleteRun', [id]); }
+
+  /** Remove every cached model file. */
+  clearCache() { return this._call('clearCache', []); }
+
+  /** Stop the worker: its models and GPU memory are freed; pending calls reject. */
+  terminate() {
+    this.#worker.terminate();
+    this.#fail('the session was terminated');
+  }
+}
+
+/**
+ * Start a session: a dedicated worker with the wasm module and the WebGPU device. options:
+ * {worker (a Worker running webpeft/worker, for bundlers that need to build it themselves),
+ * wasmUrl, timeoutMs}. Rejects with `code: "device"` when WebGPU is unavailable.
+ */
+export async function createSession({ worker, wasmUrl, timeoutMs } = {}) {
+  if (typeof Worker === 'undefined') throw Object.assign(new Error('webpeft: Web Workers are not available here'), { code: 'device' });
+  const w = worker ?? new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+  const session = new Session(w);
+  try {
+    return await session._init({ wasmUrl, timeoutMs });
+  } catch (e) {
+    session.terminate();
+    throw e;
+  }
+}
