@@ -122,8 +122,9 @@ export async function filesFromUrl(url, options = {}) {
   const base = url.endsWith('/') ? url : `${url}/`;
   const get = (f, o = options) => fetchFile(base + f, f, o);
   const files = { 'config.json': await get('config.json') };
-  // An image model has no tokenizer, a text model no preprocessor: each is fetched if there.
-  for (const f of ['tokenizer.json', 'preprocessor_config.json']) {
+  // An image model has no tokenizer, a text model no preprocessor: each is fetched if there
+  // (the chat template too: chat_template.jinja, or inside tokenizer_config.json).
+  for (const f of ['tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja', 'preprocessor_config.json']) {
     try { files[f] = await get(f); } catch (e) { if (!isMissing(e)) throw e; }
   }
   try {
@@ -137,6 +138,19 @@ export async function filesFromUrl(url, options = {}) {
     const map = JSON.parse(new TextDecoder().decode(index)).weight_map ?? {};
     for (const shard of [...new Set(Object.values(map))]) files[shard] = await get(shard);
   }
+  return files;
+}
+
+/**
+ * The files of a PEFT adapter at `url`: a `.zip` of the folder, or the folder itself
+ * (`adapter_config.json` + `adapter_model.safetensors`). Cached like model files.
+ */
+export async function adapterFilesFromUrl(url, options = {}) {
+  const name = url.split('?')[0].split('/').pop();
+  if (/\.zip$/.test(name)) return { [name]: await fetchFile(url, name, options) };
+  const base = url.endsWith('/') ? url : `${url}/`;
+  const files = {};
+  for (const f of ['adapter_config.json', 'adapter_model.safetensors']) files[f] = await fetchFile(base + f, f, options);
   return files;
 }
 

@@ -56,9 +56,16 @@ export interface LoraConfig {
   [key: string]: unknown;
 }
 
-export type Example = string | { text: string } | { prompt: string; completion: string };
+export interface ChatMessage { role: 'system' | 'user' | 'assistant' | string; content: string }
 
-/** Parse a data file (text, JSONL or CSV with `text` or `prompt`,`completion` columns, by the extension of `name`). */
+/**
+ * A training example: plain text (every token trained), a prompt and its completion (only the
+ * completion trained), or a conversation rendered with the model's chat template (only the
+ * assistant turns trained).
+ */
+export type Example = string | { text: string } | { prompt: string; completion: string } | { messages: ChatMessage[] };
+
+/** Parse a data file (text; JSONL with `text`, `prompt`/`completion` or chat `messages`; CSV with `text` or `prompt`,`completion` columns; by the extension of `name`). */
 export function parseData(name: string, text: string): Promise<Example[]>;
 
 export interface TrainOptions {
@@ -84,6 +91,12 @@ export interface TrainOptions {
   memoryBudgetMiB?: number;
   /** Continue the run a checkpoint came from (same examples and options): ends exactly where the uninterrupted run ends. */
   resume?: Record<string, Uint8Array>;
+  /** Hold out this share of the examples (seeded by `seed`) as a validation set. */
+  validation?: number;
+  /** Or the validation examples themselves. */
+  validationData?: Example[];
+  /** Evaluate every this many steps (default: after the last step only). */
+  evalEvery?: number;
   timeoutMs?: number;
 }
 
@@ -100,7 +113,34 @@ export interface DpOptions {
   sampling?: 'poisson' | 'shuffle';
 }
 
+/** The loss on the validation set after a step. */
+export interface EvalReport { loss: number; targets: number }
+
+/** What a run would take before it starts (`estimate`); sizes in bytes. */
+export interface RunEstimate {
+  trainable: number;
+  /** The micro-batch and accumulation that fit the device (what training will use). */
+  batch: number;
+  gradAccum: number;
+  memory: { total: number; weights: number; adapter: number; activations: number; attention: number; logits: number; largestBuffer: number; largestBufferName: string };
+  /** With `probe`: one training step over one row, measured on this device (s). */
+  rowSeconds?: number;
+  /** With `probe`: a step put at that per row of the batch (s), and the whole run. */
+  stepSeconds?: number;
+  totalSeconds?: number;
+}
+
+/** What training sees of one example: token ids, each token's text, whether the loss counts it. */
+export interface PreviewRow { ids: number[]; pieces: string[]; trained: boolean[] }
+
+export interface PreviewOptions { seqLen?: number; appendEos?: boolean; limit?: number }
+
+/** Adapter files, one .zip of them, or (for `loadAdapter`) a URL of a PEFT folder or .zip. */
+export type AdapterSource = PeftFiles | Record<string, Uint8Array | ArrayBuffer | Blob | string> | File[] | FileList | string;
+
 export interface StepReport {
+  /** The validation loss after this step (with `validation` / `validationData`, every `evalEvery` steps and after the last). */
+  eval?: EvalReport;
   step: number;
   /** The steps of the whole run. */
   totalSteps: number;
@@ -176,8 +216,12 @@ export class Model {
   info(): { modelType: string; vocabSize: number; hiddenSize: number; layers: number; parameters: number; device: string };
   tokenize(text: string): number[];
   addAdapter(name: string, config: LoraConfig | string, options?: { seed?: number }): Promise<void>;
-  loadAdapter(name: string, files: PeftFiles | Record<string, Uint8Array | ArrayBuffer | Blob | string>): Promise<void>;
+  loadAdapter(name: string, source: AdapterSource, options?: LoadOptions): Promise<void>;
   saveAdapter(name: string): Promise<PeftFiles>;
+  /** The adapter as one zip: a folder `name/` with both PEFT files. */
+  saveAdapterZip(name: string): Promise<Uint8Array>;
+  estimate(config: Record<string, unknown> | string, options?: TrainOptions, controls?: { probe?: boolean }): Promise<RunEstimate>;
+  preview(examples: Example[], options?: PreviewOptions): PreviewRow[];
   train(examples: Example[], options?: TrainOptions, onStep?: (r: StepReport) => boolean | void): Promise<StepReport[]>;
   trainTasks(tasks: Record<string, Example[]>, options?: Omit<TrainOptions, 'adapter'>, onStep?: (r: StepReport) => boolean | void): Promise<StepReport[]>;
   /** Stop the running training call after its current step, with a checkpoint in that step's report (`paused: true`). Returns whether a call was running. */
@@ -284,6 +328,8 @@ export function createSession(options?: SessionOptions): Promise<Session>;
 
 export interface RunControls {
   onStep?: (r: StepReport) => void;
+  /** Each validation result (with `validation` / `validationData` in the options). */
+  onEval?: (e: EvalReport & { step: number }) => void;
   /** Each checkpoint (every `checkpointEvery` steps, and at a pause): store it to resume later. */
   onCheckpoint?: (c: { step: number; files: Record<string, Uint8Array> }) => void;
   /** Problems that do not stop the run (e.g. a checkpoint that could not be kept in OPFS); default console.warn. */
@@ -327,8 +373,11 @@ export class RemoteModel {
   info(): ReturnType<Model['info']>;
   tokenize(text: string): Promise<number[]>;
   addAdapter(name: string, config: LoraConfig | string, options?: { seed?: number }): Promise<void>;
-  loadAdapter(name: string, files: PeftFiles | Record<string, Uint8Array | ArrayBuffer | Blob | string>): Promise<void>;
+  loadAdapter(name: string, source: AdapterSource, options?: Omit<LoadOptions, 'timeoutMs'>): Promise<void>;
   saveAdapter(name: string): Promise<PeftFiles>;
+  saveAdapterZip(name: string): Promise<Uint8Array>;
+  estimate(config: Record<string, unknown> | string, options?: TrainOptions, controls?: { probe?: boolean }): Promise<RunEstimate>;
+  preview(examples: Example[], options?: PreviewOptions): Promise<PreviewRow[]>;
   adapters(): Promise<{ name: string; method: string }[]>;
   deleteAdapter(name: string): Promise<void>;
   logits(ids: ArrayLike<number>, adapter?: string | string[]): Promise<Logits>;

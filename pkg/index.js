@@ -2,7 +2,7 @@
 // All GPU work happens in the wasm module; this file fetches files with progress, normalises
 // inputs and makes sure no promise stays pending if the module crashes.
 import initWasm, * as core from './wasm/webpeft.js';
-import { filesFromUrl, clearCache } from './files.js';
+import { filesFromUrl, adapterFilesFromUrl, clearCache } from './files.js';
 
 export { clearCache };
 // The main-thread API: the same calls, run in a dedicated worker (pkg/worker.js).
@@ -100,18 +100,49 @@ export class Model {
     return guard(this.#core.addAdapter(name, typeof config === 'string' ? config : JSON.stringify(config), BigInt(seed)));
   }
 
-  /** Load a PEFT adapter: `{ "adapter_config.json": string, "adapter_model.safetensors": Uint8Array }`. */
-  async loadAdapter(name, files) {
-    return guard(this.#core.loadAdapter(name, await normaliseFiles(files)));
+  /**
+   * Load a PEFT adapter: files `{ "adapter_config.json": string, "adapter_model.safetensors":
+   * Uint8Array }` (or `File[]` / `FileList`), one `.zip` of them, or the URL of a PEFT folder or
+   * of such a zip (downloaded and cached like model files; options: onProgress, signal, cache).
+   */
+  async loadAdapter(name, source, { onProgress, signal, cache } = {}) {
+    const files = typeof source === 'string' ? await adapterFilesFromUrl(source, { onProgress, signal, cache }) : await normaliseFiles(source);
+    return guard(this.#core.loadAdapter(name, files));
   }
 
   /** The PEFT files of an adapter: `{ "adapter_config.json": string, "adapter_model.safetensors": Uint8Array }`. */
   saveAdapter(name) { return guard(this.#core.saveAdapter(name)); }
 
+  /** The adapter as one zip (folder `name/` with both PEFT files), a Uint8Array. */
+  saveAdapterZip(name) { return guard(this.#core.saveAdapterZip(name)); }
+
   /**
-   * Train an adapter. `examples`: strings, `{text}` or `{prompt, completion}`.
+   * Before training: what a new adapter from `config` trained with `options` (as `train`)
+   * would take: `{trainable, batch, gradAccum, memory: {total, weights, adapter, activations,
+   * attention, logits, largestBuffer, largestBufferName}}` in bytes, and with `probe: true`
+   * `{rowSeconds, stepSeconds, totalSeconds}` from one training step over one row, timed on this device.
+   */
+  estimate(config, options = {}, { probe = false } = {}) {
+    const { timeoutMs, ...opts } = options;
+    return guard(this.#core.estimate(typeof config === 'string' ? JSON.parse(config) : config, opts, probe), timeoutMs);
+  }
+
+  /**
+   * What training sees of `examples`: per example `{ids, pieces, trained}` (token ids, their
+   * text, whether the loss counts each). options: {seqLen, appendEos, limit (default 5)}.
+   */
+  preview(examples, options = {}) {
+    return this.#core.preview(examples, options).map((r) => ({ ids: Array.from(r.ids), pieces: r.pieces, trained: r.trained }));
+  }
+
+  /**
+   * Train an adapter. `examples`: strings, `{text}`, `{prompt, completion}` or `{messages:
+   * [{role, content}]}` (rendered with the chat template, assistant turns trained).
    * `options`: {adapter, steps, batch, seqLen, gradAccum, lr, warmup, schedule, weightDecay,
-   * maxGradNorm, seed, appendEos, dp: {noiseMultiplier, maxGradNorm, delta, targetEpsilon, sampling}, checkpointEvery, resume, timeoutMs}. `onStep(report)` may return false to stop.
+   * maxGradNorm, seed, appendEos, dp: {noiseMultiplier, maxGradNorm, delta, targetEpsilon, sampling},
+   * checkpointEvery, resume, validation (a share held out) or validationData (examples),
+   * evalEvery, timeoutMs}. `onStep(report)` may return false to stop; a report has `eval:
+   * {loss, targets}` when the validation loss was computed after that step.
    */
   train(examples, options = {}, onStep) {
     const { timeoutMs, ...opts } = options;

@@ -72,9 +72,25 @@ export class RemoteModel {
   info() { return this.#info; }
   tokenize(text) { return this.#call('tokenize', [text]); }
   addAdapter(name, config, options) { return this.#call('addAdapter', [name, config, options]); }
-  /** Load a PEFT adapter (files as for `Model.loadAdapter`; buffers are transferred). */
-  loadAdapter(name, files) { return this.#call('loadAdapter', [name, files], { transfer: buffersOf(files) }); }
+  /**
+   * Load a PEFT adapter: files (as for `Model.loadAdapter`, or one .zip; buffers are
+   * transferred), or a URL of a PEFT folder or .zip, downloaded in the worker with
+   * `onProgress`, `signal` and `cache` as `loadModel`.
+   */
+  loadAdapter(name, source, { onProgress, signal, cache } = {}) {
+    if (typeof source === 'string') {
+      return this.#call('loadAdapter', [name, resolveUrl(source), { cache }], { signal, onEvent: (n, d) => n === 'progress' && onProgress?.(d) });
+    }
+    const files = Array.isArray(source) || (typeof FileList !== 'undefined' && source instanceof FileList) ? Object.fromEntries(Array.from(source, (f) => [f.name, f])) : source;
+    return this.#call('loadAdapter', [name, files], { signal, transfer: buffersOf(files) });
+  }
   saveAdapter(name) { return this.#call('saveAdapter', [name]); }
+  /** The adapter as one zip (Uint8Array), as `Model.saveAdapterZip`. */
+  saveAdapterZip(name) { return this.#call('saveAdapterZip', [name]); }
+  /** What a run would take before starting it, as `Model.estimate`. */
+  estimate(config, options, { probe } = {}) { return this.#call('estimate', [config, options, { probe }]); }
+  /** What training sees of `examples`, as `Model.preview`. */
+  preview(examples, options) { return this.#call('preview', [examples, options]); }
   adapters() { return this.#call('adapters', []); }
   deleteAdapter(name) { return this.#call('deleteAdapter', [name]); }
   logits(ids, adapter) { return this.#call('logits', [Array.from(ids), adapter]); }
@@ -94,15 +110,16 @@ export class RemoteModel {
 
   /**
    * Train (options as `Model.train`). Returns a TrainRun: a promise of the step reports with
-   * `pause()` / `resume()`. `onStep(report)` gets each report (with `etaSeconds`),
+   * `pause()` / `resume()`. `onStep(report)` gets each report (with `etaSeconds`), `onEval`
+   * each validation result (`{step, loss, targets}`, with `validation` / `validationData`),
    * `onCheckpoint({step, files})` each checkpoint, `signal` cancels at the next step boundary
    * (what was trained so far stays in the adapter; the promise rejects with an AbortError).
    * `persist` (a run id) keeps the run and its checkpoints (every `checkpointEvery` steps,
    * default 10, at a pause and at the end) in the origin-private file system: after a reload or
    * a crash, `session.savedRuns()` lists it and `resumeRun(id)` continues it.
    */
-  train(examples, options = {}, { onStep, onCheckpoint, onWarning, signal, persist } = {}) {
-    return this.#session._run('train', [examples, options, persist], this.#handle, { onStep, onCheckpoint, onWarning, signal });
+  train(examples, options = {}, { onStep, onEval, onCheckpoint, onWarning, signal, persist } = {}) {
+    return this.#session._run('train', [examples, options, persist], this.#handle, { onStep, onEval, onCheckpoint, onWarning, signal });
   }
 
   /** Multi-task training (as `Model.trainTasks`), with the controls of `train`. */
@@ -114,8 +131,8 @@ export class RemoteModel {
    * Continue a run kept with `persist` from its last checkpoint (its adapters are re-created
    * if this model lacks them); the result is the uninterrupted run's, to the byte.
    */
-  resumeRun(id, { onStep, onCheckpoint, onWarning, signal } = {}) {
-    return this.#session._run('resumeRun', [id], this.#handle, { onStep, onCheckpoint, onWarning, signal });
+  resumeRun(id, { onStep, onEval, onCheckpoint, onWarning, signal } = {}) {
+    return this.#session._run('resumeRun', [id], this.#handle, { onStep, onEval, onCheckpoint, onWarning, signal });
   }
 
   /** Free the model in the worker. */
@@ -200,14 +217,17 @@ export class Session {
     });
   }
 
-  _run(op, args, target, { onStep, onCheckpoint, onWarning, signal }) {
+  _run(op, args, target, { onStep, onEval, onCheckpoint, onWarning, signal }) {
     const id = this.#next++;
     let run = null;
     const promise = this._call(op, args, {
       id, target, signal,
       onEvent: (name, data) => {
         run?._event(name, data);
-        if (name === 'step') onStep?.(data);
+        if (name === 'step') {
+          onStep?.(data);
+          if (data.eval) onEval?.({ step: data.step, ...data.eval });
+        }
         else if (name === 'checkpoint') onCheckpoint?.(data);
         else if (name === 'warning') (onWarning ?? console.warn)(data.message);
       },

@@ -9,7 +9,7 @@
 //   worker → page  {id, event, data}        progress of call `id` (progress, step, paused, ...)
 //                  {id, ok: true, value} | {id, ok: false, error: {name, code, message}}
 import { init, Model, TaskModel, parseData, clearCache } from './index.js';
-import { filesFromUrl, abortError, buffersOf } from './files.js';
+import { filesFromUrl, adapterFilesFromUrl, abortError, buffersOf } from './files.js';
 import { beginRun, saveCheckpoint, finishRun, listRuns, loadRun, deleteRun } from './store.js';
 
 const objects = new Map(); // handle → Model | TaskModel
@@ -153,6 +153,13 @@ async function resumeRun(m, call, id, runId) {
 const withEvents = {
   generate: (m, call, id, [prompt, options = {}]) =>
     m.generate(prompt, { ...options, onToken: (tok, text) => { event(id, 'token', { id: tok, text }); return !call.cancelled; } }),
+  loadAdapter: async (m, call, id, [name, source, options = {}]) => {
+    if (typeof source !== 'string') return m.loadAdapter(name, source);
+    call.controller = new AbortController();
+    const files = await adapterFilesFromUrl(source, { cache: options.cache, signal: call.controller.signal, onProgress: (p) => event(id, 'progress', p) });
+    checkCancelled(call);
+    return m.loadAdapter(name, files);
+  },
   train: (m, call, id, [examples, options = {}, persist]) => trainRun(m, 'train', examples, options, call, id, persist),
   trainTasks: (m, call, id, [tasks, options = {}, persist]) => trainRun(m, 'trainTasks', tasks, options, call, id, persist),
   resumeRun: (m, call, id, [runId]) => resumeRun(m, call, id, runId),

@@ -21,7 +21,7 @@ use crate::peft::{AnyAdapter, Group, MultiTask, Trainable, load_all_params, read
 use crate::tensor::{ints, read};
 use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::Checkpoint;
-use crate::train::data::{Batch, Batcher, Example, tokenize};
+use crate::train::data::{Batch, Batcher, Example, Tokenized, tokenize};
 use crate::train::loss::{causal_lm_loss, row_nll};
 use crate::train::memory;
 use crate::train::privacy::{self, DpConfig};
@@ -65,6 +65,11 @@ pub struct TrainOptions {
     /// run awaits the device), the run stops after the current step and that step's report
     /// carries a checkpoint (`paused: true`), from which `resume` continues to the byte.
     pub pause: Option<Arc<AtomicBool>>,
+    /// Held-out examples: their mean loss (adapter in eval mode, no dropout) is reported in
+    /// `StepReport::eval` every `eval_every` steps and after the last. Empty = none.
+    pub validation: Vec<Example>,
+    /// Evaluate on `validation` every this many steps (0 = only after the last).
+    pub eval_every: usize,
 }
 
 impl TrainOptions {
@@ -97,6 +102,8 @@ impl Default for TrainOptions {
             memory_budget_mib: None,
             resume: None,
             pause: None,
+            validation: Vec::new(),
+            eval_every: 0,
         }
     }
 }
@@ -109,6 +116,17 @@ pub struct EvalReport {
     pub targets: usize,
     /// With choices: the fraction of examples whose completion scored highest.
     pub accuracy: Option<f64>,
+}
+
+/// What a training run would take ([`Session::estimate`]).
+#[derive(Debug, Clone)]
+pub struct RunEstimate {
+    pub plan: memory::Plan,
+    pub trainable: usize,
+    /// Measured: one optimizer step over one row of `seq_len` tokens.
+    pub row_seconds: Option<f64>,
+    /// Estimated from it: one optimizer step (every row of the batch and its accumulation).
+    pub step_seconds: Option<f64>,
 }
 
 /// One step's report for progress displays.
@@ -131,6 +149,8 @@ pub struct StepReport {
     pub paused: bool,
     /// The steps of the whole run (`TrainOptions::steps`).
     pub total_steps: usize,
+    /// The loss on `TrainOptions::validation` after this step, when one was due.
+    pub eval: Option<EvalReport>,
 }
 
 impl Session {
@@ -313,21 +333,7 @@ impl Session {
         let stack = self.stack(adapters)?;
         let rows = examples.iter().map(|e| tokenize(&self.tokenizer, e, false, seq_len)).collect::<Result<Vec<_>>>()?;
         let pad = self.tokenizer.eos_id.unwrap_or(0);
-        let n_virtual = stack.prefix().map_or(0, |p| p.dims()[0]);
-        let (mut nll, mut count) = (0f64, 0usize);
-        for chunk in rows.chunks(batch.max(1)) {
-            let b = Batch::new(chunk, pad)?;
-            let n = b.num_targets_with_prefix(n_virtual);
-            if n == 0 {
-                continue;
-            }
-            let l = causal_lm_loss(&self.model, &stack, &b, 1)?;
-            nll += read(l).await?.data[0] as f64;
-            count += n;
-        }
-        if count == 0 {
-            bail!(Data, "nothing to evaluate");
-        }
+        let held_out = held_out_loss(&self.model, &stack, &rows, batch, pad).await?;
         let mut accuracy = None;
         if !choices.is_empty() {
             let mut right = 0usize;
@@ -353,7 +359,7 @@ impl Session {
             }
             accuracy = Some(right as f64 / total as f64);
         }
-        Ok(EvalReport { loss: nll / count as f64, targets: count, accuracy })
+        Ok(EvalReport { accuracy, ..held_out })
     }
 
     /// Train adapter `name` on `examples`; `on_step` gets a report after every step and may
@@ -367,10 +373,11 @@ impl Session {
     pub async fn train_together(&mut self, names: &[&str], examples: &[Example], o: &TrainOptions, on_step: impl FnMut(&StepReport) -> bool) -> Result<Vec<StepReport>> {
         check_options(o)?;
         let rows = examples.iter().map(|e| tokenize(&self.tokenizer, e, o.append_eos, o.seq_len)).collect::<Result<Vec<_>>>()?;
+        let held_out = o.validation.iter().map(|e| tokenize(&self.tokenizer, e, o.append_eos, o.seq_len)).collect::<Result<Vec<_>>>().map_err(|e| e.context("validation"))?;
         let pad = self.tokenizer.eos_id.unwrap_or(0);
         let batcher = Batcher::new(rows, o.batch, pad, o.seed)?;
         let members = pick(&mut self.adapters, names)?;
-        run_training(&self.model, &self.compute, &mut Group(members), batcher, o, &[], on_step).await
+        run_training(&self.model, &self.compute, &mut Group(members), batcher, o, &[], &held_out, on_step).await
     }
 
     /// What training adapters `names` under `o` will take: the memory estimate and the
@@ -382,6 +389,46 @@ impl Session {
         plan_memory(&self.model, &self.compute, &mut Group(members), o)
     }
 
+    /// What a run would take, before starting it: the memory plan of a new adapter made from
+    /// `config` (as [`Session::add_adapter`]) trained under `o`, its trainable values, and with
+    /// `probe` the measured time of one optimizer step over a single row of `o.seq_len`
+    /// tokens, timed on a second step after the first compiled the kernels; a step of the run
+    /// is put at that time per row (an upper bound: the fixed costs of a step are counted per
+    /// row). Nothing is kept.
+    pub async fn estimate(&mut self, config: &serde_json::Value, o: &TrainOptions, probe: bool) -> Result<RunEstimate> {
+        const NAME: &str = "\u{0}estimate";
+        self.add_adapter(NAME, config, o.seed)?;
+        let result = async {
+            let plan = self.memory_plan(&[NAME], o)?;
+            let adapter = self.adapters.get_mut(NAME).expect("just added");
+            let trainable = adapter.num_parameters();
+            let row_seconds = if probe {
+                let ids: Vec<u32> = (0..o.seq_len as u32).map(|i| 100 + i % 1000).collect();
+                let b = Batch::new(&[Tokenized { labels: ids.iter().map(|&i| i as i64).collect(), ids }], self.tokenizer.eos_id.unwrap_or(0))?;
+                set_trainable(adapter, true);
+                // A real optimizer step (forward, backward, clipping, AdamW, the reads it does)
+                // on the throw-away adapter: what a step costs beyond the rows themselves too.
+                let mut trainer = Trainer::new(TrainConfig { optim: AdamWConfig { lr: o.lr, ..Default::default() }, max_grad_norm: o.max_grad_norm, total_steps: 2, ..Default::default() });
+                let r = async {
+                    trainer.step(&self.model, adapter, std::slice::from_ref(&b)).await?;
+                    let t0 = Instant::now();
+                    trainer.step(&self.model, adapter, std::slice::from_ref(&b)).await?;
+                    Ok::<f64, crate::Error>(t0.elapsed().as_secs_f64())
+                }
+                .await;
+                set_trainable(adapter, false);
+                Some(r?)
+            } else {
+                None
+            };
+            let rows_per_step = (o.batch * o.grad_accum) as f64;
+            Ok(RunEstimate { step_seconds: row_seconds.map(|f| f * rows_per_step), row_seconds, plan, trainable })
+        }
+        .await;
+        self.adapters.remove(NAME);
+        result
+    }
+
     /// Multi-task training: task `k`'s examples train adapter `tasks[k].0`, all over the shared
     /// base in one run. Batches mix the tasks' rows (in proportion to their sizes), each row
     /// routed to its task's adapter; each step reports every task's loss (`task_losses`).
@@ -389,6 +436,9 @@ impl Session {
         check_options(o)?;
         if tasks.is_empty() {
             bail!(Config, "no tasks");
+        }
+        if !o.validation.is_empty() {
+            bail!(Unsupported, "a validation set with multi-task training: evaluate each task's adapter after the run (evaluate)");
         }
         let mut rows = Vec::new();
         let mut labels = Vec::new();
@@ -407,7 +457,7 @@ impl Session {
         let members = pick(&mut self.adapters, &names)?;
         let mut multi = MultiTask::new(members, &self.model.device)?;
         let task_names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        run_training(&self.model, &self.compute, &mut multi, batcher, o, &task_names, on_step).await
+        run_training(&self.model, &self.compute, &mut multi, batcher, o, &task_names, &[], on_step).await
     }
 }
 
@@ -457,7 +507,29 @@ fn pick<'a>(adapters: &'a mut BTreeMap<String, AnyAdapter>, names: &[&str]) -> R
     names.iter().map(|n| by_name.remove(n).ok_or_else(|| err!(Config, "adapter {n:?} named twice"))).collect()
 }
 
-/// The training loop shared by single-adapter, hybrid and multi-task runs.
+/// Mean next-token loss of tokenised `rows` under `hook`, `batch` rows at a time.
+async fn held_out_loss(model: &Llama, hook: &dyn Adapter, rows: &[Tokenized], batch: usize, pad: u32) -> Result<EvalReport> {
+    let n_virtual = hook.prefix().map_or(0, |p| p.dims()[0]);
+    let (mut nll, mut count) = (0f64, 0usize);
+    for chunk in rows.chunks(batch.max(1)) {
+        let b = Batch::new(chunk, pad)?;
+        let n = b.num_targets_with_prefix(n_virtual);
+        if n == 0 {
+            continue;
+        }
+        let l = causal_lm_loss(model, hook, &b, 1)?;
+        nll += read(l).await?.data[0] as f64;
+        count += n;
+    }
+    if count == 0 {
+        bail!(Data, "nothing to evaluate");
+    }
+    Ok(EvalReport { loss: nll / count as f64, targets: count, accuracy: None })
+}
+
+/// The training loop shared by single-adapter, hybrid and multi-task runs; `held_out` rows are
+/// evaluated as `o.eval_every` says.
+#[allow(clippy::too_many_arguments)]
 async fn run_training(
     model: &Llama,
     compute: &Compute,
@@ -465,6 +537,7 @@ async fn run_training(
     mut batcher: Batcher,
     o: &TrainOptions,
     task_names: &[String],
+    held_out: &[Tokenized],
     mut on_step: impl FnMut(&StepReport) -> bool,
 ) -> Result<Vec<StepReport>> {
     let mut config = TrainConfig {
@@ -566,6 +639,16 @@ async fn run_training(
             let paused = o.pause.as_ref().is_some_and(|p| p.load(Ordering::SeqCst)) && step + 1 < o.steps;
             let due = paused || (o.checkpoint_every > 0 && ((step + 1) % o.checkpoint_every == 0 || step + 1 == o.steps));
             let checkpoint = if due { Some(Checkpoint::capture(adapter, &trainer.opt, step + 1, trainer.nonfinite, fingerprint.clone()).await?) } else { None };
+            let eval_due = !held_out.is_empty() && (step + 1 == o.steps || (o.eval_every > 0 && (step + 1) % o.eval_every == 0));
+            let eval = if eval_due {
+                // In eval mode (no dropout, no autodiff graph); the next step re-seeds the device.
+                set_trainable(adapter, false);
+                let r = held_out_loss(model, &*adapter, held_out, plan.batch, batcher.pad_id()).await;
+                set_trainable(adapter, true);
+                Some(r?)
+            } else {
+                None
+            };
             let mut r = StepReport {
                 tokens_per_second: stats.tokens as f64 / seconds.max(1e-9),
                 stats,
@@ -577,6 +660,7 @@ async fn run_training(
                 checkpoint,
                 paused,
                 total_steps: o.steps,
+                eval,
             };
             let go_on = on_step(&r) && !paused;
             r.checkpoint = None;

@@ -445,3 +445,30 @@ fn classify_predict_and_embed_on_an_encoder() {
     assert!(!ok && stderr.contains("need an encoder"), "{stderr}");
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+#[test]
+fn train_holds_out_a_validation_share_and_reports_its_loss() {
+    let tmp = std::env::temp_dir().join(format!("webpeft-cli-val-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let data = tmp.join("data.jsonl");
+    let lines: Vec<String> = (0..8).map(|i| format!("{{\"prompt\": \"Q{i}:\", \"completion\": \" answer number {i}\"}}")).collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let m = fixture("tiny-llama");
+    let out = tmp.join("a");
+    let args = ["train", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "4", "--lr", "1e-2", "--batch", "2", "--seq-len", "16"];
+    let (ok, stdout, stderr) = webpeft(&[&args[..], &["--val-split", "0.25", "--eval-every", "2"]].concat());
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("training on 6 examples, 2 held out"), "{stderr}");
+    let evals: Vec<(usize, f64)> = stdout
+        .lines()
+        .filter(|l| l.starts_with("eval"))
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w[1].parse().unwrap(), w[3].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4], "{stdout}");
+    assert!(evals.iter().all(|e| e.1.is_finite() && e.1 > 0.0), "{stdout}");
+    let (ok, _, stderr) = webpeft(&[&args[..], &["--val-split", "1.5"]].concat());
+    assert!(!ok && stderr.contains("validation share"), "{stderr}");
+}

@@ -165,6 +165,7 @@ fn gradient_accumulation_equals_the_full_batch() {
 
 #[test]
 fn seeded_training_is_repeatable_and_dropout_only_trains() {
+    let _rng = device_rng_lock();
     use webpeft::session::TrainOptions;
     use webpeft::train::data::Example;
     let run = || {
@@ -287,6 +288,7 @@ fn prompt_tuning_greedy_generation_matches_peft() {
 /// micro-batches with the same update; what cannot fit at all is refused by name.
 #[test]
 fn batches_too_big_for_a_buffer_run_as_micro_batches() {
+    let _rng = device_rng_lock();
     use webpeft::session::TrainOptions;
     let run = |max_buffer: Option<u64>, batch: usize, grad_accum: usize| {
         let mut s = tiny();
@@ -313,4 +315,72 @@ fn batches_too_big_for_a_buffer_run_as_micro_batches() {
     s.add_lora("m", LoraConfig { r: 4, lora_alpha: 8.0, ..Default::default() }, 7).unwrap();
     let e = block_on(s.train("m", &zen_examples(), &TrainOptions { steps: 1, batch: 2, seq_len: 128, ..Default::default() }, |_| true)).unwrap_err();
     assert!(e.message.contains("reduce seq-len"), "{e}");
+}
+
+#[test]
+fn validation_loss_during_training_is_the_held_out_loss_and_changes_nothing() {
+    let _rng = device_rng_lock();
+    use webpeft::session::TrainOptions;
+    use webpeft::train::data::{Example, split_validation};
+    let all: Vec<Example> = (0..10).map(|i| Example::Text(format!("sample number {i} says hello to {}", i * 7))).collect();
+    let (train, val) = split_validation(&all, 0.2, 5).unwrap();
+    assert_eq!((train.len(), val.len()), (8, 2));
+    let run = |validation: Vec<Example>| {
+        let mut s = tiny();
+        s.add_lora("v", LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.1, ..Default::default() }, 1).unwrap();
+        let opts = TrainOptions { steps: 5, batch: 2, seq_len: 16, lr: 1e-2, seed: 2, validation, eval_every: 2, ..Default::default() };
+        let r = block_on(s.train("v", &train, &opts, |_| true)).unwrap();
+        let bytes = block_on(s.save_adapter("v")).unwrap().1;
+        (s, r, bytes)
+    };
+    let (s, reports, with_eval) = run(val.clone());
+    let evals: Vec<(usize, f64)> = reports.iter().filter_map(|r| r.eval.as_ref().map(|e| (r.stats.step, e.loss))).collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4, 5], "every 2 steps and after the last");
+    // The last one is the held-out loss of the trained adapter (as `evaluate` computes it).
+    let after = block_on(s.evaluate(&["v"], &val, 16, 2, &[])).unwrap();
+    assert!((after.loss - evals[2].1).abs() < 1e-5, "{} vs {}", after.loss, evals[2].1);
+    assert!(evals[2].1 < evals[0].1, "the validation loss falls: {evals:?}");
+    // Evaluating inside the run (eval mode, no dropout) leaves training to the byte as without.
+    let (_, _, without) = run(vec![]);
+    assert_eq!(with_eval, without, "evaluation must not change training");
+}
+
+#[test]
+fn chat_examples_train_on_a_model_with_a_chat_template() {
+    let _rng = device_rng_lock();
+    use webpeft::session::TrainOptions;
+    use webpeft::train::data::{Example, IGNORE, tokenize};
+    let mut s = tiny();
+    assert!(s.tokenizer.chat_template.is_some(), "tiny-llama has chat_template.jinja");
+    let ex = Example::Chat { messages: vec![("user".into(), "what is one".into()), ("assistant".into(), "one is a number".into())] };
+    let t = tokenize(&s.tokenizer, &ex, false, 128).unwrap();
+    let trained: Vec<u32> = t.ids.iter().zip(&t.labels).filter(|(_, l)| **l != IGNORE).map(|(i, _)| *i).collect();
+    let text = s.tokenizer.decode(&trained, false).unwrap();
+    assert!(text.starts_with("one is a number"), "{text:?}");
+    assert!(t.labels[0] == IGNORE && trained.len() < t.ids.len());
+    s.add_lora("c", LoraConfig { r: 4, lora_alpha: 8.0, ..Default::default() }, 1).unwrap();
+    let r = block_on(s.train("c", &[ex], &TrainOptions { steps: 6, seq_len: 64, lr: 2e-2, ..Default::default() }, |_| true)).unwrap();
+    assert!(r[5].stats.loss < r[0].stats.loss, "{:?}", r.iter().map(|x| x.stats.loss).collect::<Vec<_>>());
+    assert_eq!(r[0].stats.tokens, t.ids.len());
+}
+
+#[test]
+fn estimate_plans_and_times_a_run_without_keeping_anything() {
+    use webpeft::session::TrainOptions;
+    let _rng = device_rng_lock();
+    let mut s = tiny();
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]});
+    let o = TrainOptions { steps: 10, batch: 3, grad_accum: 2, seq_len: 24, ..Default::default() };
+    let e = block_on(s.estimate(&cfg, &o, true)).unwrap();
+    assert!(s.adapters.is_empty(), "the estimate's adapter is gone");
+    s.add_adapter("x", &cfg, 0).unwrap();
+    let plan = s.memory_plan(&["x"], &o).unwrap();
+    assert_eq!((e.plan.batch, e.plan.grad_accum, e.plan.estimate.total()), (plan.batch, plan.grad_accum, plan.estimate.total()));
+    assert_eq!(e.trainable, s.adapters.get_mut("x").unwrap().num_parameters());
+    let (row, step) = (e.row_seconds.unwrap(), e.step_seconds.unwrap());
+    assert!(row > 0.0 && (step - 6.0 * row).abs() < 1e-12, "{row} {step}");
+    assert!(block_on(s.estimate(&cfg, &o, false)).unwrap().row_seconds.is_none());
+    let bad = serde_json::json!({"peft_type": "LORA", "r": 4, "target_modules": ["nope"]});
+    assert!(block_on(s.estimate(&bad, &o, false)).is_err());
+    assert_eq!(s.adapters.len(), 1);
 }

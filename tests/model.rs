@@ -198,3 +198,28 @@ fn sharded_safetensors_folder_loads() {
     assert_close("sharded", &logits(&s.model, &fx.i64["tiny.input_ids"], None), &fx.f32["tiny.logits"].data, 1e-4);
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+#[test]
+fn smollm2_chat_examples_tokenize_as_transformers_and_train_only_assistant_turns() {
+    use webpeft::train::data::{Example, IGNORE, tokenize};
+    let Some(path) = smollm2_path() else { return };
+    let bytes = std::fs::read(&path).unwrap();
+    let tok = webpeft::tokenizer::Tokenizer::from_gguf(&webpeft::io::gguf::Gguf::parse(&bytes).unwrap()).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(fixture("smollm2-chat-sft.json")).unwrap()).unwrap();
+    assert!(cases.len() >= 3);
+    let nums = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect::<Vec<i64>>();
+    for c in &cases {
+        let ex = Example::from_json(c).unwrap();
+        let t = tokenize(&tok, &ex, false, 4096).unwrap();
+        let want_ids: Vec<u32> = nums(&c["ids"]).iter().map(|&x| x as u32).collect();
+        assert_eq!(t.ids, want_ids, "ids of {}", c["text"]);
+        assert_eq!(t.labels, nums(&c["labels"]), "labels of {}", c["text"]);
+        // Cut to a shorter window: the same prefix.
+        let cut = tokenize(&tok, &ex, false, 20).unwrap();
+        assert_eq!((cut.ids.as_slice(), cut.labels.as_slice()), (&t.ids[..20], &t.labels[..20]));
+    }
+    assert!(cases.iter().any(|c| nums(&c["labels"]).iter().filter(|&&l| l != IGNORE).count() > 10));
+    // Nothing to train on, or no template: clear errors.
+    let e = tokenize(&tok, &Example::Chat { messages: vec![("user".into(), "hi".into())] }, false, 64).unwrap_err();
+    assert!(e.message.contains("no assistant message"), "{e}");
+}

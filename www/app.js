@@ -10,6 +10,10 @@ const params = new URLSearchParams(location.search);
 $('url').value = params.get('model') ?? '/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf';
 
 const app = { state: 'starting', steps: [], losses: [], adapters: [], error: null, outputs: {} };
+// The model answers one call at a time (a second one meanwhile is refused as busy): the
+// preview and the estimate's probe take turns through this queue, and training waits for it.
+let queue = Promise.resolve();
+const exclusive = (f) => { const p = queue.then(f); queue = p.catch(() => {}); return p; };
 window.__app = app;
 let session = null;
 let model = null;
@@ -30,10 +34,11 @@ const chart = new uPlot({
   scales: { x: { time: false } },
   // Colours read at each draw, so the chart follows the light / dark scheme.
   axes: ['step', 'loss'].map((label) => ({ label, stroke: () => css('color'), grid: { stroke: () => css('--line') }, ticks: { stroke: () => css('--line') } })),
-  series: [{ label: 'step' }, { label: 'loss', stroke: '#3f6ff0', width: 2, points: { show: true, size: 4 } }],
-}, [[], []], $('chart'));
+  series: [{ label: 'step' }, { label: 'loss', stroke: '#3f6ff0', width: 2, points: { show: true, size: 4 } },
+    { label: 'validation loss', stroke: '#e0702a', width: 2, dash: [6, 4], spanGaps: true, points: { show: true, size: 6 } }],
+}, [[], [], []], $('chart'));
 matchMedia('(prefers-color-scheme: dark)').addEventListener('change', () => chart.redraw(false, true));
-function plot() { chart.setData([app.steps.map((s) => s.step), app.steps.map((s) => s.loss)]); }
+function plot() { chart.setData([app.steps.map((s) => s.step), app.steps.map((s) => s.loss), app.steps.map((s) => s.valLoss ?? null)]); }
 
 // ---- UI state
 function setBusy(kind) {
@@ -46,6 +51,8 @@ function setBusy(kind) {
   $('cancel').disabled = !training;
   $('gen').disabled = !model || kind !== 'ready';
   $('export').disabled = !model || kind !== 'ready' || !app.adapters.length;
+  $('export-files').disabled = $('export').disabled;
+  $('import-go').disabled = !model || kind !== 'ready';
 }
 
 function refreshAdapters(select) {
@@ -151,13 +158,25 @@ async function preview() {
   if (!session) return;
   try {
     const ex = await examples();
-    let text = '';
-    for (const e of ex.slice(0, 3)) {
-      const [prompt, target] = typeof e === 'string' ? ['', e] : e.text !== undefined ? ['', e.text] : [e.prompt, e.completion];
-      const ids = model ? await model.tokenize(prompt + target) : null;
-      text += `${prompt ? `[not trained] ${JSON.stringify(prompt)}\n` : ''}[trained] ${JSON.stringify(target)}${ids ? `\n  ${ids.length} tokens: ${ids.slice(0, 24).join(' ')}${ids.length > 24 ? ' …' : ''}` : ''}\n\n`;
+    const box = $('preview-text');
+    box.replaceChildren();
+    if (model && app.state === 'ready') {
+      // Exactly what training tokenises: the tokens, and which ones the loss counts.
+      const m = model;
+      for (const row of await exclusive(() => m.preview(ex, { seqLen: Number($('seq').value), limit: 3 }))) {
+        for (let i = 0; i < row.ids.length; i++) {
+          const span = document.createElement(row.trained[i] ? 'mark' : 'span');
+          if (row.trained[i]) span.className = 'trained';
+          span.textContent = row.pieces[i];
+          span.title = `token ${row.ids[i]}`;
+          box.append(span);
+        }
+        box.append(`\n  ${row.ids.length} tokens, ${row.trained.filter(Boolean).length} trained\n\n`);
+      }
+    } else {
+      box.textContent = ex.slice(0, 3).map((e) => JSON.stringify(e)).join('\n') + `\n(${model ? 'the tokens show when the model is free' : 'load a model to see its tokens'})\n`;
     }
-    $('preview-text').textContent = text + (ex.length > 3 ? `… and ${ex.length - 3} more` : '');
+    if (ex.length > 3) box.append(`… and ${ex.length - 3} more`);
     status('data-status', `${ex.length} examples`, 'done');
     app.examples = ex.length;
   } catch (e) {
@@ -177,25 +196,40 @@ function adapterConfig() {
     default: return { peft_type: 'LORA', r, lora_alpha: 2 * r, target_modules: ['q_proj', 'v_proj'] };
   }
 }
-const trainOptions = () => ({ steps: Number($('steps').value), lr: Number($('lr').value), batch: Number($('batch').value), seqLen: Number($('seq').value), schedule: 'cosine', warmup: 2, checkpointEvery: Number($('every').value) });
+/** The validation share: held out from 5 examples on (fewer leave too little to train on). */
+const validation = () => ((app.examples ?? 0) >= 5 ? Number($('val').value) || 0 : 0);
+const trainOptions = () => ({ steps: Number($('steps').value), lr: Number($('lr').value), batch: Number($('batch').value), seqLen: Number($('seq').value), schedule: 'cosine', warmup: 2, checkpointEvery: Number($('every').value), ...(validation() > 0 ? { validation: validation(), evalEvery: Math.max(1, Math.round(Number($('steps').value) / 10)) } : {}) });
 
-/** A rough estimate before training: trainable values and the GPU memory of weights + activations. */
+/**
+ * Before training: the memory the run needs (the same plan training uses) and its time, from
+ * a training step over one row measured on this GPU in the worker. Training waits for a running estimate.
+ */
+let estimateSeq = 0;
 function estimate() {
-  const i = app.info;
-  if (!i) { $('estimate').textContent = ''; return; }
-  const h = i.hiddenSize, r = Number($('rank').value), o = trainOptions();
-  const trainable = { lora: i.layers * 2 * r * 2 * h, 'lora-all': i.layers * 7 * r * 2 * h, ia3: i.layers * 3 * h, prompt: 20 * h }[$('method').value];
-  // Weights in f32; adapter value, gradient and two AdamW moments; activations kept for backward (~ 34 h per token and layer) and the logits.
-  const bytes = i.parameters * 4 + trainable * 16 + o.batch * o.seqLen * (i.layers * 34 * h + 2 * i.vocabSize) * 4;
-  $('estimate').textContent = `Estimate: ${(trainable / 1e3).toFixed(1)} k trainable values; about ${mb(bytes)} of GPU memory at batch ${o.batch} × ${o.seqLen} tokens. The time per step shows after the first step.`;
+  clearTimeout(app.estimateTimer);
+  if (!model || app.state !== 'ready') return;
+  app.estimateTimer = setTimeout(() => {
+    const seq = ++estimateSeq;
+    const o = trainOptions();
+    $('estimate').textContent = 'Estimating memory and time on this GPU…';
+    const m = model;
+    app.estimating = exclusive(() => (seq === estimateSeq ? m.estimate(adapterConfig(), o, { probe: true }) : null)).then((e) => {
+      if (!e) return;
+      if (seq !== estimateSeq) return;
+      app.estimate = e;
+      const split = e.batch !== o.batch ? ` (as ${e.gradAccum} micro-batches of ${e.batch} to fit the GPU)` : '';
+      $('estimate').textContent = `Estimate: ${(e.trainable / 1e3).toFixed(1)} k trainable values; ${mb(e.memory.total)} of GPU memory at batch ${o.batch} × ${o.seqLen} tokens${split}; about ${fmtTime(e.totalSeconds)} for ${o.steps} steps (${e.stepSeconds.toFixed(2)} s per step, from a training step over one row measured here: ${(e.rowSeconds * 1e3).toFixed(0)} ms).`;
+    }).catch((err) => { if (seq === estimateSeq) $('estimate').textContent = `Cannot train with these settings: ${err.message}`; });
+  }, 300);
 }
-for (const id of ['method', 'rank', 'batch', 'seq']) $(id).addEventListener('input', estimate);
+for (const id of ['method', 'rank', 'batch', 'seq', 'steps']) $(id).addEventListener('input', estimate);
 
 function onStep(r) {
-  app.steps.push({ step: r.step, loss: r.loss });
+  app.steps.push({ step: r.step, loss: r.loss, valLoss: r.eval?.loss, seconds: r.seconds });
+  if (r.eval) app.valLosses = [...(app.valLosses ?? []), { step: r.step, loss: r.eval.loss }];
   app.losses.push(r.loss);
   plot();
-  status('train-status', `step ${r.step} / ${r.totalSteps} · loss ${r.loss.toFixed(3)} · lr ${r.lr.toExponential(1)} · ${r.tokensPerSecond.toFixed(0)} tokens/s · ${r.etaSeconds !== undefined ? `about ${fmtTime(r.etaSeconds)} left` : ''}${r.memoryInUse ? ` · GPU ${mb(r.memoryInUse)}` : ''}`, 'busy');
+  status('train-status', `step ${r.step} / ${r.totalSteps} · loss ${r.loss.toFixed(3)}${app.valLosses?.length ? ` · validation ${app.valLosses.at(-1).loss.toFixed(3)}` : ''} · lr ${r.lr.toExponential(1)} · ${r.tokensPerSecond.toFixed(0)} tokens/s · ${r.etaSeconds !== undefined ? `about ${fmtTime(r.etaSeconds)} left` : ''}${r.memoryInUse ? ` · GPU ${mb(r.memoryInUse)}` : ''}`, 'busy');
 }
 
 async function follow(name) {
@@ -219,12 +253,16 @@ $('train').onclick = async () => {
   let ex;
   try { ex = await examples(); } catch (e) { status('train-status', e.message, 'error'); return; }
   const name = `${$('method').value}-${Date.now().toString(36)}-${++counter}`;
+  clearTimeout(app.estimateTimer);
+  estimateSeq++;
+  await queue; // a preview or the estimate's probe holds the model until it ends
   try {
     await model.addAdapter(name, adapterConfig(), { seed: 0 });
   } catch (e) { status('train-status', e.message, 'error'); return; }
   app.adapters.push(name);
   app.steps = [];
   app.losses = [];
+  app.valLosses = [];
   plot();
   controller = new AbortController();
   status('train-status', 'Starting (the first step compiles the GPU kernels)…', 'busy');
@@ -257,6 +295,7 @@ $('resume-go').onclick = async () => {
   }
   app.steps = [];
   app.losses = [];
+  app.valLosses = [];
   plot();
   controller = new AbortController();
   status('train-status', `Resuming ${id}…`, 'busy');
@@ -274,7 +313,7 @@ $('gen').onclick = async () => {
   try {
     for (const [pane, adapter] of [['out-base', undefined], ['out-tuned', $('adapter-pick').value || undefined]]) {
       $(pane).textContent = '';
-      const text = await model.generate(prompt, { adapter, maxNewTokens: 32, onToken: (_id, piece) => { $(pane).textContent += piece; } });
+      const text = await exclusive(() => model.generate(prompt, { adapter, maxNewTokens: 32, onToken: (_id, piece) => { $(pane).textContent += piece; } }));
       app.outputs[adapter ?? 'base'] = text;
     }
   } catch (e) { log(`error (${e.code}): ${e.message}`); app.error = e.message; }
@@ -283,30 +322,42 @@ $('gen').onclick = async () => {
 $('prompt').onkeydown = (e) => { if (e.key === 'Enter' && !$('gen').disabled) $('gen').click(); };
 
 // ---- 5. adapters out and in
+function download(name, bytes) {
+  const a = document.createElement('a');
+  a.href = URL.createObjectURL(new Blob([bytes]));
+  a.download = name;
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+}
 $('export').onclick = async () => {
   const name = $('adapter-pick').value;
-  const files = await model.saveAdapter(name);
-  for (const [file, content] of Object.entries(files)) {
-    const a = document.createElement('a');
-    a.href = URL.createObjectURL(new Blob([content]));
-    a.download = file;
-    a.click();
-    setTimeout(() => URL.revokeObjectURL(a.href), 10000);
-  }
+  const zip = await exclusive(() => model.saveAdapterZip(name));
+  download(`${name}.zip`, zip);
+  status('adapter-status', `Exported “${name}” as ${name}.zip (${mb(zip.length)}): unzip it for PeftModel.from_pretrained.`, 'done');
+};
+$('export-files').onclick = async () => {
+  const name = $('adapter-pick').value;
+  const files = await exclusive(() => model.saveAdapter(name));
+  for (const [file, content] of Object.entries(files)) download(file, content);
   status('adapter-status', `Exported “${name}” (${Object.keys(files).join(', ')}).`, 'done');
 };
-$('import').onchange = async () => {
-  const picked = [...$('import').files];
-  const files = {};
-  for (const f of picked) files[f.name] = f.name.endsWith('.json') ? await f.text() : f;
+async function importAdapter(source, what) {
   const name = `imported-${++counter}`;
+  setBusy('importing');
   try {
-    await model.loadAdapter(name, files);
+    await exclusive(() => model.loadAdapter(name, source));
     app.adapters.push(name);
     refreshAdapters(name);
-    status('adapter-status', `Imported “${name}” from ${picked.map((f) => f.name).join(', ')}.`, 'done');
+    status('adapter-status', `Imported “${name}” from ${what}.`, 'done');
   } catch (e) { status('adapter-status', `Could not import: ${e.message}`, 'error'); }
+  setBusy('ready');
+}
+$('import-go').onclick = () => { const url = $('import-url').value.trim(); if (url) importAdapter(url, url); };
+$('import-url').onkeydown = (e) => { if (e.key === 'Enter' && !$('import-go').disabled) $('import-go').click(); };
+$('import').onchange = async () => {
+  const picked = [...$('import').files];
   $('import').value = '';
+  if (picked.length) await importAdapter(picked, picked.map((f) => f.name).join(', '));
 };
 
 start();

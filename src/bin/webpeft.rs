@@ -472,6 +472,13 @@ enum Cmd {
         /// micro-batches (the same update) to stay within it.
         #[arg(long)]
         memory_budget_mib: Option<u64>,
+        /// Hold out this share of the examples (seeded by --seed) and report their loss
+        /// every --eval-every steps and after the last.
+        #[arg(long, default_value_t = 0.0)]
+        val_split: f64,
+        /// Evaluate on the held-out examples every N steps (0 = only after the last).
+        #[arg(long, default_value_t = 0)]
+        eval_every: usize,
     },
     /// Generate text (greedy when --temperature 0), with the KV cache.
     Generate {
@@ -959,6 +966,8 @@ fn run(cli: Cli) -> Result<()> {
             checkpoint_every,
             resume,
             memory_budget_mib,
+            val_split,
+            eval_every,
         } => {
             let resume = if resume {
                 let c =
@@ -985,11 +994,17 @@ fn run(cli: Cli) -> Result<()> {
                 append_eos,
                 dp: dp.config()?,
                 pause: None,
+                validation: Vec::new(),
+                eval_every,
             };
             let Some(data) = data else {
+                if val_split > 0.0 {
+                    return Err(Error::new(ErrorCode::Unsupported, "--val-split with --task: evaluate each task's adapter after the run (webpeft eval)"));
+                }
                 return train_tasks(&common, &task, &method, &opts, &out);
             };
-            let examples = read_examples(&data)?;
+            let (examples, validation) = webpeft::train::data::split_validation(&read_examples(&data)?, val_split, seed)?;
+            let opts = TrainOptions { validation, ..opts };
             let mut s = open(&common)?;
             block_on(device::self_check(&s.compute.device))?;
             let names = match (&init_adapter, &config) {
@@ -1014,7 +1029,7 @@ fn run(cli: Cli) -> Result<()> {
                 let a = s.adapters.get_mut(n).expect("just added");
                 eprintln!("adapter {n}: {} with {} trainable parameters", a.method(), a.num_parameters());
             }
-            eprintln!("training on {} examples ({} base parameters frozen)", examples.len(), s.model.num_parameters());
+            eprintln!("training on {} examples, {} held out ({} base parameters frozen)", examples.len(), opts.validation.len(), s.model.num_parameters());
             let t0 = Instant::now();
             let mut keeper = Keeper::new(&out);
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -1040,6 +1055,9 @@ fn run(cli: Cli) -> Result<()> {
                     if r.stats.skipped { "  (skipped: non-finite)" } else { "" },
                     r.epsilon.map(|e| format!("  epsilon {e:.3}")).unwrap_or_default()
                 );
+                if let Some(e) = &r.eval {
+                    println!("eval {:>4}  val_loss {:.4}  ({} targets)", r.stats.step, e.loss, e.targets);
+                }
                 keeper.keep(r)
             }))?;
             keeper.result()?;

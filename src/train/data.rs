@@ -16,19 +16,41 @@ pub enum Example {
     Text(String),
     /// Only the completion's tokens count in the loss.
     PromptCompletion { prompt: String, completion: String },
+    /// A conversation of (role, content) turns, rendered with the model's chat template;
+    /// only the assistant turns (each with its end-of-turn marker) count in the loss.
+    Chat { messages: Vec<(String, String)> },
 }
 
 impl Example {
-    /// One JSON record: a string, `{"text": ...}` or `{"prompt": ..., "completion": ...}`.
+    /// One JSON record: a string, `{"text": ...}`, `{"prompt": ..., "completion": ...}` or
+    /// `{"messages": [{"role": ..., "content": ...}, ...]}`.
     pub fn from_json(v: &serde_json::Value) -> Result<Example> {
+        if let Some(m) = v.get("messages") {
+            return chat_messages(m).map(|messages| Example::Chat { messages });
+        }
         let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
         match (v, s("text"), s("prompt"), s("completion")) {
             (serde_json::Value::String(t), ..) => Ok(Example::Text(t.clone())),
             (_, Some(t), None, None) => Ok(Example::Text(t)),
             (_, None, Some(prompt), Some(completion)) => Ok(Example::PromptCompletion { prompt, completion }),
-            _ => Err(err!(Data, "expected {{\"text\": ...}} or {{\"prompt\": ..., \"completion\": ...}} with string values")),
+            _ => Err(err!(Data, "expected {{\"text\": ...}}, {{\"prompt\": ..., \"completion\": ...}} or {{\"messages\": [...]}} with string values")),
         }
     }
+}
+
+/// `[{"role": "user", "content": "..."}, ...]`: the turns of a chat example.
+fn chat_messages(v: &serde_json::Value) -> Result<Vec<(String, String)>> {
+    let list = v.as_array().ok_or_else(|| err!(Data, "`messages` must be a list of {{\"role\": ..., \"content\": ...}}"))?;
+    if list.is_empty() {
+        bail!(Data, "`messages` is empty");
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = |k: &str| m.get(k).and_then(|x| x.as_str()).map(str::to_string).ok_or_else(|| err!(Data, "messages[{i}]: expected a string `{k}`"));
+            Ok((field("role")?, field("content")?))
+        })
+        .collect()
 }
 
 /// How a data file is laid out.
@@ -187,7 +209,10 @@ pub struct Tokenized {
 
 /// Tokenise one example. Text: exactly the tokenizer's default encoding (plus EOS only when
 /// `append_eos`). Prompt/completion: prompt encoded with default special tokens, then the
-/// completion without them, then EOS; prompt tokens are masked out of the loss.
+/// completion without them, then EOS; prompt tokens are masked out of the loss. Chat: the
+/// conversation rendered by the chat template and encoded as transformers'
+/// `apply_chat_template(messages, tokenize=True)` does (no extra special tokens); only the
+/// assistant turns are trained on (see [`chat_tokens`]); cut to `max_len` from the end.
 pub fn tokenize(tok: &Tokenizer, ex: &Example, append_eos: bool, max_len: usize) -> Result<Tokenized> {
     let eos = || tok.eos_id.ok_or_else(|| err!(Config, "the tokenizer has no EOS token"));
     let (mut ids, mut labels) = match ex {
@@ -212,6 +237,7 @@ pub fn tokenize(tok: &Tokenizer, ex: &Example, append_eos: bool, max_len: usize)
             let labels = p.iter().map(|_| IGNORE).chain(c.iter().map(|&i| i as i64)).collect();
             (p.into_iter().chain(c).collect(), labels)
         }
+        Example::Chat { messages } => chat_tokens(tok, messages)?,
     };
     ids.truncate(max_len);
     labels.truncate(max_len);
@@ -219,6 +245,54 @@ pub fn tokenize(tok: &Tokenizer, ex: &Example, append_eos: bool, max_len: usize)
         bail!(Data, "an example has fewer than 2 tokens: nothing to predict");
     }
     Ok(Tokenized { ids, labels })
+}
+
+/// A conversation's token ids and labels. An assistant turn's trained part is what the
+/// template adds for it after the generation prompt: the text between rendering the turns
+/// before it with `add_generation_prompt` and rendering it closed (its content and the
+/// end-of-turn marker). A token is trained when it starts inside such a part.
+fn chat_tokens(tok: &Tokenizer, messages: &[(String, String)]) -> Result<(Vec<u32>, Vec<i64>)> {
+    if !messages.iter().any(|(r, _)| r == "assistant") {
+        bail!(Data, "a chat example has no assistant message: nothing to train on");
+    }
+    let full = tok.apply_chat_template(messages, false)?;
+    let mut spans = Vec::new();
+    for (i, (role, _)) in messages.iter().enumerate() {
+        if role != "assistant" {
+            continue;
+        }
+        let before = tok.apply_chat_template(&messages[..i], true)?;
+        let upto = tok.apply_chat_template(&messages[..=i], false)?;
+        if !upto.starts_with(&before) || !full.starts_with(&upto) {
+            bail!(Unsupported, "the chat template does not render the conversation turn by turn (at message {i}), so the assistant's part cannot be told apart: give prompt/completion examples instead");
+        }
+        spans.push(before.len()..upto.len());
+    }
+    let (ids, offsets) = tok.encode_with_offsets(&full, false)?;
+    let labels = ids.iter().zip(&offsets).map(|(&id, &(start, _))| if spans.iter().any(|s| s.contains(&start)) { id as i64 } else { IGNORE }).collect();
+    Ok((ids, labels))
+}
+
+/// Split off a held-out share of the examples (a validation set), after a seeded shuffle:
+/// `round(fraction * n)` of them, at least one and leaving at least one for training.
+/// Returns (train, validation), each in the original order.
+pub fn split_validation(examples: &[Example], fraction: f64, seed: u64) -> Result<(Vec<Example>, Vec<Example>)> {
+    if !(0.0..1.0).contains(&fraction) {
+        bail!(Config, "the validation share must be in [0, 1), got {fraction}");
+    }
+    if fraction == 0.0 {
+        return Ok((examples.to_vec(), vec![]));
+    }
+    if examples.len() < 2 {
+        bail!(Data, "a validation split needs at least 2 examples (got {})", examples.len());
+    }
+    let n_val = ((fraction * examples.len() as f64).round() as usize).clamp(1, examples.len() - 1);
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.shuffle(&mut SmallRng::seed_from_u64(seed ^ 0x7a11_da7e));
+    let mut held = vec![false; examples.len()];
+    order[..n_val].iter().for_each(|&i| held[i] = true);
+    let (val, train): (Vec<_>, Vec<_>) = examples.iter().zip(&held).partition(|(_, h)| **h);
+    Ok((train.into_iter().map(|(e, _)| e.clone()).collect(), val.into_iter().map(|(e, _)| e.clone()).collect()))
 }
 
 /// A right-padded batch, row-major [B, T].
@@ -370,6 +444,11 @@ impl Batcher {
         self.rows.len()
     }
 
+    /// The token rows are padded with.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
     pub fn next_batch(&mut self) -> Result<Batch> {
         let mut picked = Vec::with_capacity(self.batch);
         let mut tasks = Vec::new();
@@ -432,6 +511,25 @@ mod tests {
         assert_eq!(parse_data_file("d.csv", "text,label\na,1\n").unwrap_err().code, crate::ErrorCode::Unsupported);
         let e = parse_data_file("d.jsonl", "{\"text\": \"a\"}\n\n{\"text\": 1}\n").unwrap_err();
         assert!(e.message.starts_with("d.jsonl: line 3: "), "{e}");
+        let chat = parse_data_file("c.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}]}\n").unwrap();
+        assert_eq!(chat, vec![Example::Chat { messages: vec![("user".into(), "hi".into()), ("assistant".into(), "yo".into())] }]);
+        let e = parse_data_file("c.jsonl", "{\"messages\": [{\"role\": \"user\"}]}\n").unwrap_err();
+        assert!(e.message.contains("line 1: messages[0]: expected a string `content`"), "{e}");
+        assert!(parse_data_file("c.jsonl", "{\"messages\": []}\n").unwrap_err().message.contains("empty"));
+    }
+
+    #[test]
+    fn validation_split() {
+        let ex: Vec<Example> = (0..10).map(|i| Example::Text(format!("{i}"))).collect();
+        let (train, val) = split_validation(&ex, 0.2, 3).unwrap();
+        assert_eq!((train.len(), val.len()), (8, 2));
+        assert!(val.iter().all(|v| !train.contains(v)));
+        assert_eq!(split_validation(&ex, 0.2, 3).unwrap().1, val, "seeded");
+        assert!((0..20).any(|s| split_validation(&ex, 0.2, s).unwrap().1 != val), "the seed matters");
+        assert_eq!(split_validation(&ex, 0.01, 0).unwrap().1.len(), 1, "at least one held out");
+        assert!(split_validation(&ex[..1], 0.5, 0).is_err());
+        assert!(split_validation(&ex, 1.0, 0).is_err());
+        assert_eq!(split_validation(&ex, 0.0, 0).unwrap().0, ex);
     }
 
     #[test]

@@ -126,7 +126,7 @@ pub fn init() -> Promise {
 }
 
 /// Parse a data file (text, JSONL or CSV, chosen by `name`'s extension) into examples:
-/// `{text}` or `{prompt, completion}` objects. Throws the typed error naming file and line.
+/// `{text}`, `{prompt, completion}` or `{messages: [{role, content}]}` objects. Throws the typed error naming file and line.
 #[wasm_bindgen(js_name = parseData)]
 pub fn parse_data(name: &str, text: &str) -> std::result::Result<Array, JsValue> {
     let examples = crate::train::data::parse_data_file(name, text).map_err(|e| js_error(&e))?;
@@ -139,6 +139,16 @@ pub fn parse_data(name: &str, text: &str) -> std::result::Result<Array, JsValue>
                 Example::PromptCompletion { prompt, completion } => {
                     set(&o, "prompt", prompt.as_str());
                     set(&o, "completion", completion.as_str());
+                }
+                Example::Chat { messages } => {
+                    let list = Array::new();
+                    for (role, content) in messages {
+                        let m = Object::new();
+                        set(&m, "role", role.as_str());
+                        set(&m, "content", content.as_str());
+                        list.push(&m);
+                    }
+                    set(&o, "messages", list);
                 }
             }
             JsValue::from(o)
@@ -228,6 +238,12 @@ struct JsTrainOptions {
     /// The most memory a training step may use (MiB).
     #[serde(rename = "memoryBudgetMiB")]
     memory_budget_mib: Option<u64>,
+    /// Hold out this share of the examples (seeded by `seed`) as a validation set.
+    validation: Option<f64>,
+    /// Or give the validation examples themselves.
+    validation_data: Option<Vec<serde_json::Value>>,
+    /// Evaluate on the validation set every this many steps (0 / unset: after the last only).
+    eval_every: Option<usize>,
 }
 
 /// Train options from JS: `resume` (a checkpoint's files, binary) is taken out before the
@@ -338,7 +354,22 @@ impl JsTrainOptions {
             memory_budget_mib: self.memory_budget_mib,
             resume: None,
             pause: None,
+            validation: Vec::new(),
+            eval_every: self.eval_every.unwrap_or(0),
         })
+    }
+
+    /// The training examples and the validation set (`validation` share or `validationData`).
+    fn split(&self, examples: Vec<Example>, seed: u64) -> Result<(Vec<Example>, Vec<Example>)> {
+        match (self.validation, &self.validation_data) {
+            (Some(_), Some(_)) => Err(err!(Config, "give validation (a share) or validationData (examples), not both")),
+            (Some(f), None) => crate::train::data::split_validation(&examples, f, seed),
+            (None, Some(v)) => {
+                let val = v.iter().enumerate().map(|(i, v)| Example::from_json(v).map_err(|e| e.context(format!("validationData[{i}]")))).collect::<Result<Vec<_>>>()?;
+                Ok((examples, val))
+            }
+            (None, None) => Ok((examples, vec![])),
+        }
     }
 }
 
@@ -363,6 +394,12 @@ fn report_step(r: &crate::session::StepReport, all: &Array, on_step: Option<&Fun
     }
     if let Some(e) = r.epsilon {
         set(&j, "epsilon", e);
+    }
+    if let Some(e) = &r.eval {
+        let o = Object::new();
+        set(&o, "loss", e.loss);
+        set(&o, "targets", e.targets as u32);
+        set(&j, "eval", o);
     }
     if !r.task_names.is_empty() {
         let t = Object::new();
@@ -415,6 +452,20 @@ impl Model {
     }
 }
 
+/// An adapter config without `peft_type` is a LoRA (as `addAdapter` documents).
+fn lora_by_default(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(o) = v.as_object_mut() {
+        o.entry("peft_type").or_insert_with(|| "LORA".into());
+    }
+    v
+}
+
+/// An adapter's `adapter_config.json` text and `adapter_model.safetensors` bytes.
+async fn saved_adapter(s: &Rc<RefCell<Session>>, name: &str) -> Result<(String, Vec<u8>)> {
+    let mut sess = s.try_borrow_mut().map_err(|_| busy())?;
+    sess.save_adapter(name).await
+}
+
 fn busy() -> Error {
     err!(Config, "the model is busy with another call; await it first")
 }
@@ -461,10 +512,8 @@ impl Model {
                 Some(t) => t,
                 None => js_sys::JSON::stringify(&config).map(String::from).map_err(|_| err!(Config, "config is not JSON"))?,
             };
-            let mut v: serde_json::Value = serde_json::from_str(&json).map_err(|e| err!(Config, "config: {e}"))?;
-            if let Some(o) = v.as_object_mut() {
-                o.entry("peft_type").or_insert_with(|| "LORA".into());
-            }
+            let v: serde_json::Value = serde_json::from_str(&json).map_err(|e| err!(Config, "config: {e}"))?;
+            let v = lora_by_default(v);
             s.try_borrow_mut().map_err(|_| busy())?.add_adapter(&name, &v, seed.unwrap_or(0))?;
             Ok(JsValue::UNDEFINED)
         })
@@ -475,13 +524,89 @@ impl Model {
     pub fn load_adapter(&self, name: String, files: JsValue) -> Promise {
         let s = self.session();
         promise(async move {
-            let f = files_of(&files)?;
-            let cfg = f.get("adapter_config.json").ok_or_else(|| err!(Io, "adapter_config.json missing"))?;
-            let w = f.get("adapter_model.safetensors").ok_or_else(|| err!(Io, "adapter_model.safetensors missing"))?;
-            let cfg = String::from_utf8(cfg.clone()).map_err(|_| err!(Format, "adapter_config.json is not UTF-8"))?;
-            s.try_borrow_mut().map_err(|_| busy())?.load_adapter(&name, &cfg, w)?;
+            let (cfg, w) = crate::io::archive::adapter_files(files_of(&files)?)?;
+            s.try_borrow_mut().map_err(|_| busy())?.load_adapter(&name, &cfg, &w)?;
             Ok(JsValue::UNDEFINED)
         })
+    }
+
+    /// The adapter as one zip (a folder `name/` with its two PEFT files): resolves to a
+    /// Uint8Array that `loadAdapter(name, {"name.zip": bytes})` and `unzip` both read.
+    #[wasm_bindgen(js_name = saveAdapterZip)]
+    pub fn save_adapter_zip(&self, name: String) -> Promise {
+        let s = self.session();
+        promise(async move {
+            let (cfg, w) = saved_adapter(&s, &name).await?;
+            let zip = crate::io::archive::zip_folder(&name, &[("adapter_config.json", cfg.as_bytes()), ("adapter_model.safetensors", &w)])?;
+            Ok(JsValue::from(Uint8Array::from(&zip[..])))
+        })
+    }
+
+    /// Before training: what a new adapter from `config` (as `addAdapter`) trained with
+    /// `options` (as `train`) would take. Resolves to `{ trainable, batch, gradAccum,
+    /// memory: { total, weights, adapter, activations, attention, logits, largestBuffer,
+    /// largestBufferName } (bytes), rowSeconds, stepSeconds, totalSeconds }`; the times (from
+    /// one measured training step over one row) only with `probe: true`. Nothing is kept.
+    pub fn estimate(&self, config: JsValue, options: JsValue, probe: Option<bool>) -> Promise {
+        let s = self.session();
+        promise(async move {
+            let cfg = lora_by_default(from_js(config, "adapter config")?);
+            let (_, opts) = train_options(options)?;
+            let mut sess = s.try_borrow_mut().map_err(|_| busy())?;
+            let e = sess.estimate(&cfg, &opts, probe.unwrap_or(false)).await?;
+            let m = &e.plan.estimate;
+            let mem = Object::new();
+            for (k, v) in [("total", m.total()), ("weights", m.weights), ("adapter", m.adapter), ("activations", m.activations), ("attention", m.attention), ("logits", m.logits), ("largestBuffer", m.largest_buffer.0)] {
+                set(&mem, k, v as f64);
+            }
+            set(&mem, "largestBufferName", m.largest_buffer.1);
+            let o = Object::new();
+            set(&o, "trainable", e.trainable as f64);
+            set(&o, "batch", e.plan.batch as u32);
+            set(&o, "gradAccum", e.plan.grad_accum as u32);
+            set(&o, "memory", mem);
+            if let (Some(f), Some(st)) = (e.row_seconds, e.step_seconds) {
+                set(&o, "rowSeconds", f);
+                set(&o, "stepSeconds", st);
+                set(&o, "totalSeconds", st * opts.steps as f64);
+            }
+            Ok(JsValue::from(o))
+        })
+    }
+
+    /// What training will see of `examples` (as `train` takes them): for each of the first
+    /// `limit` (default 5), `{ ids, pieces, trained }`: token ids, each token's text, and
+    /// whether the loss counts it. Options: seqLen (default 128), appendEos, limit.
+    pub fn preview(&self, examples: JsValue, options: JsValue) -> std::result::Result<Array, JsValue> {
+        #[derive(Deserialize, Default)]
+        #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+        struct O {
+            seq_len: Option<usize>,
+            append_eos: Option<bool>,
+            limit: Option<usize>,
+        }
+        let run = || -> Result<Array> {
+            let o: O = from_js(options, "preview options")?;
+            let ex = examples_of(examples)?;
+            let s = self.inner.try_borrow().map_err(|_| busy())?;
+            let out = Array::new();
+            for (i, e) in ex.iter().take(o.limit.unwrap_or(5)).enumerate() {
+                let t = crate::train::data::tokenize(&s.tokenizer, e, o.append_eos.unwrap_or(false), o.seq_len.unwrap_or(128)).map_err(|e| e.context(format!("example {i}")))?;
+                let pieces = Array::new();
+                let trained = Array::new();
+                for (&id, &l) in t.ids.iter().zip(&t.labels) {
+                    pieces.push(&s.tokenizer.decode(&[id], false)?.into());
+                    trained.push(&(l != crate::train::data::IGNORE).into());
+                }
+                let row = Object::new();
+                set(&row, "ids", js_sys::Uint32Array::from(&t.ids[..]));
+                set(&row, "pieces", pieces);
+                set(&row, "trained", trained);
+                out.push(&row);
+            }
+            Ok(out)
+        };
+        run().map_err(|e| js_error(&e))
     }
 
     /// The two PEFT files of an adapter.
@@ -489,10 +614,7 @@ impl Model {
     pub fn save_adapter(&self, name: String) -> Promise {
         let s = self.session();
         promise(async move {
-            let (cfg, w) = {
-                let mut sess = s.try_borrow_mut().map_err(|_| busy())?;
-                sess.save_adapter(&name).await?
-            };
+            let (cfg, w) = saved_adapter(&s, &name).await?;
             let o = Object::new();
             set(&o, "adapter_config.json", cfg);
             set(&o, "adapter_model.safetensors", Uint8Array::from(&w[..]));
@@ -507,8 +629,9 @@ impl Model {
         let s = self.session();
         let pause = self.pause_flag();
         promise(async move {
-            let ex = examples_of(examples)?;
             let (o, mut opts) = train_options(options)?;
+            let (ex, validation) = o.split(examples_of(examples)?, opts.seed)?;
+            opts.validation = validation;
             opts.pause = Some(pause);
             let names = match o.adapter {
                 None => vec!["default".to_string()],

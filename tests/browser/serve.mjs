@@ -33,6 +33,7 @@ export async function serve(mounts = [], port = 0) {
       return;
     }
     served.push(pathname);
+    if (served.length > 100000) served.splice(0, 50000); // a long-lived `scripts/demo --web` keeps only the recent log
     const p = fileOf(pathname);
     if (!p || !fs.existsSync(p) || !fs.statSync(p).isFile()) { res.writeHead(404); res.end(); return; }
     const headers = { 'content-type': types[path.extname(p)] ?? 'application/octet-stream', 'content-length': fs.statSync(p).size };

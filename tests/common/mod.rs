@@ -168,3 +168,12 @@ pub fn assert_loss(what: &str, got: f32, hp: &serde_json::Value, key: &str) {
     eprintln!("{what}: loss {got} vs torch {want}: |d| = {d:.2e}");
     assert!(d < 1e-5, "{what}: |d| = {d:e}");
 }
+
+/// Training seeds the device's random stream at each step (dropout draws from it), and the
+/// tests of one binary run in parallel on the same device: a test that trains holds this lock
+/// so another's seeding cannot land between its seed and its draws.
+#[allow(dead_code)]
+pub fn device_rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
