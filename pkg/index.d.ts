@@ -68,6 +68,9 @@ export type Example = string | { text: string } | { prompt: string; completion: 
 /** Parse a data file (text; JSONL with `text`, `prompt`/`completion` or chat `messages`; CSV with `text` or `prompt`,`completion` columns; by the extension of `name`). */
 export function parseData(name: string, text: string): Promise<Example[]>;
 
+/** Parse labelled rows for a classifier: CSV/TSV with `text` and `label` columns, or JSONL `{"text", "label"}`. */
+export function parseLabeled(name: string, text: string): Promise<{ text: string; label: string }[]>;
+
 export interface TrainOptions {
   /** The adapter to train (default "default"), or several trained together (hybrid). */
   adapter?: string | string[];
@@ -415,6 +418,7 @@ export class Session {
   loadModel(source: ModelSource, options?: LoadOptions): Promise<RemoteModel>;
   loadTaskModel(source: ModelSource, options?: LoadOptions & { task?: 'classification' | 'embedding' }): Promise<RemoteTaskModel>;
   parseData(name: string, text: string): Promise<Example[]>;
+  parseLabeled(name: string, text: string): Promise<{ text: string; label: string }[]>;
   savedRuns(): Promise<SavedRun[]>;
   deleteRun(id: string): Promise<boolean>;
   clearCache(): Promise<boolean>;

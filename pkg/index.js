@@ -57,6 +57,15 @@ export async function parseData(name, text) {
   return core.parseData(name, text);
 }
 
+/**
+ * Parse labelled rows for a classifier: CSV/TSV with `text` and `label` columns or JSONL
+ * `{"text", "label"}`, by the extension of `name`, into `[{text, label}]`.
+ */
+export async function parseLabeled(name, text) {
+  await init();
+  return core.parseLabeled(name, text);
+}
+
 async function normaliseFiles(source) {
   const out = {};
   const add = async (name, v) => {

@@ -262,6 +262,9 @@ export class Session {
   /** Parse a data file (plain text, JSONL or CSV by the extension of `name`) into examples. */
   parseData(name, text) { return this._call('parseData', [name, text]); }
 
+  /** Parse labelled rows for a classifier (CSV/TSV `text`,`label` columns or JSONL) into `[{text, label}]`. */
+  parseLabeled(name, text) { return this._call('parseLabeled', [name, text]); }
+
   /** Runs kept with `persist`: `[{id, step, totalSteps, done, savedAt, adapter, model}]`, newest first. */
   savedRuns() { return this._call('savedRuns', []); }
 

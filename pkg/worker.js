@@ -8,7 +8,7 @@
 //                  {pause: id} {resume: id} pause / resume training call `id`
 //   worker → page  {id, event, data}        progress of call `id` (progress, step, paused, ...)
 //                  {id, ok: true, value} | {id, ok: false, error: {name, code, message}}
-import { init, Model, TaskModel, parseData, clearCache } from './index.js';
+import { init, Model, TaskModel, parseData, parseLabeled, clearCache } from './index.js';
 import { filesFromUrl, adapterFilesFromUrl, abortError, buffersOf } from './files.js';
 import { beginRun, saveCheckpoint, finishRun, listRuns, loadRun, deleteRun } from './store.js';
 
@@ -114,6 +114,7 @@ async function trainRun(model, method, data, options, call, id, persist, fresh =
 const ops = {
   async init(_call, _id, options) { return init(options); },
   async parseData(_call, _id, name, text) { return parseData(name, text); },
+  async parseLabeled(_call, _id, name, text) { return parseLabeled(name, text); },
   async clearCache() { return clearCache(); },
   async loadModel(call, id, source, options = {}) {
     await init();

@@ -177,7 +177,7 @@ async function preview() {
       box.textContent = ex.slice(0, 3).map((e) => JSON.stringify(e)).join('\n') + `\n(${model ? 'the tokens show when the model is free' : 'load a model to see its tokens'})\n`;
     }
     if (ex.length > 3) box.append(`… and ${ex.length - 3} more`);
-    status('data-status', `${ex.length} examples`, 'done');
+    status('data-status', `${ex.length} example${ex.length === 1 ? '' : 's'}`, 'done');
     app.examples = ex.length;
   } catch (e) {
     status('data-status', e.message, 'error');

@@ -156,6 +156,23 @@ pub fn parse_data(name: &str, text: &str) -> std::result::Result<Array, JsValue>
         .collect())
 }
 
+/// Parse labelled rows for a classifier (`TaskModel.trainClassifier`): CSV/TSV with `text` and
+/// `label` columns, or JSONL `{"text": ..., "label": ...}` (by `name`'s extension), into
+/// `{text, label}` objects. Throws the typed error naming file and line.
+#[wasm_bindgen(js_name = parseLabeled)]
+pub fn parse_labeled(name: &str, text: &str) -> std::result::Result<Array, JsValue> {
+    let rows = crate::train::data::two_fields(name, text, ["text", "label"]).map_err(|e| js_error(&e))?;
+    Ok(rows
+        .iter()
+        .map(|[t, l]| {
+            let o = Object::new();
+            set(&o, "text", t.as_str());
+            set(&o, "label", l.as_str());
+            JsValue::from(o)
+        })
+        .collect())
+}
+
 fn bytes_of(v: &JsValue, name: &str) -> Result<Vec<u8>> {
     if let Some(s) = v.as_string() {
         return Ok(s.into_bytes());
@@ -666,6 +683,9 @@ impl Model {
             opts.pause = Some(pause);
             if o.adapter.is_some() {
                 return Err(err!(Config, "trainTasks: the tasks name the adapters; drop options.adapter"));
+            }
+            if o.validation.is_some() || o.validation_data.is_some() {
+                return Err(err!(Unsupported, "trainTasks: no validation set with multi-task training; evaluate each task's adapter after the run"));
             }
             let refs: Vec<(&str, &[Example])> = data.iter().map(|(n, e)| (n.as_str(), e.as_slice())).collect();
             let mut sess = s.try_borrow_mut().map_err(|_| busy())?;
