@@ -416,7 +416,6 @@ impl Session {
                     Ok::<f64, crate::Error>(t0.elapsed().as_secs_f64())
                 }
                 .await;
-                set_trainable(adapter, false);
                 Some(r?)
             } else {
                 None
@@ -425,7 +424,7 @@ impl Session {
             Ok(RunEstimate { step_seconds: row_seconds.map(|f| f * rows_per_step), row_seconds, plan, trainable })
         }
         .await;
-        self.adapters.remove(NAME);
+        self.adapters.remove(NAME); // with its autodiff state: nothing of the probe stays
         result
     }
 

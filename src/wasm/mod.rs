@@ -331,7 +331,12 @@ fn examples_of(v: JsValue) -> Result<Vec<Example>> {
     if vals.is_empty() {
         return Err(err!(Data, "examples: empty"));
     }
-    vals.iter().enumerate().map(|(i, v)| Example::from_json(v).map_err(|e| e.context(format!("example {i}")))).collect()
+    examples_from_json(&vals, "example")
+}
+
+/// Examples from JSON records; errors name `what[i]`.
+fn examples_from_json(vals: &[serde_json::Value], what: &str) -> Result<Vec<Example>> {
+    vals.iter().enumerate().map(|(i, v)| Example::from_json(v).map_err(|e| e.context(format!("{what} {i}")))).collect()
 }
 
 impl JsTrainOptions {
@@ -381,10 +386,7 @@ impl JsTrainOptions {
         match (self.validation, &self.validation_data) {
             (Some(_), Some(_)) => Err(err!(Config, "give validation (a share) or validationData (examples), not both")),
             (Some(f), None) => crate::train::data::split_validation(&examples, f, seed),
-            (None, Some(v)) => {
-                let val = v.iter().enumerate().map(|(i, v)| Example::from_json(v).map_err(|e| e.context(format!("validationData[{i}]")))).collect::<Result<Vec<_>>>()?;
-                Ok((examples, val))
-            }
+            (None, Some(v)) => Ok((examples, examples_from_json(v, "validationData")?)),
             (None, None) => Ok((examples, vec![])),
         }
     }
