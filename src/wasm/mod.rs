@@ -457,6 +457,22 @@ pub struct Model {
     /// Set by `requestPause` while a `train` / `trainTasks` call runs (it cannot borrow the
     /// session then); the run stops after its current step with a checkpoint.
     pause: Arc<AtomicBool>,
+    /// True while a `train` / `trainTasks` call holds the session (not any other call).
+    training: Rc<Cell<bool>>,
+}
+
+/// Marks a model as training for as long as it lives.
+struct Training(Rc<Cell<bool>>);
+impl Training {
+    fn start(flag: &Rc<Cell<bool>>) -> Self {
+        flag.set(true);
+        Training(flag.clone())
+    }
+}
+impl Drop for Training {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
 }
 
 impl Model {
@@ -498,7 +514,7 @@ impl Model {
         promise(async move {
             let files = ModelFiles::from_named(files_of(&files)?)?;
             let s = Session::load(&files, compute()?)?;
-            Ok(Model { inner: Rc::new(RefCell::new(s)), pause: Arc::default() })
+            Ok(Model { inner: Rc::new(RefCell::new(s)), pause: Arc::default(), training: Rc::default() })
         })
     }
 
@@ -647,6 +663,7 @@ impl Model {
     pub fn train(&self, examples: JsValue, options: JsValue, on_step: Option<Function>) -> Promise {
         let s = self.session();
         let pause = self.pause_flag();
+        let training = self.training.clone();
         promise(async move {
             let (o, mut opts) = train_options(options)?;
             let (ex, validation) = o.split(examples_of(examples)?, opts.seed)?;
@@ -658,6 +675,7 @@ impl Model {
             };
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             let mut sess = s.try_borrow_mut().map_err(|_| busy())?;
+            let _training = Training::start(&training);
             let all = Array::new();
             sess.train_together(&names, &ex, &opts, |r| report_step(r, &all, on_step.as_ref())).await?;
             Ok(JsValue::from(all))
@@ -672,6 +690,7 @@ impl Model {
     pub fn train_tasks(&self, tasks: JsValue, options: JsValue, on_step: Option<Function>) -> Promise {
         let s = self.session();
         let pause = self.pause_flag();
+        let training = self.training.clone();
         promise(async move {
             let obj: Object = tasks.dyn_into().map_err(|_| err!(Data, "tasks: expected an object {{adapter: examples}}"))?;
             let mut data = Vec::new();
@@ -691,6 +710,7 @@ impl Model {
             }
             let refs: Vec<(&str, &[Example])> = data.iter().map(|(n, e)| (n.as_str(), e.as_slice())).collect();
             let mut sess = s.try_borrow_mut().map_err(|_| busy())?;
+            let _training = Training::start(&training);
             let all = Array::new();
             sess.train_multitask(&refs, &opts, |r| report_step(r, &all, on_step.as_ref())).await?;
             Ok(JsValue::from(all))
@@ -754,7 +774,7 @@ impl Model {
     /// same call continues the run to the byte. Returns whether a training call was running.
     #[wasm_bindgen(js_name = requestPause)]
     pub fn request_pause(&self) -> bool {
-        let running = self.inner.try_borrow_mut().is_err();
+        let running = self.training.get();
         if running {
             self.pause.store(true, Ordering::SeqCst);
         }
