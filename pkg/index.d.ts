@@ -27,6 +27,12 @@ export interface LoadOptions {
   /** Keep downloaded files in Cache Storage, checked by size and SHA-256 when read back (default true). */
   cache?: boolean;
   timeoutMs?: number;
+  /**
+   * How the frozen weights are held on the GPU (decoders): 'keep' (default: a GGUF's Q8_0 /
+   * Q4_0 / Q4_1 stay quantized and are dequantized inside the matmul kernels), 'f32', or
+   * 'q8_0' | 'q4_0' | 'q4_1' | 'nf4' (quantized at load, e.g. a safetensors model).
+   */
+  base?: 'keep' | 'f32' | 'q8_0' | 'q4_0' | 'q4_1' | 'nf4';
 }
 
 /** Remove every cached model file; resolves to whether there was a cache. */
@@ -216,7 +222,8 @@ export interface Logits {
 
 export class Model {
   static load(source: ModelSource, options?: LoadOptions): Promise<Model>;
-  info(): { modelType: string; vocabSize: number; hiddenSize: number; layers: number; parameters: number; device: string };
+  /** `base`: the linear layers' storage ('f32', 'q4_1', ...); `baseBytes`: what the frozen base holds on the device. */
+  info(): { modelType: string; vocabSize: number; hiddenSize: number; layers: number; parameters: number; device: string; base: string; baseBytes: number };
   tokenize(text: string): number[];
   addAdapter(name: string, config: LoraConfig | string, options?: { seed?: number }): Promise<void>;
   loadAdapter(name: string, source: AdapterSource, options?: LoadOptions): Promise<void>;

@@ -90,15 +90,17 @@ export class Model {
    * (`{name: Uint8Array|ArrayBuffer|Blob}`, `File[]`, `FileList`).
    * `onProgress({file, loaded, total, cached})` reports download progress; downloaded files
    * are kept in Cache Storage (checked by size and SHA-256 when read back) unless `cache: false`.
-   * `signal` (an AbortSignal) cancels the download.
+   * `signal` (an AbortSignal) cancels the download. `base`: how the frozen weights are held on
+   * the GPU: 'keep' (default: a GGUF's Q8_0/Q4_0/Q4_1 stay quantized, dequantized inside the
+   * matmul kernels), 'f32', or 'q8_0' | 'q4_0' | 'q4_1' | 'nf4' (quantized at load).
    */
-  static async load(source, { onProgress, timeoutMs, signal, cache } = {}) {
+  static async load(source, { onProgress, timeoutMs, signal, cache, base } = {}) {
     await init();
     const files = typeof source === 'string' ? await filesFromUrl(source, { onProgress, signal, cache }) : await normaliseFiles(source);
-    return new Model(await guard(core.Model.fromFiles(files), timeoutMs));
+    return new Model(await guard(core.Model.fromFiles(files, base), timeoutMs));
   }
 
-  /** `{modelType, vocabSize, hiddenSize, layers, parameters, device}` */
+  /** `{modelType, vocabSize, hiddenSize, layers, parameters, device, base, baseBytes}` */
   info() { return this.#core.info(); }
 
   /** Token ids of a text (default special tokens). */

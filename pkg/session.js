@@ -246,9 +246,9 @@ export class Session {
    * picked). options: {onProgress({file, loaded, total, cached}), signal, cache (default true),
    * timeoutMs}.
    */
-  async loadModel(source, { onProgress, signal, cache, timeoutMs } = {}) {
+  async loadModel(source, { onProgress, signal, cache, timeoutMs, base } = {}) {
     const s = await sourceFor(source);
-    const { handle, info } = await this._call('loadModel', [s.source, { cache, timeoutMs }], { signal, transfer: s.transfer, onEvent: (n, d) => n === 'progress' && onProgress?.(d) });
+    const { handle, info } = await this._call('loadModel', [s.source, { cache, timeoutMs, base }], { signal, transfer: s.transfer, onEvent: (n, d) => n === 'progress' && onProgress?.(d) });
     return new RemoteModel(this, handle, info);
   }
 

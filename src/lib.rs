@@ -12,6 +12,7 @@ pub mod generate;
 pub mod io;
 pub mod models;
 pub mod peft;
+pub mod quant;
 pub mod session;
 pub mod task;
 pub mod tensor;

@@ -1,6 +1,7 @@
 //! The high-level API shared by the CLI and the JavaScript bindings: a loaded model with its
 //! tokenizer, named adapters over it, and logits / training / generation calls.
 
+use crate::quant::BaseFormat;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -155,8 +156,17 @@ pub struct StepReport {
 
 impl Session {
     /// Upload a model's weights and build its tokenizer.
+    /// Load a decoder, its base held as this device does by default
+    /// ([`BaseFormat::default_for`]: a GGUF's quantization kept on a GPU, f32 on the CPU).
     pub fn load(files: &ModelFiles, compute: Compute) -> Result<Self> {
-        let (weights, tokenizer) = decoder_parts(files)?;
+        let format = BaseFormat::default_for(compute.is_gpu);
+        Self::load_as(files, compute, format)
+    }
+
+    /// Load a decoder with its weight matrices held in `format` (f32, a GGUF's own block
+    /// formats, or quantized at load).
+    pub fn load_as(files: &ModelFiles, compute: Compute, format: BaseFormat) -> Result<Self> {
+        let (weights, tokenizer) = decoder_parts(files, format)?;
         let model = Llama::from_weights(weights, &compute.device)?;
         Ok(Session { compute, model, tokenizer, adapters: BTreeMap::new(), merged: Vec::new() })
     }
@@ -460,9 +470,9 @@ impl Session {
     }
 }
 
-/// A decoder's weights (as f32 host tensors) and its tokenizer, checked against each other.
-pub fn decoder_parts(files: &ModelFiles) -> Result<(crate::io::source::LoadedWeights, Tokenizer)> {
-    let weights = files.load_weights()?;
+/// A decoder's weights (for a base held in `format`) and its tokenizer, checked against each other.
+pub fn decoder_parts(files: &ModelFiles, format: BaseFormat) -> Result<(crate::io::source::LoadedWeights, Tokenizer)> {
+    let weights = files.load_weights_as(format)?;
     let tokenizer = match files {
         ModelFiles::HfFolder { tokenizer: Some(t), chat_template, .. } => Tokenizer::from_json(t, chat_template.clone(), weights.config.bos_token_id, weights.config.eos_token_id)?,
         ModelFiles::HfFolder { tokenizer: None, .. } => bail!(Io, "tokenizer.json missing from the model folder"),
@@ -480,7 +490,7 @@ fn plan_memory(model: &Llama, compute: &Compute, adapter: &mut dyn Trainable, o:
     let prefix = adapter.prefix().map_or(0, |p| p.dims()[0]);
     let asked = if o.dp.is_some() { 1 } else { o.batch };
     let limits = memory::Limits { max_buffer: compute.max_buffer, budget: o.memory_budget_mib.map(|m| m << 20) };
-    memory::plan(&model.config, model.num_parameters(), trainable, asked, o.grad_accum, o.seq_len + prefix, limits)
+    memory::plan(&model.config, model.base_memory(), trainable, asked, o.grad_accum, o.seq_len + prefix, limits)
 }
 
 fn mib(bytes: u64) -> f64 {

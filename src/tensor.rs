@@ -21,6 +21,11 @@ fn count(bytes: usize) {
     UPLOADED.with(|u| u.set(u.get() + bytes as u64));
 }
 
+/// Count an upload made outside these helpers (e.g. quantized weights).
+pub fn count_uploaded(bytes: usize) {
+    count(bytes)
+}
+
 /// Largest tensor sized from a config (elements): 2^26 f32 = 256 MiB, the buffer size every
 /// WebGPU device allows by default (`maxBufferSize`), far beyond any adapter's tensor.
 pub const MAX_TENSOR_ELEMENTS: usize = 1 << 26;

@@ -323,3 +323,54 @@ fn fx_files_vit() -> BTreeMap<String, Vec<u8>> {
     files.insert("preprocessor_config.json".to_string(), fx!("tiny-vit/preprocessor_config.json").to_vec());
     files
 }
+
+/// The quantized base in the browser: the matmul kernel (compiled to WGSL, on WebGPU) and its
+/// input gradient against the host reference for every format, and the tiny GGUF Q4_1 model
+/// kept quantized against the same model dequantized to f32 (logits, and after LoRA steps).
+#[wasm_bindgen_test]
+async fn quantized_base_matches_its_reference() {
+    use burn::tensor::{Tensor, TensorData};
+    use webpeft::models::linear::{Linear, Weight};
+    use webpeft::quant::weight::QuantWeight;
+    use webpeft::quant::{BaseFormat, QuantFormat, QuantHost, reference_matmul, reference_matmul_t};
+    use webpeft::tensor::read;
+    let c = gpu().await;
+    assert!(webpeft::quant::kernel::runs_kernel(&c.device), "WebGPU runs the kernel");
+    let vals = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| ((i * 7919 + seed * 104729) % 2003) as f32 / 1001.5 - 1.0).collect() };
+    let (m, n, k) = (21, 70, 96);
+    for f in QuantFormat::ALL {
+        let q = QuantHost::quantize(f, n, k, &vals(n * k, 1)).unwrap();
+        let lin = Linear { weight: Weight::Quant(QuantWeight::upload(&q, &c.device).unwrap()), bias: None };
+        let (x, g) = (vals(m * k, 2), vals(m * n, 3));
+        let y = read(lin.forward(&Tensor::from_data(TensorData::new(x.clone(), [m, k]), &c.device))).await.unwrap();
+        let dy = max_abs_diff(&y.data, &reference_matmul_t(&x, m, &q));
+        let ad = c.device.clone().autodiff();
+        let xa = Tensor::<2>::from_data(TensorData::new(x, [m, k]), &ad).require_grad();
+        let grads = (lin.forward(&xa) * Tensor::from_data(TensorData::new(g.clone(), [m, n]), &ad)).sum().backward();
+        let dx = read(xa.grad(&grads).unwrap()).await.unwrap();
+        let dg = max_abs_diff(&dx.data, &reference_matmul(&g, m, &q));
+        web_sys_log(&format!("browser {} kernel: forward |d| = {dy:e}, input gradient |d| = {dg:e}", f.name()));
+        assert!(dy < 5e-5 && dg < 5e-5, "{}: forward {dy}, gradient {dg}", f.name());
+    }
+    // A whole model: tiny Llama as GGUF Q4_1, kept vs dequantized, before and after training.
+    let files = || ModelFiles::from_named(BTreeMap::from([("tiny.gguf".to_string(), fx!("tiny-gguf/tiny-q4_1.gguf").to_vec())])).unwrap();
+    let mut kept = Session::load_as(&files(), c.clone(), BaseFormat::Keep).unwrap();
+    let mut f32 = Session::load_as(&files(), c.clone(), BaseFormat::F32).unwrap();
+    assert!(kept.model.base_memory().bytes * 4 < f32.model.base_memory().bytes, "Q4_1 holds under a quarter of f32");
+    let ids = [1, 5, 9, 14, 2, 7, 30, 11];
+    let d0 = max_abs_diff(&kept.logits(&ids, &[]).await.unwrap().data, &f32.logits(&ids, &[]).await.unwrap().data);
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]});
+    let ex: Vec<_> = ["Beautiful is better than ugly.", "Explicit is better than implicit."].iter().map(|t| webpeft::train::data::Example::Text(t.to_string())).collect();
+    let o = webpeft::session::TrainOptions { steps: 2, batch: 2, seq_len: 16, lr: 1e-2, seed: 5, ..Default::default() };
+    for s in [&mut kept, &mut f32] {
+        s.add_adapter("a", &cfg, 0).unwrap();
+        s.train("a", &ex, &o, |_| true).await.unwrap();
+    }
+    let d1 = max_abs_diff(&kept.logits(&ids, &["a"]).await.unwrap().data, &f32.logits(&ids, &["a"]).await.unwrap().data);
+    web_sys_log(&format!(
+        "browser tiny Q4_1 kept vs f32: logits |d| = {d0:e}, after 2 LoRA steps {d1:e}; base {} vs {} bytes",
+        kept.model.base_memory().bytes,
+        f32.model.base_memory().bytes
+    ));
+    assert!(d0 < 1e-4 && d1 < 1e-3, "kept vs f32: {d0}, after training {d1}");
+}

@@ -16,6 +16,7 @@ use webpeft::io::safetensors::{self as st, OutTensor};
 use webpeft::io::source::ModelFiles;
 use webpeft::peft::lora::LoraConfig;
 use webpeft::peft::targets::Targets;
+use webpeft::quant::BaseFormat;
 use webpeft::session::{Session, StepReport, TrainOptions};
 use webpeft::task::{ClassifyOptions, LabeledImage, TaskKind, TaskSession};
 use webpeft::tensor::block_on;
@@ -39,6 +40,11 @@ struct Common {
     /// gpu | cpu | auto (auto: the GPU when wgpu finds one, else Burn's CPU backend).
     #[arg(long, default_value = "auto")]
     device: String,
+    /// How the frozen base holds its weight matrices: keep (a GGUF's Q8_0/Q4_0/Q4_1 stay as
+    /// they are, dequantized inside the matmul kernels), f32, or q8_0 | q4_0 | q4_1 | nf4
+    /// (quantized at load). Default: keep on a GPU, f32 on the CPU backend.
+    #[arg(long)]
+    base: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -573,6 +579,19 @@ enum Cmd {
         #[arg(long, default_value_t = 16)]
         gen_tokens: usize,
     },
+    /// The frozen base in each storage format (one JSON object per format, then a table):
+    /// device memory against f32, logits against the same weights dequantized to f32 (the
+    /// kernels' reference) and against the f32 base, and a LoRA merged into the quantized base
+    /// against the unmerged adapter.
+    QuantReport {
+        #[command(flatten)]
+        common: Common,
+        /// Comma-separated: keep, q8_0, q4_0, q4_1, nf4.
+        #[arg(long, default_value = "keep,q8_0,q4_0,q4_1,nf4")]
+        formats: String,
+        #[arg(long, default_value = "The capital of France is")]
+        text: String,
+    },
 }
 
 /// Train one classifier with `method` and write it to `out`: its report (JSON) and a row of
@@ -683,7 +702,14 @@ fn open(common: &Common) -> Result<Session> {
     let files = ModelFiles::from_path(&common.model)?;
     let compute = device::select(DeviceChoice::parse(&common.device)?)?;
     eprintln!("device: {}", compute.name);
-    Session::load(&files, compute)
+    let format = match &common.base {
+        Some(b) => BaseFormat::parse(b)?,
+        None => BaseFormat::default_for(compute.is_gpu),
+    };
+    let s = Session::load_as(&files, compute, format)?;
+    let m = s.model.base_memory();
+    eprintln!("base: {} ({:.1} MiB on the device)", format.name(), m.bytes as f64 / (1u64 << 20) as f64);
+    Ok(s)
 }
 
 fn read_text(p: &Path) -> Result<String> {
@@ -1088,6 +1114,7 @@ fn run(cli: Cli) -> Result<()> {
             let r = block_on(s.evaluate(&names.iter().map(String::as_str).collect::<Vec<_>>(), &examples, seq_len, batch, &choices))?;
             println!("{}", serde_json::json!({"loss": r.loss, "perplexity": r.loss.exp(), "targets": r.targets, "accuracy": r.accuracy, "examples": examples.len()}));
         }
+        Cmd::QuantReport { common, formats, text } => quant_report(&common, &formats, &text)?,
         Cmd::Bench { common, method, batch, seq_len, steps, gen_tokens } => {
             let mut s = open(&common)?;
             let configs = method.configs(&common.model)?;
@@ -1098,6 +1125,52 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report).expect("json"));
         }
     }
+    Ok(())
+}
+
+fn quant_report(common: &Common, formats: &str, text: &str) -> Result<()> {
+    let f32_common = Common { base: Some("f32".into()), ..common.clone() };
+    let reference = open(&f32_common)?;
+    let ids = reference.tokenizer.encode(text)?;
+    let f32_logits = block_on(reference.logits(&ids, &[]))?.data;
+    let f32_bytes = reference.model.base_memory().bytes;
+    drop(reference);
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let lora = serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": false});
+    let mut rows = vec![format!(
+        "| base | device MiB | % of f32 | logits vs dequantized f32 | logits vs f32 base | merged vs unmerged LoRA |\n|---|---:|---:|---:|---:|---:|\n| f32 | {:.1} | 100% | – | – | – |",
+        mib(f32_bytes)
+    )];
+    for f in formats.split(',') {
+        let mut s = open(&Common { base: Some(f.trim().to_string()), ..common.clone() })?;
+        let bytes = s.model.base_memory().bytes;
+        let logits = block_on(s.logits(&ids, &[]))?.data;
+        // A LoRA (random B, so that it changes the outputs) merged into the quantized base.
+        s.add_adapter("m", &lora, 1)?;
+        let unmerged = block_on(s.logits(&ids, &["m"]))?.data;
+        s.merge_adapter("m")?;
+        let merged = block_on(s.logits(&ids, &[]))?.data;
+        s.unmerge_adapter("m")?;
+        let restored = diff(&block_on(s.logits(&ids, &[]))?.data, &logits);
+        s.model.dequantize_all();
+        let dequantized = block_on(s.logits(&ids, &[]))?.data;
+        let r = serde_json::json!({
+            "base": f, "device_bytes": bytes, "f32_bytes": f32_bytes, "fraction_of_f32": bytes as f64 / f32_bytes as f64,
+            "logits_vs_dequantized_f32": diff(&logits, &dequantized), "logits_vs_f32_base": diff(&logits, &f32_logits),
+            "merged_vs_unmerged": diff(&merged, &unmerged), "unmerge_restores": restored, "tokens": ids.len(),
+        });
+        println!("{r}");
+        rows.push(format!(
+            "| {f} | {:.1} | {:.1}% | {:.2e} | {:.2e} | {:.2e} |",
+            mib(bytes),
+            100.0 * bytes as f64 / f32_bytes as f64,
+            diff(&logits, &dequantized),
+            diff(&logits, &f32_logits),
+            diff(&merged, &unmerged)
+        ));
+    }
+    eprintln!("{}", rows.join("\n"));
     Ok(())
 }
 

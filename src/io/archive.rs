@@ -68,7 +68,10 @@ pub fn unzip(bytes: &[u8], what: &str) -> Result<BTreeMap<String, Vec<u8>>> {
 /// An adapter's two files from named files: `adapter_config.json` and
 /// `adapter_model.safetensors`, given as they are or inside one `.zip` (as [`zip_folder`] writes).
 pub fn adapter_files(mut files: BTreeMap<String, Vec<u8>>) -> Result<(String, Vec<u8>)> {
-    if files.len() == 1 && let Some((name, bytes)) = files.iter().next() && (name.ends_with(".zip") || is_zip(bytes)) {
+    if files.len() == 1
+        && let Some((name, bytes)) = files.iter().next()
+        && (name.ends_with(".zip") || is_zip(bytes))
+    {
         let name = name.clone();
         files = unzip(&files[&name], &name)?;
     }

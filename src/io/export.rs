@@ -68,15 +68,15 @@ pub async fn state_dict(model: &Llama) -> Result<BTreeMap<String, OutTensor>> {
         return Err(crate::error::Error::new(crate::error::ErrorCode::Unsupported, "exporting a merged GPT-2 is not supported yet (Llama-family models only)"));
     }
     let mut out = BTreeMap::new();
-    out.insert("model.embed_tokens.weight".to_string(), OutTensor::F32(read(model.embed.clone()).await?));
+    out.insert("model.embed_tokens.weight".to_string(), OutTensor::F32(read(model.embed.dense()).await?));
     out.insert("model.norm.weight".to_string(), OutTensor::F32(read(model.norm.clone()).await?));
     if let Some(head) = &model.lm_head {
-        out.insert("lm_head.weight".to_string(), OutTensor::F32(read(head.clone()).await?.transposed()));
+        out.insert("lm_head.weight".to_string(), OutTensor::F32(read(head.dense_weight()).await?.transposed()));
     }
     for site in model.sites() {
         let lin = model.linear(site);
         let name = site.module_name();
-        out.insert(format!("{name}.weight"), OutTensor::F32(read(lin.weight.clone()).await?.transposed()));
+        out.insert(format!("{name}.weight"), OutTensor::F32(read(lin.dense_weight()).await?.transposed()));
         if let Some(b) = &lin.bias {
             out.insert(format!("{name}.bias"), OutTensor::F32(read(b.clone()).await?));
         }

@@ -88,7 +88,7 @@ impl GgmlType {
         })
     }
     /// (values per block, bytes per block)
-    fn block(self) -> (usize, usize) {
+    pub fn block(self) -> (usize, usize) {
         match self {
             GgmlType::F32 => (1, 4),
             GgmlType::F16 | GgmlType::BF16 => (1, 2),
@@ -268,6 +268,12 @@ impl<'a> Gguf<'a> {
 
     pub fn get_str(&self, key: &str) -> Result<&str> {
         self.get(key).and_then(Value::as_str).ok_or_else(|| err!(Format, "GGUF metadata {key} missing or not a string"))
+    }
+
+    /// One tensor's raw bytes (its blocks, as stored).
+    pub fn tensor_bytes(&self, name: &str) -> Result<&'a [u8]> {
+        let info = self.tensors.get(name).ok_or_else(|| err!(Format, "GGUF has no tensor {name}"))?;
+        Ok(&self.bytes[info.start..info.start + info.len])
     }
 
     /// Dequantise one tensor to f32 (row-major, PyTorch shape order).

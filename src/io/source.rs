@@ -8,6 +8,7 @@ use crate::error::{Result, bail, err};
 use crate::io::gguf::{Gguf, unpermute_qk};
 use crate::io::safetensors::{HostTensor, parse, view_to_f32};
 use crate::models::config::LlamaConfig;
+use crate::quant::{BaseFormat, QuantFormat, QuantHost};
 
 /// The files of a model, as bytes.
 pub enum ModelFiles {
@@ -100,20 +101,30 @@ fn shard_names(index: &str) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Weights by Hugging Face name, as f32 host tensors, plus the config.
+/// Weights by Hugging Face name, plus the config: f32 host tensors, and the GGUF block
+/// tensors kept in their format (when the base format keeps them).
 pub struct LoadedWeights {
     pub config: LlamaConfig,
     pub tensors: BTreeMap<String, HostTensor>,
+    pub quant: BTreeMap<String, QuantHost>,
+    /// How the model should hold its weight matrices on the device.
+    pub format: BaseFormat,
 }
 
 impl ModelFiles {
+    /// Every weight as f32 (GGUF blocks dequantized).
     pub fn load_weights(&self) -> Result<LoadedWeights> {
+        self.load_weights_as(BaseFormat::F32)
+    }
+
+    /// The weights for a base held in `format`.
+    pub fn load_weights_as(&self, format: BaseFormat) -> Result<LoadedWeights> {
         match self {
             ModelFiles::HfFolder { config, shards, .. } => {
                 let config = LlamaConfig::from_json(config)?;
-                Ok(LoadedWeights { config, tensors: shard_tensors(shards)? })
+                Ok(LoadedWeights { config, tensors: shard_tensors(shards)?, quant: BTreeMap::new(), format })
             }
-            ModelFiles::Gguf { name, bytes } => gguf_weights(bytes).map_err(|e| e.context(name)),
+            ModelFiles::Gguf { name, bytes } => gguf_weights(bytes, format).map_err(|e| e.context(name)),
         }
     }
 }
@@ -134,14 +145,15 @@ pub fn shard_tensors(shards: &[(String, Vec<u8>)]) -> Result<BTreeMap<String, Ho
     Ok(tensors)
 }
 
-/// GGUF tensor names mapped to Hugging Face names, with Q/K un-permuted.
-fn gguf_weights(bytes: &[u8]) -> Result<LoadedWeights> {
+/// GGUF tensor names mapped to Hugging Face names, with Q/K un-permuted. Block tensors
+/// (Q8_0, Q4_0, Q4_1) stay in their format unless `format` is f32.
+fn gguf_weights(bytes: &[u8], format: BaseFormat) -> Result<LoadedWeights> {
     let g = Gguf::parse(bytes)?;
     let config = LlamaConfig::from_gguf(&g)?;
     let mut tensors = BTreeMap::new();
-    for (gname, _) in g.tensors.iter() {
+    let mut quant = BTreeMap::new();
+    for (gname, info) in g.tensors.iter() {
         let hf = gguf_to_hf_name(gname).ok_or_else(|| err!(Unsupported, "unexpected GGUF tensor {gname}"))?;
-        let (shape, mut data) = g.tensor_f32(gname)?;
         let heads = if gname.contains(".attn_q.") {
             Some(config.num_attention_heads)
         } else if gname.contains(".attn_k.") {
@@ -150,16 +162,26 @@ fn gguf_weights(bytes: &[u8]) -> Result<LoadedWeights> {
             None
         };
         // llama.cpp permutes Q/K only for the llama architecture.
-        if let Some(h) = heads
-            && config.model_type == "llama"
-        {
-            let rows = shape[0];
-            let cols = if shape.len() == 2 { shape[1] } else { 1 };
+        let heads = heads.filter(|_| config.model_type == "llama");
+        let rows = info.shape[0];
+        let cols = if info.shape.len() == 2 { info.shape[1] } else { 1 };
+        if format != BaseFormat::F32 && info.shape.len() == 2 && QuantFormat::of_ggml(info.ty).is_some() {
+            let mut q = QuantHost::from_gguf(info.ty, rows, cols, g.tensor_bytes(gname)?).map_err(|e| e.context(gname))?;
+            if let Some(h) = heads {
+                let order: Vec<f32> = (0..rows).map(|r| r as f32).collect();
+                let order: Vec<usize> = unpermute_qk(&order, h, rows, 1).into_iter().map(|r| r as usize).collect();
+                q = q.rows_reordered(&order)?;
+            }
+            quant.insert(hf, q);
+            continue;
+        }
+        let (shape, mut data) = g.tensor_f32(gname)?;
+        if let Some(h) = heads {
             data = unpermute_qk(&data, h, rows, cols);
         }
         tensors.insert(hf, HostTensor::new(shape, data));
     }
-    Ok(LoadedWeights { config, tensors })
+    Ok(LoadedWeights { config, tensors, quant, format })
 }
 
 fn gguf_to_hf_name(g: &str) -> Option<String> {

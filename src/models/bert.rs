@@ -198,7 +198,7 @@ impl Bert {
         let lin = |t: &mut BTreeMap<String, HostTensor>, name: &str, inp: usize, out: usize| -> Result<Linear> {
             let w = take(t, &format!("{name}.weight"), &[out, inp])?;
             let b = take(t, &format!("{name}.bias"), &[out])?;
-            Ok(Linear { weight: upload(&w.transposed(), device)?, bias: Some(upload(&b, device)?) })
+            Ok(Linear::dense(upload(&w.transposed(), device)?, Some(upload(&b, device)?)))
         };
         let norm = |t: &mut BTreeMap<String, HostTensor>, name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm { weight: upload(&take(t, &format!("{name}.weight"), &[h])?, device)?, bias: upload(&take(t, &format!("{name}.bias"), &[h])?, device)? })

@@ -16,7 +16,9 @@ use crate::io::safetensors::{HostTensor, take};
 use crate::io::source::LoadedWeights;
 use crate::models::config::LlamaConfig;
 use crate::models::hooks::{Adapter, Family, Norm, Proj, Site, Sublayer};
-pub use crate::models::linear::Linear;
+pub use crate::models::linear::{Embedding, Linear, Weight};
+use crate::quant::weight::QuantWeight;
+use crate::quant::{BaseFormat, QuantFormat, QuantHost};
 use crate::tensor::{floats, upload};
 
 #[derive(Clone)]
@@ -60,15 +62,15 @@ pub struct Inputs {
 
 pub struct Llama {
     pub config: LlamaConfig,
-    pub embed: Tensor<2>,
+    pub embed: Embedding,
     /// Learned absolute position embeddings [positions, hidden] (GPT-2's `wpe`); None = RoPE.
     pub positions: Option<Tensor<2>>,
     pub blocks: Vec<Block>,
     pub norm: Tensor<1>,
     /// The final LayerNorm's bias (GPT-2's `ln_f`).
     pub norm_bias: Option<Tensor<1>>,
-    /// [hidden, vocab]; None = tied to `embed`.
-    pub lm_head: Option<Tensor<2>>,
+    /// hidden → vocab; None = tied to `embed`.
+    pub lm_head: Option<Linear>,
     inv_freq: Vec<f32>,
     /// cos/sin for positions 0..ROPE_CACHED on the device, [positions, head_dim]: computed
     /// once at load, so a forward pass uploads no RoPE table.
@@ -103,6 +105,43 @@ fn rope_host(inv_freq: &[f32], start: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
+/// A linear layer's weight `name` ([out, inp] in PyTorch layout) as the base format asks:
+/// a GGUF block tensor kept as it is, or quantized at load, or dense f32 [inp, out].
+fn matrix(t: &mut BTreeMap<String, HostTensor>, quant: &mut BTreeMap<String, QuantHost>, format: BaseFormat, name: &str, out: usize, inp: usize, device: &Device) -> Result<Weight> {
+    if let Some(q) = quant.remove(name) {
+        if (q.rows, q.cols) != (out, inp) {
+            bail!(Shape, "tensor {name}: shape [{}, {}], expected [{out}, {inp}]", q.rows, q.cols);
+        }
+        return Ok(match format {
+            BaseFormat::To(f) if f != q.format => Weight::Quant(QuantWeight::upload(&QuantHost::quantize(f, out, inp, &q.dequantize())?, device)?),
+            _ => Weight::Quant(QuantWeight::upload(&q, device)?),
+        });
+    }
+    let w = take(t, name, &[out, inp])?;
+    Ok(match format {
+        BaseFormat::To(f) => Weight::Quant(QuantWeight::upload(&QuantHost::quantize(f, out, inp, &w.data)?, device)?),
+        _ => Weight::Dense(upload(&w.transposed(), device)?),
+    })
+}
+
+/// An embedding table `name` [rows, cols], kept or quantized as [`matrix`], except that a
+/// table quantized at load goes to Q8_0 whatever the layers' format (as llama.cpp keeps token
+/// embeddings at 8 bits or more for its 4-bit models: with a tied LM head, 4-bit embeddings
+/// would cost far more accuracy than 4-bit layers).
+fn table(t: &mut BTreeMap<String, HostTensor>, quant: &mut BTreeMap<String, QuantHost>, format: BaseFormat, name: &str, rows: usize, cols: usize, device: &Device) -> Result<Embedding> {
+    let format = match format {
+        BaseFormat::To(_) => BaseFormat::To(QuantFormat::Q8_0),
+        other => other,
+    };
+    if quant.contains_key(name) || matches!(format, BaseFormat::To(_)) {
+        return Ok(match matrix(t, quant, format, name, rows, cols, device)? {
+            Weight::Quant(q) => Embedding::Quant(q),
+            Weight::Dense(d) => Embedding::Dense(d.transpose()),
+        });
+    }
+    Ok(Embedding::Dense(upload(&take(t, name, &[rows, cols])?, device)?))
+}
+
 impl Llama {
     /// Upload weights (HF names) to `device`. Checks every shape; refuses leftovers that
     /// would mean an unsupported architecture variant.
@@ -110,14 +149,14 @@ impl Llama {
         if w.config.is_gpt2() {
             return Self::gpt2_from_weights(w, device);
         }
-        let LoadedWeights { config: c, mut tensors } = w;
+        let LoadedWeights { config: c, mut tensors, mut quant, format } = w;
         let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (qd, kvd) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
         let t = &mut tensors;
-        let lin = |t: &mut BTreeMap<String, HostTensor>, name: &str, inp: usize, out: usize, bias: bool| -> Result<Linear> {
-            let w = take(t, &format!("{name}.weight"), &[out, inp])?;
+        let mut lin = |t: &mut BTreeMap<String, HostTensor>, name: &str, inp: usize, out: usize, bias: bool| -> Result<Linear> {
+            let weight = matrix(t, &mut quant, format, &format!("{name}.weight"), out, inp, device)?;
             let bias = if bias { Some(upload(&take(t, &format!("{name}.bias"), &[out])?, device)?) } else { None };
-            Ok(Linear { weight: upload(&w.transposed(), device)?, bias })
+            Ok(Linear { weight, bias })
         };
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
@@ -143,24 +182,22 @@ impl Llama {
                 linears,
             });
         }
-        let embed_h = take(&mut tensors, "model.embed_tokens.weight", &[v, h])?;
-        let embed = upload(&embed_h, device)?;
+        let embed = table(&mut tensors, &mut quant, format, "model.embed_tokens.weight", v, h, device)?;
         let norm = upload(&take(&mut tensors, "model.norm.weight", &[h])?, device)?;
-        let lm_head = match tensors.remove("lm_head.weight") {
+        let has_head = tensors.contains_key("lm_head.weight") || quant.contains_key("lm_head.weight");
+        let lm_head = if c.tie_word_embeddings {
             // transformers ties lm_head to the embeddings whenever the config says so.
-            Some(_) if c.tie_word_embeddings => None,
-            Some(t) => {
-                if t.shape != [v, h] {
-                    bail!(Shape, "tensor lm_head.weight: shape {:?}, expected [{v}, {h}]", t.shape);
-                }
-                Some(upload(&t.transposed(), device)?)
-            }
-            None if c.tie_word_embeddings => None,
-            None => bail!(Format, "missing tensor lm_head.weight (config says embeddings are not tied)"),
+            tensors.remove("lm_head.weight");
+            quant.remove("lm_head.weight");
+            None
+        } else if has_head {
+            Some(Linear { weight: matrix(&mut tensors, &mut quant, format, "lm_head.weight", v, h, device)?, bias: None })
+        } else {
+            bail!(Format, "missing tensor lm_head.weight (config says embeddings are not tied)")
         };
         tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
-        if let Some(k) = tensors.keys().next() {
-            bail!(Unsupported, "unexpected tensor {k} ({} unused): not a plain Llama checkpoint", tensors.len());
+        if let Some(k) = tensors.keys().chain(quant.keys()).next() {
+            bail!(Unsupported, "unexpected tensor {k} ({} unused): not a plain Llama checkpoint", tensors.len() + quant.len());
         }
         let inv_freq = c.rope_inv_freq();
         let cached = c.max_position_embeddings.clamp(1, ROPE_CACHED);
@@ -172,14 +209,23 @@ impl Llama {
 
     /// GPT-2 weights (`transformer.*`, Conv1D layers stored [in, out] as they are used).
     fn gpt2_from_weights(w: LoadedWeights, device: &Device) -> Result<Self> {
-        let LoadedWeights { config: c, mut tensors } = w;
+        let LoadedWeights { config: c, mut tensors, quant, format } = w;
+        if let Some(k) = quant.keys().next() {
+            bail!(Unsupported, "{k}: a GPT-2 GGUF with quantized tensors (load GPT-2 from safetensors)");
+        }
         let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         // The attention-mask buffers of older checkpoints, and the tied LM head.
         tensors.retain(|k, _| !(k.ends_with(".attn.bias") && !k.contains("c_attn")) && !k.ends_with(".attn.masked_bias") && k != "lm_head.weight");
         let t = &mut tensors;
         let up = |t: &mut BTreeMap<String, HostTensor>, name: &str, shape: &[usize]| -> Result<Tensor<1>> { upload(&take(t, name, shape)?, device) };
         let conv = |t: &mut BTreeMap<String, HostTensor>, name: &str, inp: usize, out: usize| -> Result<Linear> {
-            Ok(Linear { weight: upload(&take(t, &format!("{name}.weight"), &[inp, out])?, device)?, bias: Some(upload(&take(t, &format!("{name}.bias"), &[out])?, device)?) })
+            // Conv1D weights are [in, out]: as used when dense, transposed to quantize.
+            let w = take(t, &format!("{name}.weight"), &[inp, out])?;
+            let weight = match format {
+                BaseFormat::To(f) => Weight::Quant(QuantWeight::upload(&QuantHost::quantize(f, out, inp, &w.transposed().data)?, device)?),
+                _ => Weight::Dense(upload(&w, device)?),
+            };
+            Ok(Linear { weight, bias: Some(upload(&take(t, &format!("{name}.bias"), &[out])?, device)?) })
         };
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
@@ -198,7 +244,7 @@ impl Llama {
                 linears,
             });
         }
-        let embed = upload(&take(t, "transformer.wte.weight", &[v, h])?, device)?;
+        let embed = table(t, &mut BTreeMap::new(), format, "transformer.wte.weight", v, h, device)?;
         let positions = Some(upload(&take(t, "transformer.wpe.weight", &[c.max_position_embeddings, h])?, device)?);
         let norm = up(t, "transformer.ln_f.weight", &[h])?;
         let norm_bias = Some(up(t, "transformer.ln_f.bias", &[h])?);
@@ -338,7 +384,7 @@ impl Llama {
         let ids = inp.ids.clone().reshape([b * t]);
         let x = match adapter.embedding() {
             Some(e) => self.freeze_pad_row(e).select(0, ids.clone()),
-            None => self.embed.clone().select(0, ids.clone()),
+            None => self.embed.rows(ids.clone()),
         };
         let mut x = adapter.embed_output(&ids, x);
         let t_all = n + t;
@@ -427,9 +473,10 @@ impl Llama {
         if let Some(w) = adapter.lm_head() {
             return h.matmul(w);
         }
-        match &self.lm_head {
-            Some(w) => h.matmul(w.clone()),
-            None => h.matmul(adapter.embedding().unwrap_or_else(|| self.embed.clone()).transpose()),
+        match (&self.lm_head, adapter.embedding()) {
+            (Some(w), _) => w.forward(&h),
+            (None, Some(e)) => h.matmul(e.transpose()),
+            (None, None) => self.embed.logits(h),
         }
     }
 
@@ -452,6 +499,26 @@ impl Llama {
         crate::tensor::freeze_row(table, self.config.pad_token_id.map(|p| p as usize))
     }
 
+    /// Replace every quantized weight by its dequantized f32 values (on the device): the
+    /// "dequantize, then f32" reference a quantized base is compared with.
+    pub fn dequantize_all(&mut self) {
+        for b in &mut self.blocks {
+            for l in b.linears.values_mut() {
+                if let Weight::Quant(_) = l.weight {
+                    l.weight = Weight::Dense(l.weight.dense());
+                }
+            }
+        }
+        if let Some(h) = &mut self.lm_head
+            && let Weight::Quant(_) = h.weight
+        {
+            h.weight = Weight::Dense(h.weight.dense());
+        }
+        if let Embedding::Quant(_) = self.embed {
+            self.embed = Embedding::Dense(self.embed.dense());
+        }
+    }
+
     /// All normalisation layers, with their frozen weights.
     pub fn norms(&self) -> Vec<(Norm, &Tensor<1>)> {
         let mut v: Vec<(Norm, &Tensor<1>)> = Vec::new();
@@ -469,6 +536,25 @@ impl Llama {
 
     pub fn linear_mut(&mut self, s: Site) -> &mut Linear {
         self.blocks[s.layer].linear_mut(s.proj)
+    }
+
+    /// What the frozen base holds on the device (f32 tensors, or codes + scales for the
+    /// weights kept quantized), and its largest single tensor.
+    pub fn base_memory(&self) -> crate::train::memory::BaseMemory {
+        let t = |x: &Tensor<1>| 4 * x.dims()[0] as u64;
+        let opt = |x: &Option<Tensor<1>>| x.as_ref().map_or(0, t);
+        let lin = |l: &Linear| l.weight.device_bytes() as u64 + opt(&l.bias);
+        let mut bytes = self.embed.device_bytes() as u64 + self.lm_head.as_ref().map_or(0, lin) + t(&self.norm) + opt(&self.norm_bias);
+        bytes += self.positions.as_ref().map_or(0, |p| 4 * p.dims().iter().product::<usize>() as u64);
+        let mut largest = self.embed.device_bytes() as u64;
+        for b in &self.blocks {
+            bytes += t(&b.input_norm) + t(&b.post_attn_norm) + opt(&b.input_norm_bias) + opt(&b.post_attn_norm_bias);
+            for l in b.linears.values() {
+                bytes += lin(l);
+                largest = largest.max(l.weight.device_bytes() as u64);
+            }
+        }
+        crate::train::memory::BaseMemory { bytes, largest }
     }
 
     pub fn num_parameters(&self) -> usize {

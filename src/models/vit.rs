@@ -227,7 +227,7 @@ impl Vit {
         let t = &mut t;
         let lin = |t: &mut BTreeMap<String, HostTensor>, name: &str, inp: usize, out: usize| -> Result<Linear> {
             let w = take(t, &format!("{name}.weight"), &[out, inp])?;
-            Ok(Linear { weight: upload(&w.transposed(), device)?, bias: Some(upload(&take(t, &format!("{name}.bias"), &[out])?, device)?) })
+            Ok(Linear::dense(upload(&w.transposed(), device)?, Some(upload(&take(t, &format!("{name}.bias"), &[out])?, device)?)))
         };
         let norm = |t: &mut BTreeMap<String, HostTensor>, name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm { weight: upload(&take(t, &format!("{name}.weight"), &[h])?, device)?, bias: upload(&take(t, &format!("{name}.bias"), &[h])?, device)? })
@@ -235,7 +235,7 @@ impl Vit {
         // Conv2d [hidden, C, P, P] as [hidden, C*P*P]: the patch features run (c, y, x).
         let w = take(t, "embeddings.patch_embeddings.projection.weight", &[h, ch, p, p])?;
         let w = HostTensor::new(vec![h, ch * p * p], w.data);
-        let patch = Linear { weight: upload(&w.transposed(), device)?, bias: Some(upload(&take(t, "embeddings.patch_embeddings.projection.bias", &[h])?, device)?) };
+        let patch = Linear::dense(upload(&w.transposed(), device)?, Some(upload(&take(t, "embeddings.patch_embeddings.projection.bias", &[h])?, device)?));
         let cls = take(t, "embeddings.cls_token", &[1, 1, h])?;
         let cls = upload(&HostTensor::new(vec![1, h], cls.data), device)?;
         let pos = take(t, "embeddings.position_embeddings", &[1, 1 + n, h])?;

@@ -26,9 +26,10 @@ pub fn merge(model: &mut Llama, adapter: &AnyAdapter) -> Result<Merged> {
             for (&site, l) in &a.layers {
                 let lin = model.linear(site);
                 let (la, lb) = (l.a.clone().without_autodiff(), l.b.clone().without_autodiff());
-                let w = lin.weight.clone() + la.clone().matmul(lb.clone()).mul_scalar(l.scaling);
+                let base = lin.dense_weight();
+                let w = base.clone() + la.clone().matmul(lb.clone()).mul_scalar(l.scaling);
                 let w = match &l.dora {
-                    Some(d) => w * (d.magnitude.clone().without_autodiff() / weight_norm(&lin.weight, &la, &lb, l.scaling)),
+                    Some(d) => w * (d.magnitude.clone().without_autodiff() / weight_norm(&base, &la, &lb, l.scaling)),
                     None => w,
                 };
                 let bias = match (&l.bias, &lin.bias) {
@@ -36,7 +37,7 @@ pub fn merge(model: &mut Llama, adapter: &AnyAdapter) -> Result<Merged> {
                     (Some(bb), None) => Some(bb.clone().without_autodiff().reshape([lin.out_features()]).mul_scalar(l.scaling)),
                     (None, b) => b.clone(),
                 };
-                new.push((site, Linear { weight: w, bias }));
+                new.push((site, Linear::dense(w, bias)));
             }
         }
         AnyAdapter::Ia3(a) => {
@@ -45,11 +46,11 @@ pub fn merge(model: &mut Llama, adapter: &AnyAdapter) -> Result<Merged> {
                 let v = l.l.clone().without_autodiff();
                 let merged = if l.feedforward {
                     // y = W (x * l): scale the rows of our [in, out] weight.
-                    Linear { weight: lin.weight.clone() * v.transpose(), bias: lin.bias.clone() }
+                    Linear::dense(lin.dense_weight() * v.transpose(), lin.bias.clone())
                 } else {
                     // y = (W x + b) * l: scale the columns and the bias.
                     let n = lin.out_features();
-                    Linear { weight: lin.weight.clone() * v.clone(), bias: lin.bias.clone().map(|b| b * v.reshape([n])) }
+                    Linear::dense(lin.dense_weight() * v.clone(), lin.bias.clone().map(|b| b * v.reshape([n])))
                 };
                 new.push((site, merged));
             }

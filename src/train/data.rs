@@ -264,7 +264,10 @@ fn chat_tokens(tok: &Tokenizer, messages: &[(String, String)]) -> Result<(Vec<u3
         let before = tok.apply_chat_template(&messages[..i], true)?;
         let upto = tok.apply_chat_template(&messages[..=i], false)?;
         if !upto.starts_with(&before) || !full.starts_with(&upto) {
-            bail!(Unsupported, "the chat template does not render the conversation turn by turn (at message {i}), so the assistant's part cannot be told apart: give prompt/completion examples instead");
+            bail!(
+                Unsupported,
+                "the chat template does not render the conversation turn by turn (at message {i}), so the assistant's part cannot be told apart: give prompt/completion examples instead"
+            );
         }
         spans.push(before.len()..upto.len());
     }

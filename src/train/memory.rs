@@ -6,7 +6,8 @@
 //!
 //! The estimate (f32 everywhere, B = batch, T = sequence length, per layer of hidden size h,
 //! MLP size i, q/kv widths q and k, H heads, vocabulary V):
-//!   weights     the base model's parameters × 4 bytes
+//!   weights     what the base holds on the device (parameters × 4 bytes in f32; its codes,
+//!               scales and minimums when kept quantized)
 //!   adapter     trainable parameters × 16 bytes (value, gradient, AdamW's two moments)
 //!   activations B·T·(10h + 3q + 4k + 5i) × 4 per layer: what autodiff keeps for backward
 //!               (norm inputs and outputs, q/k/v before and after RoPE, attention output,
@@ -39,28 +40,36 @@ impl MemoryEstimate {
 
 const F32: u64 = 4;
 
+/// What the frozen base holds on the device: all its bytes, and its largest single tensor
+/// (the embedding table, or its codes when quantized).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BaseMemory {
+    pub bytes: u64,
+    pub largest: u64,
+}
+
+impl BaseMemory {
+    /// A base of `parameters` f32 values.
+    pub fn f32(c: &LlamaConfig, parameters: usize) -> Self {
+        BaseMemory { bytes: parameters as u64 * F32, largest: (c.vocab_size * c.hidden_size) as u64 * F32 }
+    }
+}
+
 /// The estimate for `batch` rows of `seq_len` tokens (`prefix` virtual tokens added to the
 /// attention by prompt-style adapters).
-pub fn estimate(c: &LlamaConfig, base_parameters: usize, trainable: usize, batch: usize, seq_len: usize) -> MemoryEstimate {
+pub fn estimate(c: &LlamaConfig, base: BaseMemory, trainable: usize, batch: usize, seq_len: usize) -> MemoryEstimate {
     let (b, t) = (batch as u64, seq_len as u64);
     let (h, i, v, layers) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64, c.num_hidden_layers as u64);
     let (heads, q, k) = (c.num_attention_heads as u64, (c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
     let per_token = 10 * h + 3 * q + 4 * k + 5 * i;
     let scores = b * heads * t * t * F32;
     let logits = b * t * v * F32;
-    let embedding = v * h * F32;
+    let embedding = base.largest;
     let largest_buffer = [(logits, "logits (batch × seq-len × vocabulary)"), (scores, "attention scores (batch × heads × seq-len²)"), (embedding, "embedding table")]
         .into_iter()
         .max_by_key(|x| x.0)
         .expect("three");
-    MemoryEstimate {
-        weights: base_parameters as u64 * F32,
-        adapter: trainable as u64 * 4 * F32,
-        activations: layers * b * t * per_token * F32,
-        attention: 3 * scores,
-        logits: 3 * logits,
-        largest_buffer,
-    }
+    MemoryEstimate { weights: base.bytes, adapter: trainable as u64 * 4 * F32, activations: layers * b * t * per_token * F32, attention: 3 * scores, logits: 3 * logits, largest_buffer }
 }
 
 /// How a run will be executed: the micro-batch size and gradient-accumulation factor.
@@ -84,11 +93,11 @@ pub struct Limits {
 /// accumulation multiplied to keep the effective batch (and the update) the same. What no
 /// split can fix is refused, naming what to change: the model (embedding table, or weights
 /// and adapter over the budget) or `seq-len` (one row too big).
-pub fn plan(c: &LlamaConfig, base_parameters: usize, trainable: usize, batch: usize, grad_accum: usize, seq_len: usize, limits: Limits) -> Result<Plan> {
-    let est = |b: usize| estimate(c, base_parameters, trainable, b, seq_len);
+pub fn plan(c: &LlamaConfig, base: BaseMemory, trainable: usize, batch: usize, grad_accum: usize, seq_len: usize, limits: Limits) -> Result<Plan> {
+    let est = |b: usize| estimate(c, base, trainable, b, seq_len);
     let mib = |x: u64| x as f64 / (1u64 << 20) as f64;
     let (max, budget) = (limits.max_buffer.unwrap_or(u64::MAX), limits.budget.unwrap_or(u64::MAX));
-    let embedding = c.vocab_size as u64 * c.hidden_size as u64 * F32;
+    let embedding = base.largest;
     if embedding > max {
         bail!(Device, "the model's embedding table ({:.0} MiB) is larger than this device's largest buffer ({:.0} MiB): use a smaller model", mib(embedding), mib(max));
     }
@@ -141,23 +150,23 @@ mod tests {
         let c = smollm2();
         // Logits of 4 × 256 × 49152 f32 = 192 MiB: fits 256 MiB, not 128 MiB.
         let buf = |mib: u64| Limits { max_buffer: Some(mib << 20), budget: None };
-        let p = plan(&c, 134_515_008, 460_800, 4, 1, 256, buf(256)).unwrap();
+        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 1, 256, buf(256)).unwrap();
         assert_eq!((p.batch, p.grad_accum), (4, 1));
-        let p = plan(&c, 134_515_008, 460_800, 4, 2, 256, buf(128)).unwrap();
+        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 2, 256, buf(128)).unwrap();
         assert_eq!((p.batch, p.grad_accum), (2, 4), "two micro-batches of 2 per step, same effective batch");
-        let e = plan(&c, 134_515_008, 460_800, 4, 1, 4096, buf(256)).unwrap_err();
+        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 1, 4096, buf(256)).unwrap_err();
         assert!(e.message.contains("reduce seq-len"), "{e}");
-        let e = plan(&c, 134_515_008, 460_800, 1, 1, 16, buf(64)).unwrap_err();
+        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 1, 1, 16, buf(64)).unwrap_err();
         assert!(e.message.contains("embedding table"), "{e}");
-        assert_eq!(plan(&c, 1, 1, 3, 1, 64, Limits::default()).unwrap().batch, 3, "no limit known: as asked");
+        assert_eq!(plan(&c, BaseMemory::f32(&c, 1), 1, 3, 1, 64, Limits::default()).unwrap().batch, 3, "no limit known: as asked");
         // A budget for the whole step: 8 rows of 256 need about 5.3 GiB, 2 rows 1.7 GiB.
         let budget = |mib: u64| Limits { max_buffer: None, budget: Some(mib << 20) };
-        let p = plan(&c, 134_515_008, 460_800, 8, 1, 256, budget(2048)).unwrap();
+        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 256, budget(2048)).unwrap();
         assert_eq!((p.batch, p.grad_accum), (2, 4), "{p:?}");
         assert!(p.estimate.total() <= 2048 << 20);
-        let e = plan(&c, 134_515_008, 460_800, 8, 1, 256, budget(400)).unwrap_err();
+        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 256, budget(400)).unwrap_err();
         assert!(e.message.contains("smaller model or raise the budget"), "{e}");
-        let e = plan(&c, 134_515_008, 460_800, 8, 1, 2048, budget(1024)).unwrap_err();
+        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 2048, budget(1024)).unwrap_err();
         assert!(e.message.contains("reduce seq-len or raise the budget"), "{e}");
     }
 }

@@ -270,7 +270,8 @@ fn train_options(options: JsValue) -> Result<(JsTrainOptions, TrainOptions)> {
     let options = if options.is_object() && Reflect::has(&options, &"resume".into()).unwrap_or(false) {
         let files = Reflect::get(&options, &"resume".into()).unwrap_or(JsValue::UNDEFINED);
         // `resume: undefined` / `null` is no checkpoint (as any unset option).
-        resume = if files.is_undefined() || files.is_null() { None } else { Some(crate::train::checkpoint::Checkpoint::from_files(&files_of(&files)?).map_err(|e| e.context("options.resume"))?) };
+        resume =
+            if files.is_undefined() || files.is_null() { None } else { Some(crate::train::checkpoint::Checkpoint::from_files(&files_of(&files)?).map_err(|e| e.context("options.resume"))?) };
         let copy = Object::assign(&Object::new(), &Object::from(options));
         let _ = Reflect::delete_property(&copy, &"resume".into());
         JsValue::from(copy)
@@ -508,17 +509,26 @@ fn busy() -> Error {
 #[wasm_bindgen]
 impl Model {
     /// Load from `{ "config.json", "model.safetensors" | shards + index, "tokenizer.json" }` or
-    /// `{ "name.gguf": bytes }`. Resolves to a Model.
+    /// `{ "name.gguf": bytes }`. `base`: how the frozen weights are held on the GPU — "keep"
+    /// (the default: a GGUF's Q8_0 / Q4_0 / Q4_1 stay quantized), "f32", or "q8_0" | "q4_0" |
+    /// "q4_1" | "nf4" (quantized at load). Resolves to a Model.
     #[wasm_bindgen(js_name = fromFiles)]
-    pub fn from_files(files: JsValue) -> Promise {
+    pub fn from_files(files: JsValue, base: Option<String>) -> Promise {
         promise(async move {
             let files = ModelFiles::from_named(files_of(&files)?)?;
-            let s = Session::load(&files, compute()?)?;
+            let compute = compute()?;
+            let format = match base {
+                Some(b) => crate::quant::BaseFormat::parse(&b)?,
+                None => crate::quant::BaseFormat::default_for(compute.is_gpu),
+            };
+            let s = Session::load_as(&files, compute, format)?;
             Ok(Model { inner: Rc::new(RefCell::new(s)), pause: Arc::default(), training: Rc::default() })
         })
     }
 
-    /// Model facts: `{ vocabSize, hiddenSize, layers, parameters, device }`.
+    /// Model facts: `{ modelType, vocabSize, hiddenSize, layers, parameters, device, base,
+    /// baseBytes }` (`base`: the linear layers' formats, e.g. "q4_1"; `baseBytes`: what the
+    /// frozen base holds on the device).
     pub fn info(&self) -> JsValue {
         let s = self.inner.borrow();
         let c = &s.model.config;
@@ -529,6 +539,9 @@ impl Model {
         set(&o, "layers", c.num_hidden_layers as u32);
         set(&o, "parameters", s.model.num_parameters() as f64);
         set(&o, "device", s.compute.name.clone());
+        let formats: std::collections::BTreeSet<&str> = s.model.sites().into_iter().map(|x| s.model.linear(x).weight.format().map_or("f32", |f| f.name())).collect();
+        set(&o, "base", formats.into_iter().collect::<Vec<_>>().join("+"));
+        set(&o, "baseBytes", s.model.base_memory().bytes as f64);
         o.into()
     }
 
@@ -591,7 +604,15 @@ impl Model {
             let e = sess.estimate(&cfg, &opts, probe.unwrap_or(false)).await?;
             let m = &e.plan.estimate;
             let mem = Object::new();
-            for (k, v) in [("total", m.total()), ("weights", m.weights), ("adapter", m.adapter), ("activations", m.activations), ("attention", m.attention), ("logits", m.logits), ("largestBuffer", m.largest_buffer.0)] {
+            for (k, v) in [
+                ("total", m.total()),
+                ("weights", m.weights),
+                ("adapter", m.adapter),
+                ("activations", m.activations),
+                ("attention", m.attention),
+                ("logits", m.logits),
+                ("largestBuffer", m.largest_buffer.0),
+            ] {
                 set(&mem, k, v as f64);
             }
             set(&mem, "largestBufferName", m.largest_buffer.1);

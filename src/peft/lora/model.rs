@@ -160,7 +160,11 @@ impl LoraAdapter {
             };
             let a = upload(&HostTensor::new(vec![fin, r], a), dev)?;
             let b = upload(&HostTensor::new(vec![r, fout], b), dev)?;
-            let dora = config.use_dora.then(|| Dora { magnitude: weight_norm(&lin.weight, &a, &b, scaling), base_weight: lin.weight.clone(), base_bias: lin.bias.clone() });
+            let dora = config.use_dora.then(|| {
+                // DoRA reads the base weight itself: a quantized base gives it a dequantized copy.
+                let base = lin.dense_weight();
+                Dora { magnitude: weight_norm(&base, &a, &b, scaling), base_weight: base, base_bias: lin.bias.clone() }
+            });
             let bias = if config.lora_bias { Some(Tensor::zeros([1, fout], dev)) } else { None };
             layers.insert(site, LoraLayer { a, b, scaling, dropout: config.lora_dropout, dora, bias });
         }

@@ -69,7 +69,7 @@ impl PromptTuningAdapter {
         Self::check(&config, model)?;
         let (n, h, v) = (config.num_virtual_tokens, model.config.hidden_size, model.config.vocab_size);
         let mut rng = SmallRng::seed_from_u64(seed);
-        let token_ids = |ids: Vec<i64>| model.embed.clone().select(0, ints(ids.clone(), [ids.len()], &model.device));
+        let token_ids = |ids: Vec<i64>| model.embed.rows(ints(ids.clone(), [ids.len()], &model.device));
         let embeddings = match &config.init {
             PromptInit::Random => upload(&HostTensor::new(vec![n, h], (0..n * h).map(|_| normal(&mut rng)).collect()), &model.device)?,
             PromptInit::SampleVocab => token_ids((0..n).map(|_| rng.random_range(0..v as i64)).collect()),

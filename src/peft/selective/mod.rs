@@ -72,7 +72,7 @@ impl SelectiveAdapter {
         for site in model.sites() {
             let lin = model.linear(site);
             let n = site.module_name();
-            all.push((Target::Weight(site), format!("{n}.weight"), lin.weight.clone()));
+            all.push((Target::Weight(site), format!("{n}.weight"), lin.dense_weight()));
             if let Some(b) = &lin.bias {
                 all.push((Target::Bias(site), format!("{n}.bias"), b.clone().unsqueeze()));
             }
@@ -82,9 +82,9 @@ impl SelectiveAdapter {
             for (norm, w) in llama.norms() {
                 all.push((Target::Norm(norm), format!("{}.weight", norm.module_name()), w.clone().unsqueeze()));
             }
-            all.push((Target::Embedding, "model.embed_tokens.weight".into(), llama.embed.clone()));
+            all.push((Target::Embedding, "model.embed_tokens.weight".into(), llama.embed.dense()));
             if let Some(h) = &llama.lm_head {
-                all.push((Target::LmHead, "lm_head.weight".into(), h.clone()));
+                all.push((Target::LmHead, "lm_head.weight".into(), h.dense_weight()));
             }
         }
         let biases = all.iter().filter(|(_, n, _)| n.ends_with(".bias")).count();
