@@ -1235,6 +1235,8 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
     let reserved = device::memory_usage(&s.compute.device).map(|m| m.1);
     Ok(serde_json::json!({
         "device": s.compute.name,
+        "base": s.model.base_formats(),
+        "base_bytes": s.model.base_memory().bytes,
         "model_parameters": s.model.num_parameters(),
         "method": s.adapters["bench"].method(),
         "config": cfg,

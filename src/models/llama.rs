@@ -499,6 +499,12 @@ impl Llama {
         crate::tensor::freeze_row(table, self.config.pad_token_id.map(|p| p as usize))
     }
 
+    /// The linear layers' storage formats, e.g. "q4_1", "f32", or "q4_1+q8_0" for a mix.
+    pub fn base_formats(&self) -> String {
+        let formats: std::collections::BTreeSet<&str> = self.sites().into_iter().map(|x| self.linear(x).weight.format().map_or("f32", |f| f.name())).collect();
+        formats.into_iter().collect::<Vec<_>>().join("+")
+    }
+
     /// Replace every quantized weight by its dequantized f32 values (on the device): the
     /// "dequantize, then f32" reference a quantized base is compared with.
     pub fn dequantize_all(&mut self) {

@@ -539,8 +539,7 @@ impl Model {
         set(&o, "layers", c.num_hidden_layers as u32);
         set(&o, "parameters", s.model.num_parameters() as f64);
         set(&o, "device", s.compute.name.clone());
-        let formats: std::collections::BTreeSet<&str> = s.model.sites().into_iter().map(|x| s.model.linear(x).weight.format().map_or("f32", |f| f.name())).collect();
-        set(&o, "base", formats.into_iter().collect::<Vec<_>>().join("+"));
+        set(&o, "base", s.model.base_formats());
         set(&o, "baseBytes", s.model.base_memory().bytes as f64);
         o.into()
     }
