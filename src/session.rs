@@ -22,7 +22,7 @@ use crate::peft::{AnyAdapter, Group, MultiTask, Trainable, load_all_params, read
 use crate::tensor::{ints, read};
 use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::Checkpoint;
-use crate::train::data::{Batch, Batcher, Example, Tokenized, tokenize};
+use crate::train::data::{Batch, Batcher, Example, Tokenized, tokenize, tokenize_all};
 use crate::train::loss::{causal_lm_loss, row_nll};
 use crate::train::memory;
 use crate::train::privacy::{self, DpConfig};
@@ -341,7 +341,7 @@ impl Session {
     /// completion among `choices` by total log-likelihood (classification with an LM).
     pub async fn evaluate(&self, adapters: &[&str], examples: &[Example], seq_len: usize, batch: usize, choices: &[String]) -> Result<EvalReport> {
         let stack = self.stack(adapters)?;
-        let rows = examples.iter().map(|e| tokenize(&self.tokenizer, e, false, seq_len)).collect::<Result<Vec<_>>>()?;
+        let rows = tokenize_all(&self.tokenizer, examples, false, seq_len)?;
         let pad = self.tokenizer.eos_id.unwrap_or(0);
         let held_out = held_out_loss(&self.model, &stack, &rows, batch, pad).await?;
         let mut accuracy = None;
@@ -382,8 +382,8 @@ impl Session {
     /// their parameters share one optimizer.
     pub async fn train_together(&mut self, names: &[&str], examples: &[Example], o: &TrainOptions, on_step: impl FnMut(&StepReport) -> bool) -> Result<Vec<StepReport>> {
         check_options(o)?;
-        let rows = examples.iter().map(|e| tokenize(&self.tokenizer, e, o.append_eos, o.seq_len)).collect::<Result<Vec<_>>>()?;
-        let held_out = o.validation.iter().map(|e| tokenize(&self.tokenizer, e, o.append_eos, o.seq_len)).collect::<Result<Vec<_>>>().map_err(|e| e.context("validation"))?;
+        let rows = tokenize_all(&self.tokenizer, examples, o.append_eos, o.seq_len)?;
+        let held_out = tokenize_all(&self.tokenizer, &o.validation, o.append_eos, o.seq_len).map_err(|e| e.context("validation"))?;
         let pad = self.tokenizer.eos_id.unwrap_or(0);
         let batcher = Batcher::new(rows, o.batch, pad, o.seed)?;
         let members = pick(&mut self.adapters, names)?;
@@ -455,10 +455,9 @@ impl Session {
             if examples.is_empty() {
                 bail!(Data, "task {name:?} has no examples");
             }
-            for e in examples.iter() {
-                rows.push(tokenize(&self.tokenizer, e, o.append_eos, o.seq_len).map_err(|e| e.context(format!("task {name:?}")))?);
-                labels.push(k);
-            }
+            let task_rows = tokenize_all(&self.tokenizer, examples, o.append_eos, o.seq_len).map_err(|e| e.context(format!("task {name:?}")))?;
+            labels.extend(std::iter::repeat_n(k, task_rows.len()));
+            rows.extend(task_rows);
         }
         let pad = self.tokenizer.eos_id.unwrap_or(0);
         let batcher = Batcher::with_tasks(rows, labels, o.batch, pad, o.seed)?;

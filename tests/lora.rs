@@ -384,3 +384,22 @@ fn estimate_plans_and_times_a_run_without_keeping_anything() {
     assert!(block_on(s.estimate(&bad, &o, false)).is_err());
     assert_eq!(s.adapters.len(), 1);
 }
+
+#[test]
+fn a_long_text_trains_as_windows_not_cut_short() {
+    use webpeft::train::data::{Example, tokenize_all};
+    let s = tiny();
+    let long = "Beautiful is better than ugly. Explicit is better than implicit. ".repeat(12);
+    let ids = s.tokenizer.encode(&long).unwrap();
+    assert!(ids.len() > 3 * 32, "{} tokens", ids.len());
+    let rows = tokenize_all(&s.tokenizer, &[Example::Text(long), Example::Text("Simple is better than complex.".into())], false, 32).unwrap();
+    let windows = &rows[..rows.len() - 1];
+    // Consecutive windows of 32 tokens covering the whole text (a 1-token tail has nothing to predict).
+    let covered: Vec<u32> = windows.iter().flat_map(|r| r.ids.clone()).collect();
+    let expect = if ids.len() % 32 == 1 { &ids[..ids.len() - 1] } else { &ids[..] };
+    assert_eq!(covered, expect);
+    assert!(windows.iter().all(|r| r.ids.len() <= 32 && r.ids.len() >= 2 && r.labels == r.ids.iter().map(|&i| i as i64).collect::<Vec<_>>()));
+    assert_eq!(windows.len(), ids.len() / 32 + usize::from(ids.len() % 32 >= 2));
+    // A short text stays one row, as before.
+    assert_eq!(rows.last().unwrap().ids, s.tokenizer.encode("Simple is better than complex.").unwrap());
+}

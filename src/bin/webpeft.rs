@@ -1188,7 +1188,11 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
             Tokenized { labels: ids.iter().map(|&x| x as i64).collect(), ids }
         })
         .collect();
-    let batch_data = Batch::new(&rows, 0)?;
+    // As training does: a batch over the device's limits runs as micro-batches (same update).
+    let o = webpeft::session::TrainOptions { batch, seq_len, ..Default::default() };
+    let plan = s.memory_plan(&["bench"], &o)?;
+    let micro = plan.batch;
+    let batch_data = rows.chunks(micro).map(|c| Batch::new(c, 0)).collect::<Result<Vec<_>>>()?;
     let tokens = batch * seq_len;
     let mut trainer = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-4, ..Default::default() }, total_steps: steps + 1, max_grad_norm: Some(1.0), ..Default::default() });
     let dev = s.compute.device.clone();
@@ -1201,21 +1205,23 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
     let adapter = s.adapters.get_mut("bench").expect("just added");
     webpeft::peft::set_trainable(adapter, true);
     let t_warm = Instant::now();
-    block_on(trainer.step(&s.model, adapter, std::slice::from_ref(&batch_data)))?;
+    block_on(trainer.step(&s.model, adapter, &batch_data))?;
     let warmup_s = t_warm.elapsed().as_secs_f64();
     let t0 = Instant::now();
     for _ in 0..steps {
-        block_on(trainer.step(&s.model, adapter, std::slice::from_ref(&batch_data)))?;
+        block_on(trainer.step(&s.model, adapter, &batch_data))?;
         sample_mem(&mut peak);
     }
     let step_s = t0.elapsed().as_secs_f64() / steps as f64;
     webpeft::peft::set_trainable(adapter, false);
-    // Forward only (logits of every position), warm once, then timed.
-    let ids: Vec<u32> = rows.iter().flat_map(|r| r.ids.clone()).collect();
+    // Forward only (logits of every position, micro-batch by micro-batch), warm once, then timed.
     let fwd = |s: &Session| -> Result<()> {
-        let inputs = webpeft::models::llama::Inputs { ids: webpeft::tensor::ints(ids.iter().map(|&i| i as i64).collect(), [batch, seq_len], &s.model.device), attention_mask: None };
-        let l = s.model.forward(&inputs, &s.stack(&["bench"])?, None)?;
-        block_on(webpeft::tensor::read(l.narrow(1, 0, 1).reshape([batch, s.model.config.vocab_size])))?;
+        for chunk in rows.chunks(micro) {
+            let ids: Vec<i64> = chunk.iter().flat_map(|r| r.ids.iter().map(|&i| i as i64)).collect();
+            let inputs = webpeft::models::llama::Inputs { ids: webpeft::tensor::ints(ids, [chunk.len(), seq_len], &s.model.device), attention_mask: None };
+            let l = s.model.forward(&inputs, &s.stack(&["bench"])?, None)?;
+            block_on(webpeft::tensor::read(l.narrow(1, 0, 1).reshape([chunk.len(), s.model.config.vocab_size])))?;
+        }
         Ok(())
     };
     fwd(s)?;
@@ -1242,6 +1248,8 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
         "config": cfg,
         "trainable_parameters": s.adapters.get_mut("bench").expect("added").num_parameters(),
         "batch": batch,
+        "micro_batch": micro,
+        "memory_estimate": {"weights": plan.estimate.weights, "adapter": plan.estimate.adapter, "activations": plan.estimate.activations, "attention": plan.estimate.attention, "logits": plan.estimate.logits, "total": plan.estimate.total()},
         "seq_len": seq_len,
         "steps": steps,
         "first_step_s": warmup_s,

@@ -16,7 +16,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, DispatchDevice, TensorMetadata, backend_extension};
+use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, DispatchDevice, ExtensionType, TensorMetadata, backend_extension};
 use burn::tensor::{DType, Shape, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
@@ -203,44 +203,42 @@ mod gpu {
 }
 use gpu::qmatmul_kernel;
 
+/// A quantized weight's device buffers, as a backend operation takes them.
+#[derive(ExtensionType, Debug, Clone)]
+pub struct QuantParts<B: Backend> {
+    pub codes: IntTensor<B>,
+    pub scales: FloatTensor<B>,
+    /// Q4_1's minimums; the other formats bind the scales here, unread.
+    pub mins: FloatTensor<B>,
+    pub lut: FloatTensor<B>,
+}
+
+/// What one launch computes: `out[M, p] = a[M, Q] · op(W)` with `W` stored with `wcols`
+/// columns, read as `W` [p, Q] (`transposed = false`) or as `W` [Q, p] (`transposed = true`).
+#[derive(Debug, Clone, Copy)]
+pub struct QuantSpec {
+    pub p: usize,
+    pub wcols: usize,
+    pub format: QuantFormat,
+    pub transposed: bool,
+}
+
 /// The quantized matmul as a Burn backend operation (WebGPU / Vulkan through CubeCL; under
 /// autodiff with its input gradient).
 #[backend_extension(Cube, Autodiff)]
 pub trait QuantMatmulOps: Backend {
-    /// `a[M, Q] · op(W)` → [M, P] (see [`qmatmul_kernel`]); `format` is a [`QuantFormat`] index.
-    #[allow(clippy::too_many_arguments)]
-    fn quant_matmul(
-        a: FloatTensor<Self>,
-        codes: IntTensor<Self>,
-        scales: FloatTensor<Self>,
-        mins: FloatTensor<Self>,
-        lut: FloatTensor<Self>,
-        p: usize,
-        wcols: usize,
-        format: usize,
-        transposed: bool,
-    ) -> FloatTensor<Self>;
+    /// `a[M, Q] · op(W)` → [M, spec.p] (see [`qmatmul_kernel`]).
+    fn quant_matmul(a: FloatTensor<Self>, #[extension_type] w: QuantParts<Self>, spec: QuantSpec) -> FloatTensor<Self>;
 }
 
 impl QuantMatmulOps for CubeBackend {
-    fn quant_matmul(
-        a: FloatTensor<Self>,
-        codes: IntTensor<Self>,
-        scales: FloatTensor<Self>,
-        mins: FloatTensor<Self>,
-        lut: FloatTensor<Self>,
-        p: usize,
-        wcols: usize,
-        format: usize,
-        transposed: bool,
-    ) -> FloatTensor<Self> {
-        let f = QuantFormat::ALL[format];
+    fn quant_matmul(a: FloatTensor<Self>, w: QuantParts<Self>, spec: QuantSpec) -> FloatTensor<Self> {
+        let (f, p) = (spec.format, spec.p);
         let a = into_contiguous(a);
         let dims = a.meta.shape().clone();
         let (m, q) = (dims[0], dims[1]);
         let out = empty_device_dtype(a.client.clone(), a.device.clone(), Shape::new([m, p]), DType::F32);
         let client = a.client.clone();
-        let mins = into_contiguous(mins);
         let rm = rows_per_tile(m);
         let count = CubeCount::Static(p.div_ceil(TILE_P) as u32, m.div_ceil(rm) as u32, 1);
         // SAFETY: the kernel tests every index against the sizes passed with it, and the
@@ -251,20 +249,20 @@ impl QuantMatmulOps for CubeBackend {
                 count,
                 CubeDim::new_1d(64),
                 a.into_tensor_arg(),
-                into_contiguous(codes).into_tensor_arg(),
-                into_contiguous(scales).into_tensor_arg(),
-                mins.into_tensor_arg(),
-                into_contiguous(lut).into_tensor_arg(),
+                into_contiguous(w.codes).into_tensor_arg(),
+                into_contiguous(w.scales).into_tensor_arg(),
+                into_contiguous(w.mins).into_tensor_arg(),
+                into_contiguous(w.lut).into_tensor_arg(),
                 out.clone().into_tensor_arg(),
                 m as u32,
                 p as u32,
                 q as u32,
-                wcols as u32,
-                format as u32,
+                spec.wcols as u32,
+                QuantFormat::ALL.iter().position(|x| *x == f).expect("a known format") as u32,
                 f.bits() as u32,
                 f.block() as u32,
                 f.has_min(),
-                transposed,
+                spec.transposed,
                 rm,
             );
         }
@@ -272,18 +270,13 @@ impl QuantMatmulOps for CubeBackend {
     }
 }
 
-/// What the backward needs: the (frozen) weight, and the forward's inner size.
+/// What the backward needs: the (frozen) weight, the forward's spec and its inner size.
 #[derive(Debug, Clone)]
 struct QuantState<B: Backend> {
-    codes: IntTensor<B>,
-    scales: FloatTensor<B>,
-    mins: FloatTensor<B>,
-    lut: FloatTensor<B>,
+    w: QuantParts<B>,
+    spec: QuantSpec,
     /// The forward's Q (`a`'s columns): the input gradient's columns.
     q: usize,
-    wcols: usize,
-    format: usize,
-    transposed: bool,
 }
 
 #[derive(Debug)]
@@ -293,35 +286,26 @@ impl<B: QuantMatmulOps> Backward<B, 1> for QuantMatmulBackward {
     type State = QuantState<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let s = ops.state;
+        let QuantState { w, spec, q } = ops.state;
         // out = a · op(W) ⇒ da = dout · op(W)ᵀ: the same kernel reading the weight the other
         // way, with the forward's Q as its output width.
-        unary::<B, _>(ops.parents, ops.node, grads, |dout| B::quant_matmul(dout, s.codes, s.scales, s.mins, s.lut, s.q, s.wcols, s.format, !s.transposed));
+        let back = QuantSpec { p: q, transposed: !spec.transposed, ..spec };
+        unary::<B, _>(ops.parents, ops.node, grads, |dout| B::quant_matmul(dout, w, back));
     }
 }
 
 impl<B: QuantMatmulOps, C: CheckpointStrategy> QuantMatmulOps for Autodiff<B, C> {
-    fn quant_matmul(
-        a: FloatTensor<Self>,
-        codes: IntTensor<Self>,
-        scales: FloatTensor<Self>,
-        mins: FloatTensor<Self>,
-        lut: FloatTensor<Self>,
-        p: usize,
-        wcols: usize,
-        format: usize,
-        transposed: bool,
-    ) -> FloatTensor<Self> {
-        let scales = <Self as AutodiffBackend>::inner(scales);
-        let mins = <Self as AutodiffBackend>::inner(mins);
-        let lut = <Self as AutodiffBackend>::inner(lut);
+    fn quant_matmul(a: FloatTensor<Self>, w: QuantParts<Self>, spec: QuantSpec) -> FloatTensor<Self> {
+        // The weight is a constant of the graph: its float parts leave autodiff.
+        let inner = <Self as AutodiffBackend>::inner;
+        let w = QuantParts::<B> { codes: w.codes, scales: inner(w.scales), mins: inner(w.mins), lut: inner(w.lut) };
         match QuantMatmulBackward.prepare::<C>([a.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let q = a.primitive().shape()[1];
-                let out = B::quant_matmul(a.into_primitive(), codes.clone(), scales.clone(), mins.clone(), lut.clone(), p, wcols, format, transposed);
-                prep.finish(QuantState { codes, scales, mins, lut, q, wcols, format, transposed }, out)
+                let out = B::quant_matmul(a.into_primitive(), w.clone(), spec);
+                prep.finish(QuantState { w, spec, q }, out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::quant_matmul(a.into_primitive(), codes, scales, mins, lut, p, wcols, format, transposed)),
+            OpsKind::UnTracked(prep) => prep.finish(B::quant_matmul(a.into_primitive(), w, spec)),
         }
     }
 }
@@ -343,17 +327,11 @@ pub fn matmul_t(x: Tensor<2>, w: &QuantWeight) -> Tensor<2> {
     if !on_cube(&x) || w.cols % 4 != 0 {
         return x.matmul(w.dequantize().transpose());
     }
-    let f = QuantFormat::ALL.iter().position(|f| *f == w.format).expect("a known format");
-    Tensor::from_dispatch(Dispatch::quant_matmul(
-        x.into_dispatch(),
-        w.codes.clone().into_dispatch(),
-        w.scales.clone().into_dispatch(),
-        // Q4_1's minimums; the other formats bind the scales in their place, unread.
-        w.mins.clone().unwrap_or_else(|| w.scales.clone()).into_dispatch(),
-        w.lut.clone().into_dispatch(),
-        w.rows,
-        w.cols,
-        f,
-        false,
-    ))
+    let parts = QuantParts::<Dispatch> {
+        codes: w.codes.clone().into_dispatch(),
+        scales: w.scales.clone().into_dispatch(),
+        mins: w.mins.clone().unwrap_or_else(|| w.scales.clone()).into_dispatch(),
+        lut: w.lut.clone().into_dispatch(),
+    };
+    Tensor::from_dispatch(Dispatch::quant_matmul(x.into_dispatch(), parts, QuantSpec { p: w.rows, wcols: w.cols, format: w.format, transposed: false }))
 }

@@ -247,6 +247,32 @@ pub fn tokenize(tok: &Tokenizer, ex: &Example, append_eos: bool, max_len: usize)
     Ok(Tokenized { ids, labels })
 }
 
+/// Tokenise examples for training: as [`tokenize`], except that a plain text longer than
+/// `max_len` tokens is split into consecutive windows of `max_len` tokens (each trained on in
+/// full; a last window of fewer than 2 tokens is dropped) instead of being cut, so a long
+/// document trains on all of its text. Errors name the example.
+pub fn tokenize_all(tok: &Tokenizer, examples: &[Example], append_eos: bool, max_len: usize) -> Result<Vec<Tokenized>> {
+    let mut rows = Vec::with_capacity(examples.len());
+    for (i, ex) in examples.iter().enumerate() {
+        match ex {
+            Example::Text(t) if max_len >= 2 => {
+                let mut ids = tok.encode(t).map_err(|e| e.context(format!("example {i}")))?;
+                if append_eos {
+                    ids.push(tok.eos_id.ok_or_else(|| err!(Config, "the tokenizer has no EOS token"))?);
+                }
+                if ids.len() < 2 {
+                    return Err(err!(Data, "an example has fewer than 2 tokens: nothing to predict").context(format!("example {i}")));
+                }
+                for w in ids.chunks(max_len).filter(|w| w.len() >= 2) {
+                    rows.push(Tokenized { ids: w.to_vec(), labels: w.iter().map(|&x| x as i64).collect() });
+                }
+            }
+            _ => rows.push(tokenize(tok, ex, append_eos, max_len).map_err(|e| e.context(format!("example {i}")))?),
+        }
+    }
+    Ok(rows)
+}
+
 /// A conversation's token ids and labels. An assistant turn's trained part is what the
 /// template adds for it after the generation prompt: the text between rendering the turns
 /// before it with `add_generation_prompt` and rendering it closed (its content and the

@@ -630,8 +630,9 @@ impl Model {
     }
 
     /// What training will see of `examples` (as `train` takes them): for each of the first
-    /// `limit` (default 5), `{ ids, pieces, trained }`: token ids, each token's text, and
-    /// whether the loss counts it. Options: seqLen (default 128), appendEos, limit.
+    /// `limit` (default 5) rows, `{ ids, pieces, trained }`: token ids, each token's text, and
+    /// whether the loss counts it (a text longer than seqLen is several rows, its windows).
+    /// Options: seqLen (default 128), appendEos, limit.
     pub fn preview(&self, examples: JsValue, options: JsValue) -> std::result::Result<Array, JsValue> {
         #[derive(Deserialize, Default)]
         #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
@@ -645,8 +646,10 @@ impl Model {
             let ex = examples_of(examples)?;
             let s = self.inner.try_borrow().map_err(|_| busy())?;
             let out = Array::new();
-            for (i, e) in ex.iter().take(o.limit.unwrap_or(5)).enumerate() {
-                let t = crate::train::data::tokenize(&s.tokenizer, e, o.append_eos.unwrap_or(false), o.seq_len.unwrap_or(128)).map_err(|e| e.context(format!("example {i}")))?;
+            // The rows training sees: a long text becomes several windows.
+            let limit = o.limit.unwrap_or(5);
+            let rows = crate::train::data::tokenize_all(&s.tokenizer, &ex[..ex.len().min(limit)], o.append_eos.unwrap_or(false), o.seq_len.unwrap_or(128))?;
+            for t in rows.iter().take(limit) {
                 let pieces = Array::new();
                 let trained = Array::new();
                 for (&id, &l) in t.ids.iter().zip(&t.labels) {
