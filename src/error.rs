@@ -89,6 +89,36 @@ impl From<serde_json::Error> for Error {
 
 impl From<burn::tensor::ExecutionError> for Error {
     fn from(e: burn::tensor::ExecutionError) -> Self {
-        Error::new(ErrorCode::Device, format!("{e:?}"))
+        device_error(format!("{e:?}"))
+    }
+}
+
+/// A failure reported by the GPU runtime. Running out of memory becomes a message naming
+/// what to reduce (the runtime's own account follows it).
+pub fn device_error(detail: String) -> Error {
+    let lower = detail.to_ascii_lowercase();
+    let size = lower.split("can't allocate buffer of size:").nth(1).and_then(|r| r.trim_start().split(|c: char| !c.is_ascii_digit()).next()).and_then(|n| n.parse::<u64>().ok());
+    if size.is_some() || lower.contains("out of memory") {
+        let what = size.map_or("memory".to_string(), |n| format!("a {:.0} MiB buffer", n as f64 / (1u64 << 20) as f64));
+        return Error::new(
+            ErrorCode::Device,
+            format!(
+                "the GPU ran out of memory (it could not allocate {what}): reduce batch or seq-len, set a memory budget (--memory-budget-mib, JS memoryBudgetMiB) so that batches are split, or hold the base quantized (--base keep | q4_1 | nf4); the runtime said: {detail}"
+            ),
+        );
+    }
+    Error::new(ErrorCode::Device, detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_names_what_to_reduce() {
+        let e = device_error("An error happened during execution\nCaused by:\n  An IO error happened\nCaused by:\n  can't allocate buffer of size: 200540160".into());
+        assert!(e.message.starts_with("the GPU ran out of memory (it could not allocate a 191 MiB buffer): reduce batch or seq-len"), "{e}");
+        assert!(e.message.ends_with("can't allocate buffer of size: 200540160"), "the runtime's account is kept: {e}");
+        assert_eq!(device_error("lost".into()).message, "lost");
     }
 }

@@ -123,7 +123,7 @@ async function loadModel(source) {
     modelUrl = typeof source === 'string' ? source : null;
     const i = model.info();
     app.info = i;
-    status('model-status', `${i.modelType}: ${(i.parameters / 1e6).toFixed(1)} M parameters, ${i.layers} layers, hidden ${i.hiddenSize}, vocabulary ${i.vocabSize}.`, 'done');
+    status('model-status', `${i.modelType}: ${(i.parameters / 1e6).toFixed(1)} M parameters, ${i.layers} layers, hidden ${i.hiddenSize}, vocabulary ${i.vocabSize}; frozen weights ${i.base === 'f32' ? 'in f32' : `kept in ${i.base.toUpperCase()}`}, ${(i.baseBytes / 2 ** 20).toFixed(0)} MiB on the GPU.`, 'done');
     log(`loaded ${JSON.stringify(i)}`);
     setBusy('ready');
     estimate();

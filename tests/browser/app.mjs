@@ -61,6 +61,8 @@ try {
     await page.waitForSelector('#model-status[data-state=done]', { timeout: 120000 });
     const files = await page.$$eval('#progress li', (li) => li.map((l) => l.textContent));
     assert(files.length === 5 && files.some((f) => f.startsWith('chat_template.jinja')), JSON.stringify(files));
+    const loaded = await page.textContent('#model-status');
+    assert(/frozen weights in f32, \d+ MiB on the GPU/.test(loaded), loaded);
     // A chat example: only the assistant's turn is highlighted as trained.
     await page.fill('#data', '{"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi there"}]}');
     await page.click('#preview summary');
