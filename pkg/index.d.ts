@@ -327,8 +327,12 @@ export class TaskModel {
 // the same way.
 
 export interface SessionOptions {
-  /** A Worker running `webpeft/worker` (for bundlers that build workers themselves); default: the package's worker.js. */
-  worker?: Worker;
+  /**
+   * A Worker running `webpeft/worker` (for bundlers that build workers themselves), or a
+   * function that makes one: with a function the session can replace a worker whose GPU device
+   * was lost. Default: the package's worker.js.
+   */
+  worker?: Worker | (() => Worker);
   wasmUrl?: string | URL;
   timeoutMs?: number;
 }
@@ -431,4 +435,12 @@ export class Session {
   clearCache(): Promise<boolean>;
   /** Stop the worker (its models and GPU memory are freed); pending calls reject with code "panic". */
   terminate(): void;
+  /**
+   * Testing aid: lose the worker's GPU device (`device.destroy()`, as a driver reset would), now
+   * or when a training run reports step `atStep`. The session recovers as from a real loss: a
+   * new worker and device, models loaded from URLs reloaded (from the cache), training runs kept
+   * with `persist` resumed from their last checkpoint under the same promise (`onWarning` says
+   * so); other calls in flight reject with code "device".
+   */
+  simulateDeviceLoss(options?: { atStep?: number }): Promise<boolean>;
 }

@@ -6,6 +6,11 @@
 
 import { abortError, buffersOf } from './files.js';
 
+/** The error of a call that was in flight when the GPU device was lost. */
+function deviceLostError({ reason, message }) {
+  return Object.assign(new Error(`webpeft: the GPU device was lost (${reason}${message ? `: ${message}` : ''})`), { code: 'device' });
+}
+
 function toError(e) {
   return Object.assign(new Error(e.message), { name: e.name === 'AbortError' ? 'AbortError' : 'Error', code: e.code });
 }
@@ -66,7 +71,9 @@ export class TrainRun {
 export class RemoteModel {
   #session; #handle; #info;
   constructor(session, handle, info) { this.#session = session; this.#handle = handle; this.#info = info; }
-  #call(op, args, options) { return this.#session._call(op, args, { ...options, target: this.#handle }); }
+  #call(op, args, options) { return this.#session._call(op, args, { ...options, model: this }); }
+  get _handle() { return this.#handle; }
+  set _handle(h) { this.#handle = h; }
 
   /** `{modelType, vocabSize, hiddenSize, layers, parameters, device}` */
   info() { return this.#info; }
@@ -119,12 +126,12 @@ export class RemoteModel {
    * a crash, `session.savedRuns()` lists it and `resumeRun(id)` continues it.
    */
   train(examples, options = {}, { onStep, onEval, onCheckpoint, onWarning, signal, persist } = {}) {
-    return this.#session._run('train', [examples, options, persist], this.#handle, { onStep, onEval, onCheckpoint, onWarning, signal });
+    return this.#session._run('train', [examples, options, persist], this, { onStep, onEval, onCheckpoint, onWarning, signal, persist });
   }
 
   /** Multi-task training (as `Model.trainTasks`), with the controls of `train`. */
   trainTasks(tasks, options = {}, { onStep, onCheckpoint, onWarning, signal, persist } = {}) {
-    return this.#session._run('trainTasks', [tasks, options, persist], this.#handle, { onStep, onCheckpoint, onWarning, signal });
+    return this.#session._run('trainTasks', [tasks, options, persist], this, { onStep, onCheckpoint, onWarning, signal, persist });
   }
 
   /**
@@ -132,18 +139,20 @@ export class RemoteModel {
    * if this model lacks them); the result is the uninterrupted run's, to the byte.
    */
   resumeRun(id, { onStep, onEval, onCheckpoint, onWarning, signal } = {}) {
-    return this.#session._run('resumeRun', [id], this.#handle, { onStep, onEval, onCheckpoint, onWarning, signal });
+    return this.#session._run('resumeRun', [id], this, { onStep, onEval, onCheckpoint, onWarning, signal, persist: id });
   }
 
   /** Free the model in the worker. */
-  dispose() { return this.#session._call('dispose', [this.#handle]); }
+  dispose() { this.#session._forget(this); return this.#session._call('dispose', [this._handle]); }
 }
 
 /** A task model (classifier / embeddings) in the worker; methods mirror `TaskModel`. */
 export class RemoteTaskModel {
   #session; #handle; #info;
   constructor(session, handle, info) { this.#session = session; this.#handle = handle; this.#info = info; }
-  #call(op, args, options) { return this.#session._call(op, args, { ...options, target: this.#handle }); }
+  #call(op, args, options) { return this.#session._call(op, args, { ...options, model: this }); }
+  get _handle() { return this.#handle; }
+  set _handle(h) { this.#handle = h; }
   info() { return this.#info; }
   addLora(config, options) { return this.#call('addLora', [config, options]); }
   addBitFit() { return this.#call('addBitFit', []); }
@@ -162,7 +171,7 @@ export class RemoteTaskModel {
   trainEmbeddings(pairs, options, { onStep, signal } = {}) {
     return this.#call('trainEmbeddings', [pairs, options], { signal, onEvent: (n, d) => n === 'step' && onStep?.(d) });
   }
-  dispose() { return this.#session._call('dispose', [this.#handle]); }
+  dispose() { this.#session._forget(this); return this.#session._call('dispose', [this._handle]); }
 }
 
 const resolveUrl = (u) => (typeof location !== 'undefined' ? new URL(u, location.href).href : u);
@@ -179,13 +188,66 @@ async function sourceFor(source) {
 
 /** A session: one worker with the wasm module and the GPU device. Create with `createSession`. */
 export class Session {
-  #worker; #next = 1; #calls = new Map(); #dead = null; #device = null;
-  constructor(worker) {
+  #worker; #factory; #initOptions = {}; #next = 1; #calls = new Map(); #dead = null; #device = null;
+  #models = new Map(); // RemoteModel | RemoteTaskModel → how it was loaded: {op, source, options}
+  #recovering = null;
+  constructor(worker, factory = null) {
+    this.#factory = factory;
+    this.#attach(worker);
+  }
+
+  #attach(worker) {
     this.#worker = worker;
     worker.onmessage = ({ data }) => this.#receive(data);
     worker.onerror = (e) => { e.preventDefault?.(); this.#fail(`the worker failed: ${e.message ?? 'unknown error'}`); };
     worker.onmessageerror = () => this.#fail('a message from the worker could not be read');
   }
+
+  /**
+   * The worker lost its GPU device. Its wasm module is done with, so a new worker takes over:
+   * it acquires a device, the models loaded from URLs are loaded again (from the cache), and
+   * each training run kept with `persist` resumes from its last checkpoint under the same
+   * promise (its `onWarning` says so). Other calls in flight reject with code "device"; models
+   * loaded from files, and adapters outside a kept run, went with the device.
+   */
+  #recover(info) {
+    if (this.#recovering) return;
+    const lost = deviceLostError(info);
+    const old = this.#worker;
+    old.onmessage = old.onerror = old.onmessageerror = null;
+    old.terminate();
+    const runs = [];
+    for (const [id, c] of this.#calls) {
+      if (c.persist && c.model) runs.push([id, c]);
+      else { c.cleanup?.(); c.reject(lost); }
+    }
+    this.#calls.clear();
+    if (!this.#factory) {
+      this.#dead = Object.assign(new Error(`${lost.message}; this session was given its worker, so it cannot start another: create a new session`), { code: 'device' });
+      for (const [, c] of runs) { c.cleanup?.(); c.reject(this.#dead); }
+      return;
+    }
+    this.#recovering = (async () => {
+      this.#attach(this.#factory());
+      this.#device = await this._call('init', [this.#initOptions], { internal: true });
+      for (const [m, how] of this.#models) {
+        if (typeof how.source !== 'string') { m._handle = null; continue; }
+        m._handle = (await this._call(how.op, [how.source, { ...how.options, cache: true }], { internal: true })).handle;
+      }
+      for (const [id, c] of runs) {
+        if (c.model._handle === null) throw new Error('its model was loaded from files, which went with the device: load it again and call resumeRun');
+        c.onEvent?.('warning', { message: `${lost.message}; a new device was acquired, the model reloaded and run ${c.persist} resumes from its last checkpoint` });
+        c.recovered = true;
+        this.#calls.set(id, c);
+        this._post({ id, op: 'resumeRun', target: c.model._handle, args: [c.persist] });
+      }
+    })().catch((e) => {
+      const err = Object.assign(new Error(`${lost.message}; recovering failed: ${e.message}`), { code: e.code ?? 'device' });
+      for (const [id, c] of runs) { this.#calls.delete(id); c.cleanup?.(); c.reject(err); }
+    }).finally(() => { this.#recovering = null; });
+  }
+
+  _forget(model) { this.#models.delete(model); }
 
   #fail(message) {
     this.#dead = Object.assign(new Error(`webpeft: ${message}`), { code: 'panic' });
@@ -194,6 +256,7 @@ export class Session {
   }
 
   #receive(msg) {
+    if (msg.deviceLost) { this.#recover(msg.deviceLost); return; }
     const c = this.#calls.get(msg.id);
     if (!c) return;
     if (msg.event) { c.onEvent?.(msg.event, msg.data); return; }
@@ -205,26 +268,33 @@ export class Session {
 
   _post(msg, transfer = []) { if (!this.#dead) this.#worker.postMessage(msg, transfer); }
 
-  _call(op, args, { target, onEvent, signal, transfer = [], id = this.#next++ } = {}) {
+  _call(op, args, options = {}) {
+    // While a new worker takes over from one that lost its device, calls wait for it.
+    if (this.#recovering && !options.internal) return this.#recovering.then(() => this._call(op, args, options));
+    const { onEvent, signal, transfer = [], id = this.#next++, model, persist } = options;
+    const target = model ? model._handle : options.target;
     if (this.#dead) return Promise.reject(this.#dead);
+    if (target === null) return Promise.reject(Object.assign(new Error('webpeft: this model was loaded from files and went with the lost GPU device: load it again'), { code: 'device' }));
     if (signal?.aborted) return Promise.reject(abortError(signal));
     return new Promise((resolve, reject) => {
       const onAbort = () => this._post({ cancel: id });
       signal?.addEventListener('abort', onAbort, { once: true });
       const cleanup = () => signal?.removeEventListener('abort', onAbort);
-      this.#calls.set(id, { resolve, reject, onEvent, cleanup });
+      this.#calls.set(id, { resolve, reject, onEvent, cleanup, model, persist });
       this._post({ id, op, target, args }, transfer);
     });
   }
 
-  _run(op, args, target, { onStep, onEval, onCheckpoint, onWarning, signal }) {
+  _run(op, args, model, { onStep, onEval, onCheckpoint, onWarning, signal, persist }) {
     const id = this.#next++;
     let run = null;
+    const seen = []; // step reports, to give the whole run's when it resumed after a lost device
     const promise = this._call(op, args, {
-      id, target, signal,
+      id, signal, model, persist,
       onEvent: (name, data) => {
         run?._event(name, data);
         if (name === 'step') {
+          seen.push(data);
           onStep?.(data);
           if (data.eval) onEval?.({ step: data.step, ...data.eval });
         }
@@ -232,11 +302,23 @@ export class Session {
         else if (name === 'warning') (onWarning ?? console.warn)(data.message);
       },
     });
-    run = new TrainRun(this, id, promise);
+    // After a recovery the worker's answer holds the resumed steps only: the earlier ones come first.
+    const whole = promise.then((reports) => {
+      const first = reports[0]?.step ?? Infinity;
+      return seen.length && seen[0].step < first ? [...seen.filter((r) => r.step < first), ...reports] : reports;
+    });
+    run = new TrainRun(this, id, whole);
     return run;
   }
 
-  async _init(options) { this.#device = await this._call('init', [options]); return this; }
+  async _init(options) { this.#initOptions = options; this.#device = await this._call('init', [options]); return this; }
+
+  /**
+   * Testing aid: lose the worker's GPU device (`device.destroy()`, as a driver reset would), now
+   * or, with `atStep`, when a training run reports that step. The session recovers as from a
+   * real loss.
+   */
+  simulateDeviceLoss({ atStep } = {}) { return this._call('simulateDeviceLoss', [{ atStep }]); }
 
   /** The GPU adapter the worker uses (from the self-check). */
   get device() { return this.#device; }
@@ -249,14 +331,18 @@ export class Session {
   async loadModel(source, { onProgress, signal, cache, timeoutMs, base } = {}) {
     const s = await sourceFor(source);
     const { handle, info } = await this._call('loadModel', [s.source, { cache, timeoutMs, base }], { signal, transfer: s.transfer, onEvent: (n, d) => n === 'progress' && onProgress?.(d) });
-    return new RemoteModel(this, handle, info);
+    const m = new RemoteModel(this, handle, info);
+    this.#models.set(m, { op: 'loadModel', source: s.source, options: { timeoutMs, base } });
+    return m;
   }
 
   /** Load a classifier / embedding model (`task`: 'classification' | 'embedding'), as `loadModel`. */
   async loadTaskModel(source, { task, onProgress, signal, cache, timeoutMs } = {}) {
     const s = await sourceFor(source);
     const { handle, info } = await this._call('loadTaskModel', [s.source, { task, cache, timeoutMs }], { signal, transfer: s.transfer, onEvent: (n, d) => n === 'progress' && onProgress?.(d) });
-    return new RemoteTaskModel(this, handle, info);
+    const m = new RemoteTaskModel(this, handle, info);
+    this.#models.set(m, { op: 'loadTaskModel', source: s.source, options: { task, timeoutMs } });
+    return m;
   }
 
   /** Parse a data file (plain text, JSONL or CSV by the extension of `name`) into examples. */
@@ -276,6 +362,7 @@ export class Session {
 
   /** Stop the worker: its models and GPU memory are freed; pending calls reject. */
   terminate() {
+    this.#factory = null;
     this.#worker.terminate();
     this.#fail('the session was terminated');
   }
@@ -288,8 +375,8 @@ export class Session {
  */
 export async function createSession({ worker, wasmUrl, timeoutMs } = {}) {
   if (typeof Worker === 'undefined') throw Object.assign(new Error('webpeft: Web Workers are not available here'), { code: 'device' });
-  const w = worker ?? new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
-  const session = new Session(w);
+  const factory = typeof worker === 'function' ? worker : worker ? null : () => new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+  const session = new Session(factory ? factory() : worker, factory);
   try {
     return await session._init({ wasmUrl, timeoutMs });
   } catch (e) {

@@ -8,6 +8,8 @@
 //                  {pause: id} {resume: id} pause / resume training call `id`
 //   worker → page  {id, event, data}        progress of call `id` (progress, step, paused, ...)
 //                  {id, ok: true, value} | {id, ok: false, error: {name, code, message}}
+//                  {deviceLost: {reason, message}}   the GPU device was lost: this worker is
+//                                           done; the page starts a new one (pkg/session.js)
 import { init, Model, TaskModel, parseData, parseLabeled, clearCache } from './index.js';
 import { filesFromUrl, adapterFilesFromUrl, abortError, buffersOf } from './files.js';
 import { beginRun, saveCheckpoint, finishRun, listRuns, loadRun, deleteRun } from './store.js';
@@ -19,6 +21,38 @@ const calls = new Map(); // id → {cancelled, controller, model, resume: () => 
 
 const post = (msg, transfer = []) => self.postMessage(msg, transfer);
 const event = (id, name, data, transfer) => post({ id, event: name, data }, transfer);
+
+// The GPU devices the wasm module acquires: WebGPU's requestDevice is wrapped before the module
+// starts, so that a lost device (a driver reset, the browser reclaiming the GPU, or
+// `device.destroy()`) is seen here. The worker then stops every call and reports the loss; its
+// wasm module is no longer usable, so the page replaces the worker, reloads the models and
+// resumes kept training runs from their checkpoints. Nothing computed after the loss is saved.
+const devices = [];
+let lostDevice = null; // {reason, message} once a device is lost
+let destroyed = false; // set as the device is destroyed, before the loss is reported
+let loseAtStep = null; // testing aid (simulateDeviceLoss): destroy the device when this step is reported
+let onLost;
+const deviceLost = new Promise((resolve) => { onLost = resolve; });
+if (typeof GPUAdapter !== 'undefined') {
+  const requestDevice = GPUAdapter.prototype.requestDevice;
+  GPUAdapter.prototype.requestDevice = async function (...args) {
+    const device = await requestDevice.apply(this, args);
+    devices.push(device);
+    device.lost.then((info) => {
+      if (lostDevice) return;
+      lostDevice = { reason: info?.reason ?? 'unknown', message: info?.message ?? '' };
+      post({ deviceLost: lostDevice });
+      for (const c of calls.values()) {
+        c.cancelled = true;
+        c.controller?.abort();
+        c.waiting?.reject(abortError());
+      }
+      onLost();
+    });
+    return device;
+  };
+}
+const destroyDevices = () => { destroyed = true; devices.forEach((d) => d.destroy()); };
 
 async function modelFiles(source, call, id, { cache } = {}) {
   if (typeof source !== 'string') return source;
@@ -64,6 +98,7 @@ async function trainRun(model, method, data, options, call, id, persist, fresh =
     }
   }
   const keep = (step, totalSteps, files) => {
+    if (lostDevice || destroyed) return;
     saving = saving.then(() => saveCheckpoint(persist, { step, totalSteps, files })).catch((e) => {
       console.warn(e.message);
       event(id, 'warning', { message: e.message });
@@ -72,6 +107,7 @@ async function trainRun(model, method, data, options, call, id, persist, fresh =
   let autoPause = false;
   for (;;) {
     const part = await model[method](data, resume ? { ...options, resume } : options, (r) => {
+      if (lostDevice || destroyed) return false;
       const { checkpoint, ...report } = r;
       seconds += r.seconds;
       report.etaSeconds = Math.max(0, r.totalSteps - r.step) * (seconds / (reports.length + 1));
@@ -87,6 +123,10 @@ async function trainRun(model, method, data, options, call, id, persist, fresh =
       if (!r.paused && (call.userPause || (every && r.step % every === 0))) {
         if (!call.userPause) autoPause = true;
         model.requestPause();
+      }
+      if (loseAtStep !== null && r.step >= loseAtStep) {
+        loseAtStep = null;
+        destroyDevices();
       }
       return !call.cancelled;
     });
@@ -137,6 +177,15 @@ const ops = {
   },
   dispose(_call, _id, handle) { sources.delete(handle); return objects.delete(handle); },
   savedRuns() { return listRuns(); },
+  /**
+   * Testing aid: lose the GPU device as a driver reset would (`device.destroy()`), now or, with
+   * `atStep`, when a training run reports that step.
+   */
+  simulateDeviceLoss(_call, _id, { atStep } = {}) {
+    if (atStep === undefined) destroyDevices();
+    else loseAtStep = atStep;
+    return true;
+  },
   deleteRun(_call, _id, runId) { return deleteRun(runId); },
 };
 
@@ -191,6 +240,9 @@ async function run(msg) {
     checkCancelled(call);
     post({ id, ok: true, value }, buffersOf(value));
   } catch (e) {
+    // A failure caused by a lost device is not reported as such: the loss is (the page recovers).
+    if (!lostDevice && devices.length) await Promise.race([deviceLost, new Promise((r) => setTimeout(r, 100))]);
+    if (lostDevice) return;
     const error = { name: e?.name ?? 'Error', code: e?.code ?? (call.cancelled ? 'aborted' : 'internal'), message: e?.message ?? String(e) };
     if (call.cancelled) Object.assign(error, { name: 'AbortError', code: 'aborted' });
     post({ id, ok: false, error });
