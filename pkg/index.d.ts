@@ -440,7 +440,9 @@ export class Session {
    * or when a training run reports step `atStep`. The session recovers as from a real loss: a
    * new worker and device, models loaded from URLs reloaded (from the cache), training runs kept
    * with `persist` resumed from their last checkpoint under the same promise (`onWarning` says
-   * so); other calls in flight reject with code "device".
+   * so); other calls in flight reject with code "device". With `again: n`, the devices of the
+   * next n workers that take over are lost too as soon as they are acquired (a recovery that
+   * loses its device starts over, three tries in all).
    */
-  simulateDeviceLoss(options?: { atStep?: number }): Promise<boolean>;
+  simulateDeviceLoss(options?: { atStep?: number; again?: number }): Promise<boolean>;
 }

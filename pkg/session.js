@@ -191,6 +191,8 @@ export class Session {
   #worker; #factory; #initOptions = {}; #next = 1; #calls = new Map(); #dead = null; #device = null;
   #models = new Map(); // RemoteModel | RemoteTaskModel → how it was loaded: {op, source, options}
   #recovering = null;
+  #resuming = new Map(); // id → call: kept runs waiting for a new device to resume on
+  #loseAgain = 0; // testing aid: devices of recovery workers to lose too (simulateDeviceLoss)
   constructor(worker, factory = null) {
     this.#factory = factory;
     this.#attach(worker);
@@ -211,40 +213,53 @@ export class Session {
    * loaded from files, and adapters outside a kept run, went with the device.
    */
   #recover(info) {
-    if (this.#recovering) return;
     const lost = deviceLostError(info);
     const old = this.#worker;
     old.onmessage = old.onerror = old.onmessageerror = null;
     old.terminate();
-    const runs = [];
     for (const [id, c] of this.#calls) {
-      if (c.persist && c.model) runs.push([id, c]);
-      else { c.cleanup?.(); c.reject(lost); }
+      if (c.persist && c.model) this.#resuming.set(id, c);
+      // A call of a recovery under way (its worker lost its device too) makes it start over.
+      else { c.cleanup?.(); c.reject(c.internal ? Object.assign(new Error(lost.message), { lostAgain: true }) : lost); }
     }
     this.#calls.clear();
     if (!this.#factory) {
       this.#dead = Object.assign(new Error(`${lost.message}; this session was given its worker, so it cannot start another: create a new session`), { code: 'device' });
-      for (const [, c] of runs) { c.cleanup?.(); c.reject(this.#dead); }
+      for (const [, c] of this.#resuming) { c.cleanup?.(); c.reject(this.#dead); }
+      this.#resuming.clear();
       return;
     }
+    if (this.#recovering) return;
     this.#recovering = (async () => {
-      this.#attach(this.#factory());
-      this.#device = await this._call('init', [this.#initOptions], { internal: true });
-      for (const [m, how] of this.#models) {
-        if (typeof how.source !== 'string') { m._handle = null; continue; }
-        m._handle = (await this._call(how.op, [how.source, { ...how.options, cache: true }], { internal: true })).handle;
-      }
-      for (const [id, c] of runs) {
-        if (c.model._handle === null) throw new Error('its model was loaded from files, which went with the device: load it again and call resumeRun');
-        c.onEvent?.('warning', { message: `${lost.message}; a new device was acquired, the model reloaded and run ${c.persist} resumes from its last checkpoint` });
-        c.recovered = true;
-        this.#calls.set(id, c);
-        this._post({ id, op: 'resumeRun', target: c.model._handle, args: [c.persist] });
+      for (let attempt = 1; ; attempt++) {
+        try { return await this.#restart(lost); }
+        catch (e) { if (!e.lostAgain || attempt >= 3) throw e; }
       }
     })().catch((e) => {
       const err = Object.assign(new Error(`${lost.message}; recovering failed: ${e.message}`), { code: e.code ?? 'device' });
-      for (const [id, c] of runs) { this.#calls.delete(id); c.cleanup?.(); c.reject(err); }
+      for (const [, c] of this.#resuming) { c.cleanup?.(); c.reject(err); }
+      this.#resuming.clear();
     }).finally(() => { this.#recovering = null; });
+  }
+
+  /** A new worker and device, the URL models loaded again, the kept runs resumed. */
+  async #restart(lost) {
+    this.#attach(this.#factory());
+    this.#device = await this._call('init', [this.#initOptions], { internal: true });
+    if (this.#loseAgain > 0) { this.#loseAgain--; await this._call('simulateDeviceLoss', [{}], { internal: true }); }
+    for (const [m, how] of this.#models) {
+      if (typeof how.source !== 'string') { m._handle = null; continue; }
+      m._handle = (await this._call(how.op, [how.source, { ...how.options, cache: true }], { internal: true })).handle;
+    }
+    for (const [id, c] of this.#resuming) {
+      if (c.model._handle === null) throw new Error('its model was loaded from files, which went with the device: load it again and call resumeRun');
+    }
+    for (const [id, c] of this.#resuming) {
+      c.onEvent?.('warning', { message: `${lost.message}; a new device was acquired, the model reloaded and run ${c.persist} resumes from its last checkpoint` });
+      this.#calls.set(id, c);
+      this._post({ id, op: 'resumeRun', target: c.model._handle, args: [c.persist] });
+    }
+    this.#resuming.clear();
   }
 
   _forget(model) { this.#models.delete(model); }
@@ -280,7 +295,7 @@ export class Session {
       const onAbort = () => this._post({ cancel: id });
       signal?.addEventListener('abort', onAbort, { once: true });
       const cleanup = () => signal?.removeEventListener('abort', onAbort);
-      this.#calls.set(id, { resolve, reject, onEvent, cleanup, model, persist });
+      this.#calls.set(id, { resolve, reject, onEvent, cleanup, model, persist, internal: options.internal });
       this._post({ id, op, target, args }, transfer);
     });
   }
@@ -288,13 +303,13 @@ export class Session {
   _run(op, args, model, { onStep, onEval, onCheckpoint, onWarning, signal, persist }) {
     const id = this.#next++;
     let run = null;
-    const seen = []; // step reports, to give the whole run's when it resumed after a lost device
+    const seen = []; // a kept run's step reports, to give the whole run's when it resumed after a lost device
     const promise = this._call(op, args, {
       id, signal, model, persist,
       onEvent: (name, data) => {
         run?._event(name, data);
         if (name === 'step') {
-          seen.push(data);
+          if (persist) seen.push(data);
           onStep?.(data);
           if (data.eval) onEval?.({ step: data.step, ...data.eval });
         }
@@ -316,9 +331,13 @@ export class Session {
   /**
    * Testing aid: lose the worker's GPU device (`device.destroy()`, as a driver reset would), now
    * or, with `atStep`, when a training run reports that step. The session recovers as from a
-   * real loss.
+   * real loss. With `again: n`, the devices of the next n workers that take over are lost too,
+   * as soon as they are acquired (each recovery then starts over, three tries in all).
    */
-  simulateDeviceLoss({ atStep } = {}) { return this._call('simulateDeviceLoss', [{ atStep }]); }
+  simulateDeviceLoss({ atStep, again = 0 } = {}) {
+    this.#loseAgain = again;
+    return this._call('simulateDeviceLoss', [{ atStep }]);
+  }
 
   /** The GPU adapter the worker uses (from the self-check). */
   get device() { return this.#device; }

@@ -53,6 +53,8 @@ if (typeof GPUAdapter !== 'undefined') {
   };
 }
 const destroyDevices = () => { destroyed = true; devices.forEach((d) => d.destroy()); };
+/** Whether the device is gone (or going): nothing computed from here on is reported or saved. */
+const deviceGone = () => lostDevice !== null || destroyed;
 
 async function modelFiles(source, call, id, { cache } = {}) {
   if (typeof source !== 'string') return source;
@@ -98,7 +100,7 @@ async function trainRun(model, method, data, options, call, id, persist, fresh =
     }
   }
   const keep = (step, totalSteps, files) => {
-    if (lostDevice || destroyed) return;
+    if (deviceGone()) return;
     saving = saving.then(() => saveCheckpoint(persist, { step, totalSteps, files })).catch((e) => {
       console.warn(e.message);
       event(id, 'warning', { message: e.message });
@@ -107,7 +109,7 @@ async function trainRun(model, method, data, options, call, id, persist, fresh =
   let autoPause = false;
   for (;;) {
     const part = await model[method](data, resume ? { ...options, resume } : options, (r) => {
-      if (lostDevice || destroyed) return false;
+      if (deviceGone()) return false;
       const { checkpoint, ...report } = r;
       seconds += r.seconds;
       report.etaSeconds = Math.max(0, r.totalSteps - r.step) * (seconds / (reports.length + 1));

@@ -37,36 +37,102 @@ pub struct Compute {
     pub max_buffer: Option<u64>,
 }
 
+/// The native GPU: Burn's device and the wgpu handles under it (kept to replace a lost
+/// device, and to lose one on purpose in tests). Burn's default wgpu runtime can be
+/// initialised once per process; a replacement registers new handles as a new runtime.
+#[cfg(not(target_family = "wasm"))]
+struct NativeGpu {
+    compute: Compute,
+    setup: burn::tensor::wgpu::WgpuSetup,
+}
+
+#[cfg(not(target_family = "wasm"))]
+static GPU: std::sync::Mutex<Option<std::result::Result<NativeGpu, String>>> = std::sync::Mutex::new(None);
+
+#[cfg(not(target_family = "wasm"))]
+fn gpu_state() -> std::sync::MutexGuard<'static, Option<std::result::Result<NativeGpu, String>>> {
+    GPU.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Native device selection. `Auto` takes the GPU when wgpu finds a hardware adapter; a
 /// software rasteriser (lavapipe/llvmpipe, SwiftShader: wgpu reports them as CPU devices)
 /// is slower than Burn's CPU backend, so `Auto` then uses the CPU backend. `Gpu` takes any
 /// wgpu adapter, software ones included (that is how GPU code is tested without a GPU).
+/// After [`reacquire`], the GPU is the replacement device.
 #[cfg(not(target_family = "wasm"))]
 pub fn select(choice: DeviceChoice) -> Result<Compute> {
     let cpu = || Compute { device: Device::flex(), name: "cpu (burn flex)".into(), is_gpu: false, max_buffer: None };
     if choice == DeviceChoice::Cpu {
         return Ok(cpu());
     }
-    // Burn's wgpu runtime can be initialised once per process: keep the result.
-    static GPU: std::sync::OnceLock<std::result::Result<Compute, String>> = std::sync::OnceLock::new();
     static SOFTWARE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if choice == DeviceChoice::Auto && GPU.get().is_none() {
+    let mut gpu = gpu_state();
+    if choice == DeviceChoice::Auto && gpu.is_none() {
         let software = *SOFTWARE.get_or_init(|| adapter_info().is_none_or(|(_, sw, _)| sw));
         if software {
             return Ok(cpu());
         }
     }
-    let gpu = GPU.get_or_init(|| {
+    let gpu = gpu.get_or_insert_with(|| {
         let (name, _, max_buffer) =
             adapter_info().ok_or_else(|| "no WebGPU/wgpu adapter found (on Linux without a GPU install mesa-vulkan-drivers for lavapipe, or use --device cpu)".to_string())?;
-        let device = Device::wgpu_options().init().map_err(|e| format!("wgpu init: {e:?}"))?;
+        let (device, setup) = Device::wgpu_options().init_with_setup().map_err(|e| format!("wgpu init: {e:?}"))?;
         // Burn's wgpu runtime requests the adapter's limits, so the device has these.
-        Ok(Compute { device, name, is_gpu: true, max_buffer: Some(max_buffer) })
+        Ok(NativeGpu { compute: Compute { device, name, is_gpu: true, max_buffer: Some(max_buffer) }, setup })
     });
     match gpu {
-        Ok(c) => Ok(c.clone()),
+        Ok(g) => Ok(g.compute.clone()),
         Err(_) if choice == DeviceChoice::Auto => Ok(cpu()),
         Err(e) => bail!(Device, "{e}"),
+    }
+}
+
+/// Replace a lost native GPU device: a new wgpu instance, adapter and device (the adapter's
+/// features and limits, as Burn requests them) registered with Burn as a new runtime, checked
+/// by [`self_check`]. Everything on the old device is gone: reload the model and restore the
+/// adapter from its last checkpoint on the returned device. [`select`] returns it from now on.
+#[cfg(not(target_family = "wasm"))]
+pub fn reacquire() -> Result<Compute> {
+    use burn::tensor::wgpu::{WgpuSetup, wgpu};
+    let mut state = gpu_state();
+    let Some(Ok(old)) = state.as_ref() else { bail!(Device, "no GPU device was in use, so there is none to replace") };
+    let backend = old.setup.backend;
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor { backends: backend.into(), ..wgpu::InstanceDescriptor::new_without_display_handle_from_env() });
+    let adapter = crate::tensor::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() }))
+        .map_err(|e| err!(Device, "the GPU device was lost and no adapter is available to replace it: {e}"))?;
+    let features = adapter.features().difference(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS | wgpu::Features::all_experimental_mask());
+    let (device, queue) = crate::tensor::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("webpeft (replacement)"),
+        required_features: features,
+        required_limits: adapter.limits(),
+        memory_hints: wgpu::MemoryHints::MemoryUsage,
+        ..Default::default()
+    }))
+    .map_err(|e| err!(Device, "the GPU device was lost and a new one could not be acquired: {e}"))?;
+    let setup = WgpuSetup { instance, adapter, device, queue, backend };
+    let device = Device::wgpu_options().setup(setup.clone()).init().map_err(|e| err!(Device, "registering the new GPU device: {e:?}"))?;
+    crate::tensor::block_on(self_check(&device))?;
+    let compute = Compute { device, ..old.compute.clone() };
+    *state = Some(Ok(NativeGpu { compute: compute.clone(), setup }));
+    Ok(compute)
+}
+
+/// Testing aid: destroy the native GPU device in use (`wgpu::Device::destroy`, what a driver
+/// reset does to it). Every later operation on it fails with [`Error::is_device_lost`].
+///
+/// [`Error::is_device_lost`]: crate::error::Error::is_device_lost
+#[cfg(not(target_family = "wasm"))]
+pub fn simulate_device_loss() -> Result<()> {
+    match gpu_state().as_ref() {
+        Some(Ok(g)) => {
+            g.setup.device.destroy();
+            // wgpu reports the loss (the device-lost callback, which poisons Burn's device)
+            // once its queue has drained, at the next poll: make that now, as a driver reset
+            // that is noticed between two steps.
+            let _ = g.setup.device.poll(burn::tensor::wgpu::wgpu::PollType::wait_indefinitely());
+            Ok(())
+        }
+        _ => bail!(Device, "no GPU device is in use (the CPU backend cannot lose its device)"),
     }
 }
 

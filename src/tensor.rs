@@ -76,7 +76,7 @@ pub fn freeze_row(table: Tensor<2>, row: Option<usize>) -> Tensor<2> {
 pub async fn read<const D: usize>(t: Tensor<D>) -> Result<HostTensor> {
     let shape = t.dims().to_vec();
     let data = t.into_data_async().await?;
-    let data = data.convert::<f32>().try_to_vec::<f32>().map_err(|e| err!(Device, "read back: {e:?}"))?;
+    let data = data.convert::<f32>().try_to_vec::<f32>().map_err(|e| crate::error::device_error(format!("read back: {e:?}")))?;
     Ok(HostTensor::new(shape, data))
 }
 

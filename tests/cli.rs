@@ -322,26 +322,51 @@ fn multitask_training_writes_one_adapter_per_task() {
     std::fs::remove_dir_all(&tmp).ok();
 }
 
-#[test]
-fn checkpoints_and_resume() {
-    let tmp = std::env::temp_dir().join(format!("webpeft-cli-ckpt-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).unwrap();
-    let data = tmp.join("data.csv");
-    std::fs::write(&data, "id,text\n1,\"Beautiful is better than ugly, said the zen.\"\n2,Explicit is better than implicit.\n3,Simple is better than complex.\n").unwrap();
-    let model = fixture("tiny-llama");
-    let train = |out: &str, extra: &[&str]| {
-        let out = tmp.join(out);
-        let mut args = vec!["train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
-        args.extend(["--r", "4", "--steps", "4", "--batch", "2", "--seq-len", "32", "--dropout", "0.1", "--seed", "4"]);
+/// `webpeft train` on the tiny Llama fixture into a scratch folder: `base` arguments, then
+/// each call's own (`--lr 1e-2` unless it sets one); gives (ok, stdout, stderr, out folder).
+struct TinyTrain {
+    tmp: std::path::PathBuf,
+    data: std::path::PathBuf,
+    base: &'static [&'static str],
+}
+
+impl TinyTrain {
+    fn new(name: &str, file: &str, text: &str, base: &'static [&'static str]) -> Self {
+        let tmp = std::env::temp_dir().join(format!("webpeft-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        let data = tmp.join(file);
+        std::fs::write(&data, text).unwrap();
+        Self { tmp, data, base }
+    }
+
+    fn run(&self, out: &str, extra: &[&str]) -> (bool, String, String, std::path::PathBuf) {
+        let (model, out) = (fixture("tiny-llama"), self.tmp.join(out));
+        let mut args = vec!["train", "--model", model.to_str().unwrap(), "--data", self.data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        args.extend(self.base);
         args.extend(extra);
         if !extra.contains(&"--lr") {
             args.extend(["--lr", "1e-2"]);
         }
         let (ok, stdout, stderr) = webpeft(&args);
         (ok, stdout, stderr, out)
-    };
-    let weights = |out: &std::path::Path| std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    }
+}
+
+/// The adapter weights a run wrote, as bytes.
+fn weights(out: &std::path::Path) -> Vec<u8> {
+    std::fs::read(out.join("adapter_model.safetensors")).unwrap()
+}
+
+#[test]
+fn checkpoints_and_resume() {
+    let t = TinyTrain::new(
+        "ckpt",
+        "data.csv",
+        "id,text\n1,\"Beautiful is better than ugly, said the zen.\"\n2,Explicit is better than implicit.\n3,Simple is better than complex.\n",
+        &["--r", "4", "--steps", "4", "--batch", "2", "--seq-len", "32", "--dropout", "0.1", "--seed", "4"],
+    );
+    let train = |out: &str, extra: &[&str]| t.run(out, extra);
     let (ok, _, stderr, plain) = train("plain", &[]);
     assert!(ok, "{stderr}");
     let (ok, _, stderr, kept) = train("kept", &["--checkpoint-every", "2"]);
@@ -359,6 +384,38 @@ fn checkpoints_and_resume() {
     std::fs::write(&t, b).unwrap();
     let (ok, _, stderr, _) = train("kept", &["--resume"]);
     assert!(!ok && stderr.contains("SHA-256") && stderr.lines().count() == 1, "{stderr}");
+}
+
+/// A GPU device lost mid-run (destroyed after step 4, as a driver reset would): the run takes
+/// a new device, reloads the model, resumes from its step-3 checkpoint and ends with the
+/// uninterrupted run's adapter, byte for byte. Without a checkpoint it stops with an error
+/// saying how to survive it; the CPU backend cannot lose its device and says so.
+#[test]
+fn a_lost_gpu_device_is_replaced_and_the_run_resumes() {
+    let t = TinyTrain::new(
+        "lost",
+        "data.txt",
+        "Beautiful is better than ugly.\nExplicit is better than implicit.\nSimple is better than complex.\n",
+        &["--r", "4", "--steps", "6", "--batch", "2", "--seq-len", "32", "--seed", "5"],
+    );
+    let train = |out: &str, extra: &[&str]| t.run(out, extra);
+    let on_gpu = std::env::var("WEBPEFT_TEST_DEVICE").is_ok_and(|d| d == "gpu");
+    if !on_gpu {
+        let (ok, _, stderr, _) = train("cpu", &["--checkpoint-every", "3", "--simulate-device-loss", "4"]);
+        assert!(!ok && stderr.contains("the CPU backend cannot lose its device"), "{stderr}");
+        return;
+    }
+    let (ok, _, stderr, plain) = train("plain", &[]);
+    assert!(ok, "{stderr}");
+    let (ok, stdout, stderr, lost) = train("lost", &["--checkpoint-every", "3", "--simulate-device-loss", "4"]);
+    assert!(ok, "{stderr}");
+    let steps: Vec<&str> = stdout.lines().filter(|l| l.starts_with("step")).map(|l| l.split_whitespace().nth(1).unwrap()).collect();
+    assert_eq!(steps, ["1", "2", "3", "4", "4", "5", "6"], "{stdout}");
+    assert!(stderr.contains("warning: the GPU device was lost") && stderr.contains("resuming from the checkpoint at step 3"), "{stderr}");
+    assert_eq!(weights(&plain), weights(&lost), "the recovered run ends with the uninterrupted run's adapter");
+    let (ok, _, stderr, _) = train("unkept", &["--simulate-device-loss", "2"]);
+    let last = stderr.lines().last().unwrap_or("");
+    assert!(!ok && last.contains("no checkpoint of this run to resume from (train with --checkpoint-every N") && last.contains("the GPU device was lost"), "{stderr}");
 }
 
 #[test]

@@ -485,6 +485,11 @@ enum Cmd {
         /// Evaluate on the held-out examples every N steps (0 = only after the last).
         #[arg(long, default_value_t = 0)]
         eval_every: usize,
+        /// Testing aid: destroy the GPU device after step N (as a driver reset would). The
+        /// run then recovers as from a real loss: a new device, the model reloaded, training
+        /// resumed from the last checkpoint (needs --checkpoint-every).
+        #[arg(long, value_name = "N")]
+        simulate_device_loss: Option<usize>,
     },
     /// Generate text (greedy when --temperature 0), with the KV cache.
     Generate {
@@ -779,6 +784,105 @@ fn write_adapter(s: &mut Session, name: &str, dir: &Path) -> Result<()> {
     write_files(&dir, vec![("adapter_config.json".into(), cfg.into_bytes()), ("adapter_model.safetensors".into(), w)])
 }
 
+/// How many times one `train` run replaces a lost GPU device before it gives up.
+const MAX_RECOVERIES: usize = 3;
+
+/// One training attempt of `train --data`: load the model, add or load the adapters, train
+/// (resuming from `opts.resume` when set), write the adapters. `latest` follows the
+/// checkpoints written; `lose_at` destroys the GPU device after that step (testing aid).
+#[allow(clippy::too_many_arguments)]
+fn train_run(
+    common: &Common,
+    method: &MethodArgs,
+    init_adapter: Option<&Path>,
+    config: Option<&Path>,
+    examples: &[webpeft::train::data::Example],
+    opts: &TrainOptions,
+    out: &Path,
+    latest: &mut Option<usize>,
+    lose_at: Option<usize>,
+) -> Result<()> {
+    let mut s = open(common)?;
+    block_on(device::self_check(&s.compute.device))?;
+    let names = match (init_adapter, config) {
+        (Some(_), Some(_)) => {
+            return Err(Error::new(ErrorCode::Config, "give --init-adapter or --config, not both"));
+        }
+        (Some(d), None) => load_adapters(&mut s, d)?,
+        (None, Some(c)) => {
+            let v: serde_json::Value = serde_json::from_str(&read_text(c)?).map_err(|e| Error::new(ErrorCode::Parse, format!("{}: {e}", c.display())))?;
+            s.add_adapter("default", &v, opts.seed).map_err(|e| e.context(c.display()))?;
+            vec!["default".to_string()]
+        }
+        (None, None) => {
+            let configs = method.configs(&common.model)?;
+            for (name, cfg) in &configs {
+                s.add_adapter(name, cfg, opts.seed)?;
+            }
+            configs.into_iter().map(|(n, _)| n).collect()
+        }
+    };
+    for n in &names {
+        let a = s.adapters.get_mut(n).expect("just added");
+        eprintln!("adapter {n}: {} with {} trainable parameters", a.method(), a.num_parameters());
+    }
+    eprintln!("training on {} examples, {} held out ({} base parameters frozen)", examples.len(), opts.validation.len(), s.model.num_parameters());
+    let t0 = Instant::now();
+    let mut keeper = Keeper::new(out);
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let plan = s.memory_plan(&refs, opts)?;
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    eprintln!(
+        "memory estimate {:.1} MiB (largest buffer {:.1} MiB: {}); micro-batch {} x grad-accum {}",
+        mib(plan.estimate.total()),
+        mib(plan.estimate.largest_buffer.0),
+        plan.estimate.largest_buffer.1,
+        plan.batch,
+        plan.grad_accum
+    );
+    block_on(s.train_together(&refs, examples, opts, |r| {
+        println!(
+            "step {:>4}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  {:.0} tok/s  {:.0} ms{}{}",
+            r.stats.step,
+            r.stats.loss,
+            r.stats.lr,
+            r.stats.grad_norm,
+            r.tokens_per_second,
+            r.seconds * 1e3,
+            if r.stats.skipped { "  (skipped: non-finite)" } else { "" },
+            r.epsilon.map(|e| format!("  epsilon {e:.3}")).unwrap_or_default()
+        );
+        if let Some(e) = &r.eval {
+            println!("eval {:>4}  val_loss {:.4}  ({} targets)", r.stats.step, e.loss, e.targets);
+        }
+        let kept = keeper.keep(r);
+        if let (true, Some(c)) = (kept, &r.checkpoint) {
+            *latest = Some(c.iteration);
+        }
+        if lose_at == Some(r.stats.step) {
+            eprintln!("simulating a lost GPU device after step {}", r.stats.step);
+            if let Err(e) = device::simulate_device_loss() {
+                keeper.error = Some(e);
+                return false;
+            }
+        }
+        kept
+    }))?;
+    keeper.result()?;
+    for n in &names {
+        write_adapter(&mut s, n, out)?;
+    }
+    let peak_device = device::memory_usage(&s.compute.device).map(|m| m.1);
+    eprintln!("trained {} steps in {:.1} s; adapter written to {}", opts.steps, t0.elapsed().as_secs_f64(), out.display());
+    let trainable: usize = names.iter().map(|n| s.adapters.get_mut(n).expect("present").num_parameters()).sum();
+    println!(
+        "{}",
+        serde_json::json!({"summary": {"seconds": t0.elapsed().as_secs_f64(), "trainable_parameters": trainable, "model_parameters": s.model.num_parameters(),
+            "peak_rss_bytes": peak_rss(), "device_memory_reserved_bytes": peak_device, "memory_estimate_bytes": plan.estimate.total(), "device": s.compute.name}})
+    );
+    Ok(())
+}
+
 /// `train --task NAME=DATA ...`: one adapter per task, trained together with per-row routing.
 fn train_tasks(common: &Common, tasks: &[String], method: &MethodArgs, opts: &TrainOptions, out: &Path) -> Result<()> {
     let configs = method.configs(&common.model)?;
@@ -994,6 +1098,7 @@ fn run(cli: Cli) -> Result<()> {
             memory_budget_mib,
             val_split,
             eval_every,
+            simulate_device_loss,
         } => {
             let resume = if resume {
                 let c =
@@ -1030,74 +1135,30 @@ fn run(cli: Cli) -> Result<()> {
                 return train_tasks(&common, &task, &method, &opts, &out);
             };
             let (examples, validation) = webpeft::train::data::split_validation(&read_examples(&data)?, val_split, seed)?;
-            let opts = TrainOptions { validation, ..opts };
-            let mut s = open(&common)?;
-            block_on(device::self_check(&s.compute.device))?;
-            let names = match (&init_adapter, &config) {
-                (Some(_), Some(_)) => {
-                    return Err(Error::new(ErrorCode::Config, "give --init-adapter or --config, not both"));
-                }
-                (Some(d), None) => load_adapters(&mut s, d)?,
-                (None, Some(c)) => {
-                    let v: serde_json::Value = serde_json::from_str(&read_text(c)?).map_err(|e| Error::new(ErrorCode::Parse, format!("{}: {e}", c.display())))?;
-                    s.add_adapter("default", &v, seed).map_err(|e| e.context(c.display()))?;
-                    vec!["default".to_string()]
-                }
-                (None, None) => {
-                    let configs = method.configs(&common.model)?;
-                    for (name, cfg) in &configs {
-                        s.add_adapter(name, cfg, seed)?;
+            let mut opts = TrainOptions { validation, ..opts };
+            // The checkpoint this run may go back to: the one it resumed from, then each it writes.
+            let mut latest = opts.resume.as_ref().map(|c| c.iteration);
+            let mut lose_at = simulate_device_loss;
+            let mut recoveries = 0;
+            loop {
+                match train_run(&common, &method, init_adapter.as_deref(), config.as_deref(), &examples, &opts, &out, &mut latest, lose_at.take()) {
+                    // A lost GPU device: a new one, the model reloaded, and the run resumed
+                    // from its last checkpoint; what was trained after that is done again.
+                    Err(e) if e.is_device_lost() && recoveries < MAX_RECOVERIES => {
+                        let Some(step) = latest else {
+                            return Err(e.context("no checkpoint of this run to resume from (train with --checkpoint-every N to survive a lost device)"));
+                        };
+                        let c = checkpoint::load_dir(&out.join("checkpoint"))?.filter(|c| c.iteration == step).ok_or_else(|| e.clone().context("its checkpoint is gone"))?;
+                        recoveries += 1;
+                        eprintln!("warning: {}", e.message);
+                        let t = std::time::Instant::now();
+                        let compute = device::reacquire().map_err(|r| r.context(&e.message))?;
+                        eprintln!("acquired a new device ({}) in {:.0} ms; reloading the model and resuming from the checkpoint at step {step}", compute.name, t.elapsed().as_secs_f64() * 1e3);
+                        opts.resume = Some(c);
                     }
-                    configs.into_iter().map(|(n, _)| n).collect()
+                    r => break r?,
                 }
-            };
-            for n in &names {
-                let a = s.adapters.get_mut(n).expect("just added");
-                eprintln!("adapter {n}: {} with {} trainable parameters", a.method(), a.num_parameters());
             }
-            eprintln!("training on {} examples, {} held out ({} base parameters frozen)", examples.len(), opts.validation.len(), s.model.num_parameters());
-            let t0 = Instant::now();
-            let mut keeper = Keeper::new(&out);
-            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            let plan = s.memory_plan(&refs, &opts)?;
-            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-            eprintln!(
-                "memory estimate {:.1} MiB (largest buffer {:.1} MiB: {}); micro-batch {} x grad-accum {}",
-                mib(plan.estimate.total()),
-                mib(plan.estimate.largest_buffer.0),
-                plan.estimate.largest_buffer.1,
-                plan.batch,
-                plan.grad_accum
-            );
-            block_on(s.train_together(&refs, &examples, &opts, |r| {
-                println!(
-                    "step {:>4}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  {:.0} tok/s  {:.0} ms{}{}",
-                    r.stats.step,
-                    r.stats.loss,
-                    r.stats.lr,
-                    r.stats.grad_norm,
-                    r.tokens_per_second,
-                    r.seconds * 1e3,
-                    if r.stats.skipped { "  (skipped: non-finite)" } else { "" },
-                    r.epsilon.map(|e| format!("  epsilon {e:.3}")).unwrap_or_default()
-                );
-                if let Some(e) = &r.eval {
-                    println!("eval {:>4}  val_loss {:.4}  ({} targets)", r.stats.step, e.loss, e.targets);
-                }
-                keeper.keep(r)
-            }))?;
-            keeper.result()?;
-            for n in &names {
-                write_adapter(&mut s, n, &out)?;
-            }
-            let peak_device = device::memory_usage(&s.compute.device).map(|m| m.1);
-            eprintln!("trained {steps} steps in {:.1} s; adapter written to {}", t0.elapsed().as_secs_f64(), out.display());
-            let trainable: usize = names.iter().map(|n| s.adapters.get_mut(n).expect("present").num_parameters()).sum();
-            println!(
-                "{}",
-                serde_json::json!({"summary": {"seconds": t0.elapsed().as_secs_f64(), "trainable_parameters": trainable, "model_parameters": s.model.num_parameters(),
-                    "peak_rss_bytes": peak_rss(), "device_memory_reserved_bytes": peak_device, "memory_estimate_bytes": plan.estimate.total(), "device": s.compute.name}})
-            );
         }
         Cmd::Generate { common, adapter, prompt, max_new_tokens, temperature, top_p, seed, chat } => {
             let mut s = open(&common)?;
