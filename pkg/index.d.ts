@@ -106,6 +106,8 @@ export interface TrainOptions {
   validationData?: Example[];
   /** Evaluate every this many steps (default: after the last step only). */
   evalEvery?: number;
+  /** Gradient checkpointing: recompute each block's activations in the backward pass instead of keeping them (far less memory, one more forward pass per step). Unset: turned on when the memory plan needs it to keep the batch whole. */
+  gradientCheckpointing?: boolean;
   timeoutMs?: number;
 }
 

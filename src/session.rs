@@ -71,6 +71,10 @@ pub struct TrainOptions {
     pub validation: Vec<Example>,
     /// Evaluate on `validation` every this many steps (0 = only after the last).
     pub eval_every: usize,
+    /// Gradient checkpointing (recompute activations in the backward pass: far less memory,
+    /// one more forward pass): `Some` forces it on or off; `None` turns it on when the memory
+    /// plan needs it to keep the batch whole.
+    pub gradient_checkpointing: Option<bool>,
 }
 
 impl TrainOptions {
@@ -105,6 +109,7 @@ impl Default for TrainOptions {
             pause: None,
             validation: Vec::new(),
             eval_every: 0,
+            gradient_checkpointing: None,
         }
     }
 }
@@ -489,7 +494,7 @@ fn plan_memory(model: &Llama, compute: &Compute, adapter: &mut dyn Trainable, o:
     let prefix = adapter.prefix().map_or(0, |p| p.dims()[0]);
     let asked = if o.dp.is_some() { 1 } else { o.batch };
     let limits = memory::Limits { max_buffer: compute.max_buffer, budget: o.memory_budget_mib.map(|m| m << 20) };
-    memory::plan(&model.config, model.base_memory(), trainable, asked, o.grad_accum, o.seq_len + prefix, limits)
+    memory::plan(&model.config, model.base_memory(), trainable, asked, o.grad_accum, o.seq_len + prefix, limits, o.gradient_checkpointing)
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -595,11 +600,12 @@ async fn run_training(
     let plan = plan_memory(model, compute, adapter, o)?;
     let est = plan.estimate;
     log::info!(
-        "memory estimate: {:.1} MiB (weights {:.1}, adapter + optimizer {:.1}, activations {:.1}, attention {:.1}, logits {:.1}); largest buffer {:.1} MiB ({})",
+        "memory estimate: {:.1} MiB (weights {:.1}, adapter + optimizer {:.1}, activations {:.1}{}, attention {:.1}, logits {:.1}); largest buffer {:.1} MiB ({})",
         mib(est.total()),
         mib(est.weights),
         mib(est.adapter),
         mib(est.activations),
+        if plan.checkpointing { " with gradient checkpointing" } else { "" },
         mib(est.attention),
         mib(est.logits),
         mib(est.largest_buffer.0),
@@ -610,6 +616,7 @@ async fn run_training(
         batcher.set_batch(plan.batch);
         grad_accum = plan.grad_accum;
     }
+    config.gradient_checkpointing = plan.checkpointing;
     let mut trainer = Trainer::new(config);
     let fingerprint = o.fingerprint(&batcher, task_names);
     let draws = if dp_config.is_some_and(|d| d.poisson) { 1 } else { grad_accum };

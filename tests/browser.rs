@@ -86,17 +86,27 @@ async fn tiny_logits_and_peft_adapter_match_pytorch() {
 
 #[wasm_bindgen_test]
 async fn one_training_step_matches_pytorch() {
+    one_training_step(false).await;
+}
+
+/// The same step with gradient checkpointing (activations recomputed block by block).
+#[wasm_bindgen_test]
+async fn one_training_step_with_gradient_checkpointing_matches_pytorch() {
+    one_training_step(true).await;
+}
+
+async fn one_training_step(gradient_checkpointing: bool) {
     let mut s = tiny().await;
     s.load_adapter("qv", std::str::from_utf8(fx!("tiny-adapters/qv/adapter_config.json")).unwrap(), fx!("tiny-adapters/qv/adapter_model.safetensors")).unwrap();
     let t = fx!("tiny-train.safetensors");
     let (shape, input_ids) = ids_of(t, "input_ids");
     let batch = Batch { batch: shape[0], len: shape[1], input_ids, attention_mask: ids_of(t, "attention_mask").1, labels: ids_of(t, "labels").1, tasks: vec![] };
-    let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() }, ..Default::default() });
+    let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() }, gradient_checkpointing, ..Default::default() });
     let a = s.adapters.get_mut("qv").unwrap();
     webpeft::peft::set_trainable(a, true);
     let st = tr.step(&s.model, a, std::slice::from_ref(&batch)).await.unwrap();
     let want_loss = f32_of(t, "loss_step0").data[0];
-    web_sys_log(&format!("browser loss {} vs torch {want_loss}", st.loss));
+    web_sys_log(&format!("browser loss {} vs torch {want_loss} (gradient checkpointing: {gradient_checkpointing})", st.loss));
     assert!((st.loss - want_loss).abs() < 1e-5);
     webpeft::peft::set_trainable(a, false);
     let (_, bytes) = s.save_adapter("qv").await.unwrap();
@@ -104,7 +114,7 @@ async fn one_training_step_matches_pytorch() {
     for (k, v) in read_all_f32(&bytes).unwrap() {
         worst = worst.max(max_abs_diff(&v.data, &f32_of(t, &format!("step1.{k}")).data));
     }
-    web_sys_log(&format!("browser one-step weights max |d| = {worst:e}"));
+    web_sys_log(&format!("browser one-step weights max |d| = {worst:e} (gradient checkpointing: {gradient_checkpointing})"));
     assert!(worst < 5e-5, "weights after one step |d| = {worst}");
 }
 

@@ -386,6 +386,27 @@ fn checkpoints_and_resume() {
     assert!(!ok && stderr.contains("SHA-256") && stderr.lines().count() == 1, "{stderr}");
 }
 
+/// `--gradient-checkpointing on` recomputes activations (the plan says so) and trains as the
+/// plain run does; auto leaves it off when the batch fits.
+#[test]
+fn gradient_checkpointing_trains_as_the_plain_run() {
+    let t = TinyTrain::new(
+        "gc",
+        "data.txt",
+        "Beautiful is better than ugly.\nExplicit is better than implicit.\nSimple is better than complex.\n",
+        &["--r", "4", "--steps", "3", "--batch", "3", "--seq-len", "32", "--seed", "2"],
+    );
+    let (ok, plain, stderr, _) = t.run("auto", &[]);
+    assert!(ok && !stderr.contains("gradient checkpointing"), "{stderr}");
+    let (ok, recomputed, stderr, _) = t.run("on", &["--gradient-checkpointing", "on"]);
+    assert!(ok && stderr.contains("; gradient checkpointing"), "{stderr}");
+    let (a, b) = (step_losses(&plain), step_losses(&recomputed));
+    assert_eq!(a.len(), 3);
+    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    eprintln!("step losses {a:?} vs {b:?}: max |d| = {d:e}");
+    assert!(d < 1e-4, "{a:?} vs {b:?}");
+}
+
 /// A GPU device lost mid-run (destroyed after step 4, as a driver reset would): the run takes
 /// a new device, reloads the model, resumes from its step-3 checkpoint and ends with the
 /// uninterrupted run's adapter, byte for byte. Without a checkpoint it stops with an error

@@ -77,8 +77,17 @@ fn one_step(name: &str, train: &str, trainable_config: bool) {
     one_step_on("tiny-llama", name, train, trainable_config, None)
 }
 
-/// `config`: start from this config on the model itself (no adapter folder).
+/// `config`: start from this config on the model itself (no adapter folder). Each case runs
+/// twice: as is, and with gradient checkpointing (activations recomputed block by block),
+/// both against PyTorch.
 fn one_step_on(model: &str, name: &str, train: &str, trainable_config: bool, config: Option<serde_json::Value>) {
+    for gradient_checkpointing in [false, true] {
+        one_step_with(model, name, train, trainable_config, config.clone(), gradient_checkpointing);
+    }
+}
+
+fn one_step_with(model: &str, name: &str, train: &str, trainable_config: bool, config: Option<serde_json::Value>, gradient_checkpointing: bool) {
+    let name_ck = format!("{name}{}", if gradient_checkpointing { " (gradient checkpointing)" } else { "" });
     let mut s = session(model);
     let fx = load(train);
     let dir = fixture(&format!("tiny-adapters/{name}"));
@@ -98,10 +107,12 @@ fn one_step_on(model: &str, name: &str, train: &str, trainable_config: bool, con
     assert!(n > 0 || init.is_empty(), "{name}: no parameter set from init.*");
     let (shape, ids) = &fx.i64["input_ids"];
     let batch = Batch { batch: shape[0], len: shape[1], input_ids: ids.clone(), attention_mask: fx.i64["attention_mask"].1.clone(), labels: fx.i64["labels"].1.clone(), tasks: vec![] };
-    let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }, ..Default::default() });
+    let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }, gradient_checkpointing, ..Default::default() });
     set_trainable(a, true);
     let st = block_on(tr.step(&s.model, a, std::slice::from_ref(&batch))).unwrap();
     let want = fx.f32["loss_step0"].data[0];
+    let key = name;
+    let name = name_ck.as_str();
     eprintln!("{name}: loss {} vs torch {want}", st.loss);
     assert!((st.loss - want).abs() < 1e-5, "{name} loss {} vs {want}", st.loss);
     let mut checked = 0;
@@ -130,7 +141,7 @@ fn one_step_on(model: &str, name: &str, train: &str, trainable_config: bool, con
         }
         checked += 1;
     }
-    let (_, bytes) = block_on(s.save_adapter(name)).unwrap();
+    let (_, bytes) = block_on(s.save_adapter(key)).unwrap();
     // The saved file holds the same values (or, for prompt encoders, their output).
     for (k, t) in read_all_f32(&bytes).unwrap() {
         if !fx.f32.contains_key(&format!("grad0.{k}")) {
@@ -139,7 +150,7 @@ fn one_step_on(model: &str, name: &str, train: &str, trainable_config: bool, con
         checked += 1;
     }
     assert!(checked >= 2);
-    let a = s.adapters.get_mut(name).unwrap();
+    let a = s.adapters.get_mut(key).unwrap();
     let after = block_on(tr.step(&s.model, a, std::slice::from_ref(&batch))).unwrap();
     assert!((after.loss - fx.f32["loss_step1"].data[0]).abs() < 1e-4, "{name} loss after one step");
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use web_time::Instant;
 
 use webpeft::device::{self, DeviceChoice};
@@ -485,6 +485,10 @@ enum Cmd {
         /// Evaluate on the held-out examples every N steps (0 = only after the last).
         #[arg(long, default_value_t = 0)]
         eval_every: usize,
+        /// Gradient checkpointing: recompute each block's activations in the backward pass
+        /// (far less memory, one more forward pass). auto: when the memory plan needs it.
+        #[arg(long, value_enum, default_value_t = Toggle::Auto)]
+        gradient_checkpointing: Toggle,
         /// Testing aid: destroy the GPU device after step N (as a driver reset would). The
         /// run then recovers as from a real loss: a new device, the model reloaded, training
         /// resumed from the last checkpoint (needs --checkpoint-every).
@@ -583,6 +587,9 @@ enum Cmd {
         steps: usize,
         #[arg(long, default_value_t = 16)]
         gen_tokens: usize,
+        /// Gradient checkpointing, as `train --gradient-checkpointing`.
+        #[arg(long, value_enum, default_value_t = Toggle::Auto)]
+        gradient_checkpointing: Toggle,
     },
     /// The frozen base in each storage format (one JSON object per format, then a table):
     /// device memory against f32, logits against the same weights dequantized to f32 (the
@@ -833,12 +840,13 @@ fn train_run(
     let plan = s.memory_plan(&refs, opts)?;
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     eprintln!(
-        "memory estimate {:.1} MiB (largest buffer {:.1} MiB: {}); micro-batch {} x grad-accum {}",
+        "memory estimate {:.1} MiB (largest buffer {:.1} MiB: {}); micro-batch {} x grad-accum {}{}",
         mib(plan.estimate.total()),
         mib(plan.estimate.largest_buffer.0),
         plan.estimate.largest_buffer.1,
         plan.batch,
-        plan.grad_accum
+        plan.grad_accum,
+        if plan.checkpointing { "; gradient checkpointing" } else { "" }
     );
     block_on(s.train_together(&refs, examples, opts, |r| {
         println!(
@@ -1098,6 +1106,7 @@ fn run(cli: Cli) -> Result<()> {
             memory_budget_mib,
             val_split,
             eval_every,
+            gradient_checkpointing,
             simulate_device_loss,
         } => {
             let resume = if resume {
@@ -1127,6 +1136,7 @@ fn run(cli: Cli) -> Result<()> {
                 pause: None,
                 validation: Vec::new(),
                 eval_every,
+                gradient_checkpointing: gradient_checkpointing.choice(),
             };
             let Some(data) = data else {
                 if val_split > 0.0 {
@@ -1176,13 +1186,13 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::json!({"loss": r.loss, "perplexity": r.loss.exp(), "targets": r.targets, "accuracy": r.accuracy, "examples": examples.len()}));
         }
         Cmd::QuantReport { common, formats, text } => quant_report(&common, &formats, &text)?,
-        Cmd::Bench { common, method, batch, seq_len, steps, gen_tokens } => {
+        Cmd::Bench { common, method, batch, seq_len, steps, gen_tokens, gradient_checkpointing } => {
             let mut s = open(&common)?;
             let configs = method.configs(&common.model)?;
             if configs.len() != 1 {
                 return Err(Error::new(ErrorCode::Config, "bench takes one --method"));
             }
-            let report = bench(&mut s, &configs[0].1, batch, seq_len, steps, gen_tokens)?;
+            let report = bench(&mut s, &configs[0].1, batch, seq_len, steps, gen_tokens, gradient_checkpointing.choice())?;
             println!("{}", serde_json::to_string_pretty(&report).expect("json"));
         }
     }
@@ -1236,7 +1246,7 @@ fn quant_report(common: &Common, formats: &str, text: &str) -> Result<()> {
 }
 
 /// Training, forward and generation timings on synthetic tokens.
-fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize, steps: usize, gen_tokens: usize) -> Result<serde_json::Value> {
+fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize, steps: usize, gen_tokens: usize, gradient_checkpointing: Option<bool>) -> Result<serde_json::Value> {
     use webpeft::train::{AdamWConfig, TrainConfig, Trainer};
     if batch == 0 || seq_len < 2 || steps == 0 {
         return Err(Error::new(ErrorCode::Config, "batch, steps >= 1 and seq-len >= 2"));
@@ -1250,12 +1260,18 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
         })
         .collect();
     // As training does: a batch over the device's limits runs as micro-batches (same update).
-    let o = webpeft::session::TrainOptions { batch, seq_len, ..Default::default() };
+    let o = webpeft::session::TrainOptions { batch, seq_len, gradient_checkpointing, ..Default::default() };
     let plan = s.memory_plan(&["bench"], &o)?;
     let micro = plan.batch;
     let batch_data = rows.chunks(micro).map(|c| Batch::new(c, 0)).collect::<Result<Vec<_>>>()?;
     let tokens = batch * seq_len;
-    let mut trainer = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-4, ..Default::default() }, total_steps: steps + 1, max_grad_norm: Some(1.0), ..Default::default() });
+    let mut trainer = Trainer::new(TrainConfig {
+        optim: AdamWConfig { lr: 1e-4, ..Default::default() },
+        total_steps: steps + 1,
+        max_grad_norm: Some(1.0),
+        gradient_checkpointing: plan.checkpointing,
+        ..Default::default()
+    });
     let dev = s.compute.device.clone();
     let mut peak = 0u64;
     let sample_mem = |peak: &mut u64| {
@@ -1274,6 +1290,8 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
         sample_mem(&mut peak);
     }
     let step_s = t0.elapsed().as_secs_f64() / steps as f64;
+    // The pool's size after training only: the training step's peak.
+    let train_reserved = device::memory_usage(&dev).map(|m| m.1);
     webpeft::peft::set_trainable(adapter, false);
     // Forward only (logits of every position, micro-batch by micro-batch), warm once, then timed.
     let fwd = |s: &Session| -> Result<()> {
@@ -1310,6 +1328,7 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
         "trainable_parameters": s.adapters.get_mut("bench").expect("added").num_parameters(),
         "batch": batch,
         "micro_batch": micro,
+        "gradient_checkpointing": plan.checkpointing,
         "memory_estimate": {"weights": plan.estimate.weights, "adapter": plan.estimate.adapter, "activations": plan.estimate.activations, "attention": plan.estimate.attention, "logits": plan.estimate.logits, "total": plan.estimate.total()},
         "seq_len": seq_len,
         "steps": steps,
@@ -1321,6 +1340,7 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
         "generated_tokens": out.len(),
         "peak_memory_in_use_bytes": if peak > 0 { Some(peak) } else { None },
         "memory_reserved_bytes": reserved,
+        "train_memory_reserved_bytes": train_reserved,
     }))
 }
 
@@ -1345,6 +1365,24 @@ impl log::Log for StderrLog {
         }
     }
     fn flush(&self) {}
+}
+
+/// A setting forced on or off, or left to the program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Toggle {
+    Auto,
+    On,
+    Off,
+}
+
+impl Toggle {
+    fn choice(self) -> Option<bool> {
+        match self {
+            Toggle::Auto => None,
+            Toggle::On => Some(true),
+            Toggle::Off => Some(false),
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -53,6 +53,23 @@ pub struct KvCache {
     pub virtual_len: usize,
 }
 
+/// A stretch of the forward pass ([`Llama::pass`]): start at the embeddings (`from: None`)
+/// or at block `l` with its input, run the blocks up to `to` (exclusive), then the final
+/// norm if `final_norm`; `before_block` sees each block's input as it starts.
+pub struct Segment<'a> {
+    pub from: Option<(usize, Tensor<2>)>,
+    pub to: usize,
+    pub final_norm: bool,
+    pub before_block: Option<&'a mut dyn FnMut(usize, &Tensor<2>)>,
+}
+
+impl Segment<'_> {
+    /// The whole pass: embeddings, every block, the final norm.
+    pub fn all(layers: usize) -> Self {
+        Segment { from: None, to: layers, final_norm: true, before_block: None }
+    }
+}
+
 /// Per-call inputs besides the token ids.
 pub struct Inputs {
     pub ids: Tensor<2, Int>,
@@ -343,6 +360,13 @@ impl Llama {
 
     /// Hidden states of all positions, virtual tokens first: ([B*(n+T), hidden], n).
     pub fn hidden_all(&self, inp: &Inputs, adapter: &dyn Adapter, cache: Option<&mut KvCache>) -> Result<(Tensor<2>, usize)> {
+        self.pass(inp, adapter, cache, Segment::all(self.blocks.len()))
+    }
+
+    /// Run one segment of the forward pass (gradient checkpointing runs them one by one):
+    /// from the embeddings or from a block's input, through blocks `..to`, optionally with the
+    /// final norm. Gives (hidden [B*(n+T), hidden], n), n the virtual tokens in front.
+    pub fn pass(&self, inp: &Inputs, adapter: &dyn Adapter, cache: Option<&mut KvCache>, mut seg: Segment<'_>) -> Result<(Tensor<2>, usize)> {
         let c = &self.config;
         let [b, t] = inp.ids.dims();
         if t == 0 {
@@ -381,27 +405,16 @@ impl Llama {
             None => None,
         };
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let ids = inp.ids.clone().reshape([b * t]);
-        let x = match adapter.embedding() {
-            Some(e) => self.freeze_pad_row(e).select(0, ids.clone()),
-            None => self.embed.rows(ids.clone()),
-        };
-        let mut x = adapter.embed_output(&ids, x);
         let t_all = n + t;
-        if let Some(p) = prefix {
-            let h = c.hidden_size;
-            let p: Tensor<3> = p.unsqueeze::<3>().repeat_dim(0, b);
-            x = Tensor::cat(vec![p, x.reshape([b, t, h])], 1).reshape([b * t_all, h]);
-        }
-        // Learned positions (GPT-2): positions past..past+t_all, as the RoPE tables below.
-        if let Some(wpe) = &self.positions {
-            if past + t_all > c.max_position_embeddings {
-                bail!(Data, "{} positions is more than the model's {} (n_positions): shorten the input", past + t_all, c.max_position_embeddings);
+        let (first, mut x) = match seg.from.take() {
+            Some((l, x)) => {
+                if x.dims() != [b * t_all, c.hidden_size] {
+                    bail!(Shape, "block {l} input is {:?}, expected [{}, {}]", x.dims(), b * t_all, c.hidden_size);
+                }
+                (l, x)
             }
-            let h = c.hidden_size;
-            let pos: Tensor<3> = wpe.clone().narrow(0, past, t_all).unsqueeze::<3>();
-            x = (x.reshape([b, t_all, h]) + pos).reshape([b * t_all, h]);
-        }
+            None => (0, self.embed_input(inp, adapter, prefix, past)?),
+        };
         // RoPE tables, unless the positions are learned (GPT-2).
         let rope = self.positions.is_none().then(|| self.rope_tables(past, t_all));
         let mask = self.attn_mask(b, t_all, past, mask.as_deref());
@@ -412,7 +425,10 @@ impl Llama {
             k.layers = vec![None; self.blocks.len()];
         }
         let family = self.family();
-        for (l, blk) in self.blocks.iter().enumerate() {
+        for (l, blk) in self.blocks.iter().enumerate().take(seg.to).skip(first) {
+            if let Some(f) = seg.before_block.as_mut() {
+                f(l, &x);
+            }
             let lin = |p: Proj, x: &Tensor<2>| {
                 let site = Site { layer: l, proj: p, family };
                 let x = adapter.linear_input(site, x.clone());
@@ -464,7 +480,40 @@ impl Llama {
             k.len += t_all;
             k.virtual_len += n;
         }
+        if !seg.final_norm {
+            return Ok((x, n));
+        }
         Ok((self.rms_norm(x, &self.norm, self.norm_bias.as_ref(), Norm::Final, adapter), n))
+    }
+
+    /// The first block's input [B*(n+T), hidden]: token embeddings (the adapter's, when it
+    /// trains them), the adapter's virtual tokens in front, learned positions (GPT-2).
+    fn embed_input(&self, inp: &Inputs, adapter: &dyn Adapter, prefix: Option<Tensor<2>>, past: usize) -> Result<Tensor<2>> {
+        let c = &self.config;
+        let [b, t] = inp.ids.dims();
+        let ids = inp.ids.clone().reshape([b * t]);
+        let x = match adapter.embedding() {
+            Some(e) => self.freeze_pad_row(e).select(0, ids.clone()),
+            None => self.embed.rows(ids.clone()),
+        };
+        let mut x = adapter.embed_output(&ids, x);
+        let n = prefix.as_ref().map_or(0, |p| p.dims()[0]);
+        let t_all = n + t;
+        if let Some(p) = prefix {
+            let h = c.hidden_size;
+            let p: Tensor<3> = p.unsqueeze::<3>().repeat_dim(0, b);
+            x = Tensor::cat(vec![p, x.reshape([b, t, h])], 1).reshape([b * t_all, h]);
+        }
+        // Learned positions (GPT-2): positions past..past+t_all, as the RoPE tables.
+        if let Some(wpe) = &self.positions {
+            if past + t_all > c.max_position_embeddings {
+                bail!(Data, "{} positions is more than the model's {} (n_positions): shorten the input", past + t_all, c.max_position_embeddings);
+            }
+            let h = c.hidden_size;
+            let pos: Tensor<3> = wpe.clone().narrow(0, past, t_all).unsqueeze::<3>();
+            x = (x.reshape([b, t_all, h]) + pos).reshape([b * t_all, h]);
+        }
+        Ok(x)
     }
 
     /// Project hidden states [N, hidden] to logits [N, vocab] (with the adapter's trainable

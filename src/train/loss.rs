@@ -7,7 +7,7 @@ use burn::tensor::activation::log_softmax;
 
 use crate::error::{Result, bail};
 use crate::models::hooks::Adapter;
-use crate::models::llama::{Inputs, Llama};
+use crate::models::llama::{Inputs, Llama, Segment};
 use crate::tensor::ints;
 use crate::train::data::{Batch, IGNORE};
 
@@ -15,7 +15,7 @@ use crate::train::data::{Batch, IGNORE};
 /// (pass `batch.num_targets()` for the plain mean). Logits are computed only at the
 /// positions that count, so prompt and padding positions cost no vocabulary projection.
 pub fn causal_lm_loss(model: &Llama, hook: &dyn Adapter, batch: &Batch, denominator: usize) -> Result<Tensor<1>> {
-    let (logp, _) = target_log_probs(model, hook, batch)?;
+    let (logp, _) = target_log_probs(model, hook, batch, None)?;
     if denominator == 0 {
         bail!(Data, "the batch has no position to predict (all labels are -100)");
     }
@@ -25,7 +25,13 @@ pub fn causal_lm_loss(model: &Llama, hook: &dyn Adapter, batch: &Batch, denomina
 /// The loss as [`causal_lm_loss`] plus, for a multi-task batch (`batch.tasks` set), each
 /// task's summed negative log-likelihood [n_tasks] and its number of targets (host side).
 pub fn causal_lm_loss_by_task(model: &Llama, hook: &dyn Adapter, batch: &Batch, denominator: usize, n_tasks: usize) -> Result<(Tensor<1>, Option<(Tensor<1>, Vec<usize>)>)> {
-    let (logp, rows) = target_log_probs(model, hook, batch)?;
+    causal_lm_loss_from(model, hook, batch, denominator, n_tasks, None)
+}
+
+/// [`causal_lm_loss_by_task`] from the last block's output `last` [B*(n+T), hidden] when
+/// given (only the final norm and the head then run: gradient checkpointing's top segment).
+pub fn causal_lm_loss_from(model: &Llama, hook: &dyn Adapter, batch: &Batch, denominator: usize, n_tasks: usize, last: Option<Tensor<2>>) -> Result<(Tensor<1>, Option<(Tensor<1>, Vec<usize>)>)> {
+    let (logp, rows) = target_log_probs(model, hook, batch, last)?;
     if denominator == 0 {
         bail!(Data, "the batch has no position to predict (all labels are -100)");
     }
@@ -48,7 +54,7 @@ pub fn causal_lm_loss_by_task(model: &Llama, hook: &dyn Adapter, batch: &Batch, 
 
 /// Negative log-likelihood of each row's targets, [B] (e.g. to score choices).
 pub fn row_nll(model: &Llama, hook: &dyn Adapter, batch: &Batch) -> Result<Tensor<1>> {
-    let (logp, rows) = target_log_probs(model, hook, batch)?;
+    let (logp, rows) = target_log_probs(model, hook, batch, None)?;
     // One-hot [B, M] of which row each counted position belongs to.
     let row_len = rows.len().max(1);
     let per_row = batch.len + hook.prefix().map_or(0, |p| p.dims()[0]);
@@ -60,8 +66,13 @@ pub fn row_nll(model: &Llama, hook: &dyn Adapter, batch: &Batch) -> Result<Tenso
     Ok(m.matmul(logp).neg().reshape([batch.batch]))
 }
 
+/// A batch as the model's inputs (ids and attention mask).
+pub fn batch_inputs(batch: &Batch, dev: &burn::tensor::Device) -> Inputs {
+    Inputs { ids: ints(batch.input_ids.clone(), [batch.batch, batch.len], dev), attention_mask: Some(batch.attention_mask.clone()) }
+}
+
 /// Log-probabilities [M, 1] of the counted targets and their flat row-position indices.
-fn target_log_probs(model: &Llama, hook: &dyn Adapter, batch: &Batch) -> Result<(Tensor<2>, Vec<i64>)> {
+fn target_log_probs(model: &Llama, hook: &dyn Adapter, batch: &Batch, last: Option<Tensor<2>>) -> Result<(Tensor<2>, Vec<i64>)> {
     let dev = &model.device;
     // Virtual tokens (prompt tuning) come first with label -100, as peft does; so the last
     // one predicts the first real token.
@@ -75,8 +86,13 @@ fn target_log_probs(model: &Llama, hook: &dyn Adapter, batch: &Batch) -> Result<
     if let Some(bad) = targets.iter().find(|&&t| t != IGNORE && !(0..vocab).contains(&t)) {
         bail!(Data, "label {bad} is outside the vocabulary (size {vocab})");
     }
-    let inputs = Inputs { ids: ints(batch.input_ids.clone(), [batch.batch, batch.len], dev), attention_mask: Some(batch.attention_mask.clone()) };
-    let (hidden, n2) = model.hidden_all(&inputs, hook, None)?;
+    let inputs = batch_inputs(batch, dev);
+    let layers = model.blocks.len();
+    let seg = match last {
+        Some(x) => Segment { from: Some((layers, x)), ..Segment::all(layers) },
+        None => Segment::all(layers),
+    };
+    let (hidden, n2) = model.pass(&inputs, hook, None, seg)?;
     debug_assert_eq!(n, n2);
     let m = rows.len();
     let hidden = hidden.select(0, ints(rows.clone(), [m], dev));

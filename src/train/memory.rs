@@ -15,7 +15,13 @@
 //!   attention   B·H·T² × 4 × 3 for the layer being run (scores, softmax, their gradient)
 //!   logits      B·T·V × 4 × 3 (logits, log-softmax, gradient)
 //! and the largest single buffer is the biggest of the logits, the attention scores and the
-//! embedding table.
+//! embedding table. With gradient checkpointing (`recompute`), activations are the blocks'
+//! inputs, (layers + 1)·B·T·h × 4, plus one layer's as above (the block being recomputed).
+//!
+//! The plan tries, from the asked batch down through its divisors, the batch without and
+//! then with gradient checkpointing (when it is not forced on or off): a batch too big for
+//! the device is first kept whole by checkpointing (one more forward pass per step), and
+//! only then split into micro-batches.
 
 use crate::error::{Result, bail};
 use crate::models::config::LlamaConfig;
@@ -57,7 +63,7 @@ impl BaseMemory {
 
 /// The estimate for `batch` rows of `seq_len` tokens (`prefix` virtual tokens added to the
 /// attention by prompt-style adapters).
-pub fn estimate(c: &LlamaConfig, base: BaseMemory, trainable: usize, batch: usize, seq_len: usize) -> MemoryEstimate {
+pub fn estimate(c: &LlamaConfig, base: BaseMemory, trainable: usize, batch: usize, seq_len: usize, checkpointing: bool) -> MemoryEstimate {
     let (b, t) = (batch as u64, seq_len as u64);
     let (h, i, v, layers) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64, c.num_hidden_layers as u64);
     let (heads, q, k) = (c.num_attention_heads as u64, (c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
@@ -69,14 +75,17 @@ pub fn estimate(c: &LlamaConfig, base: BaseMemory, trainable: usize, batch: usiz
         .into_iter()
         .max_by_key(|x| x.0)
         .expect("three");
-    MemoryEstimate { weights: base.bytes, adapter: trainable as u64 * 4 * F32, activations: layers * b * t * per_token * F32, attention: 3 * scores, logits: 3 * logits, largest_buffer }
+    let activations = if checkpointing { ((layers + 1) * h + per_token) * b * t * F32 } else { layers * b * t * per_token * F32 };
+    MemoryEstimate { weights: base.bytes, adapter: trainable as u64 * 4 * F32, activations, attention: 3 * scores, logits: 3 * logits, largest_buffer }
 }
 
-/// How a run will be executed: the micro-batch size and gradient-accumulation factor.
+/// How a run will be executed: the micro-batch size, gradient-accumulation factor, and
+/// whether activations are recomputed (gradient checkpointing).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Plan {
     pub batch: usize,
     pub grad_accum: usize,
+    pub checkpointing: bool,
     pub estimate: MemoryEstimate,
 }
 
@@ -93,15 +102,23 @@ pub struct Limits {
 /// accumulation multiplied to keep the effective batch (and the update) the same. What no
 /// split can fix is refused, naming what to change: the model (embedding table, or weights
 /// and adapter over the budget) or `seq-len` (one row too big).
-pub fn plan(c: &LlamaConfig, base: BaseMemory, trainable: usize, batch: usize, grad_accum: usize, seq_len: usize, limits: Limits) -> Result<Plan> {
-    let est = |b: usize| estimate(c, base, trainable, b, seq_len);
+/// `checkpointing`: `Some` forces gradient checkpointing on or off, `None` lets the plan
+/// turn it on when the batch does not fit without it.
+#[allow(clippy::too_many_arguments)]
+pub fn plan(c: &LlamaConfig, base: BaseMemory, trainable: usize, batch: usize, grad_accum: usize, seq_len: usize, limits: Limits, checkpointing: Option<bool>) -> Result<Plan> {
+    let est = |(b, ck): (usize, bool)| estimate(c, base, trainable, b, seq_len, ck);
     let mib = |x: u64| x as f64 / (1u64 << 20) as f64;
     let (max, budget) = (limits.max_buffer.unwrap_or(u64::MAX), limits.budget.unwrap_or(u64::MAX));
     let embedding = base.largest;
     if embedding > max {
         bail!(Device, "the model's embedding table ({:.0} MiB) is larger than this device's largest buffer ({:.0} MiB): use a smaller model", mib(embedding), mib(max));
     }
-    let one = est(1);
+    let modes: &[bool] = match checkpointing {
+        Some(true) => &[true],
+        Some(false) => &[false],
+        None => &[false, true],
+    };
+    let one = est((1, *modes.last().expect("a mode")));
     if one.weights + one.adapter > budget {
         bail!(
             Config,
@@ -112,15 +129,18 @@ pub fn plan(c: &LlamaConfig, base: BaseMemory, trainable: usize, batch: usize, g
         );
     }
     let fits = |e: &MemoryEstimate| e.largest_buffer.0 <= max && e.total() <= budget;
-    let Some(b) = (1..=batch).rev().filter(|d| batch.is_multiple_of(*d)).find(|&d| fits(&est(d))) else {
+    let Some((b, ck)) = (1..=batch).rev().filter(|d| batch.is_multiple_of(*d)).flat_map(|d| modes.iter().map(move |&m| (d, m))).find(|&x| fits(&est(x))) else {
         let (bytes, what) = one.largest_buffer;
         if bytes > max {
             bail!(Config, "one row of seq-len {seq_len} needs {what} of {:.0} MiB, more than this device's largest buffer ({:.0} MiB): reduce seq-len", mib(bytes), mib(max));
         }
         bail!(Config, "one row of seq-len {seq_len} needs {:.0} MiB in all, more than the memory budget ({:.0} MiB): reduce seq-len or raise the budget", mib(one.total()), mib(budget));
     };
+    if ck && checkpointing.is_none() {
+        log::info!("gradient checkpointing on: batch {b} does not fit the limits without it");
+    }
     if b < batch {
-        let e = est(batch);
+        let e = est((batch, ck));
         let limit = |x: Option<u64>| x.map_or("none".to_string(), |x| format!("{:.0} MiB", mib(x)));
         log::info!(
             "batch {batch} needs {:.0} MiB in all and a {:.0} MiB buffer ({}), beyond the limits (budget {}, largest buffer {}): running {} micro-batches of {b} per step (same update)",
@@ -132,7 +152,7 @@ pub fn plan(c: &LlamaConfig, base: BaseMemory, trainable: usize, batch: usize, g
             batch / b
         );
     }
-    Ok(Plan { batch: b, grad_accum: grad_accum * (batch / b), estimate: est(b) })
+    Ok(Plan { batch: b, grad_accum: grad_accum * (batch / b), checkpointing: ck, estimate: est((b, ck)) })
 }
 
 #[cfg(test)]
@@ -150,23 +170,31 @@ mod tests {
         let c = smollm2();
         // Logits of 4 × 256 × 49152 f32 = 192 MiB: fits 256 MiB, not 128 MiB.
         let buf = |mib: u64| Limits { max_buffer: Some(mib << 20), budget: None };
-        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 1, 256, buf(256)).unwrap();
+        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 1, 256, buf(256), Some(false)).unwrap();
         assert_eq!((p.batch, p.grad_accum), (4, 1));
-        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 2, 256, buf(128)).unwrap();
+        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 2, 256, buf(128), Some(false)).unwrap();
         assert_eq!((p.batch, p.grad_accum), (2, 4), "two micro-batches of 2 per step, same effective batch");
-        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 1, 4096, buf(256)).unwrap_err();
+        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 1, 4096, buf(256), Some(false)).unwrap_err();
         assert!(e.message.contains("reduce seq-len"), "{e}");
-        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 1, 1, 16, buf(64)).unwrap_err();
+        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 1, 1, 16, buf(64), Some(false)).unwrap_err();
         assert!(e.message.contains("embedding table"), "{e}");
-        assert_eq!(plan(&c, BaseMemory::f32(&c, 1), 1, 3, 1, 64, Limits::default()).unwrap().batch, 3, "no limit known: as asked");
+        assert_eq!(plan(&c, BaseMemory::f32(&c, 1), 1, 3, 1, 64, Limits::default(), None).unwrap().batch, 3, "no limit known: as asked");
         // A budget for the whole step: 8 rows of 256 need about 5.3 GiB, 2 rows 1.7 GiB.
         let budget = |mib: u64| Limits { max_buffer: None, budget: Some(mib << 20) };
-        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 256, budget(2048)).unwrap();
+        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 256, budget(2048), Some(false)).unwrap();
         assert_eq!((p.batch, p.grad_accum), (2, 4), "{p:?}");
         assert!(p.estimate.total() <= 2048 << 20);
-        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 256, budget(400)).unwrap_err();
+        // Left to choose, the plan keeps all 8 rows by recomputing activations (the blocks'
+        // inputs, 263 MiB, instead of 3.9 GiB); forced on, the same.
+        for ck in [None, Some(true)] {
+            let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 256, budget(2048), ck).unwrap();
+            assert_eq!((p.batch, p.grad_accum, p.checkpointing), (8, 1, true), "{p:?}");
+            assert_eq!(p.estimate.activations, (31 * 576 + 15936) * 8 * 256 * 4);
+        }
+        assert!(!plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 2, 1, 256, budget(2048), None).unwrap().checkpointing, "not when the batch fits without");
+        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 256, budget(400), Some(false)).unwrap_err();
         assert!(e.message.contains("smaller model or raise the budget"), "{e}");
-        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 2048, budget(1024)).unwrap_err();
+        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 2048, budget(1024), Some(false)).unwrap_err();
         assert!(e.message.contains("reduce seq-len or raise the budget"), "{e}");
     }
 }

@@ -1,6 +1,7 @@
 //! Training: data to batches, the causal-LM loss, sequence classification (`classify`), contrastive
 //! embedding tuning (`contrastive`), AdamW with torch's semantics, learning
-//! rate schedules with transformers' semantics, and the step loop (accumulation, clipping).
+//! rate schedules with transformers' semantics, the step loop (accumulation, clipping) and
+//! gradient checkpointing (`recompute`).
 
 pub mod checkpoint;
 pub mod classify;
@@ -10,6 +11,7 @@ pub mod loss;
 pub mod memory;
 pub mod optim;
 pub mod privacy;
+pub mod recompute;
 pub mod schedule;
 pub mod trainer;
 

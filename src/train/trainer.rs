@@ -14,6 +14,7 @@ use crate::train::data::Batch;
 use crate::train::loss::{causal_lm_loss, causal_lm_loss_by_task};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::privacy::{self, DpConfig};
+use crate::train::recompute;
 use crate::train::schedule::Schedule;
 
 #[derive(Debug, Clone)]
@@ -29,13 +30,17 @@ pub struct TrainConfig {
     pub dp: Option<DpConfig>,
     /// DP-SGD: the expected number of examples per step (the noisy sum is divided by it).
     pub dp_expected_batch: usize,
-    /// Seed of the DP noise (drawn on the host, so runs repeat on every backend).
+    /// Seed of the DP noise (drawn on the host, so runs repeat on every backend), and of
+    /// dropout under gradient checkpointing.
     pub seed: u64,
+    /// Gradient checkpointing: recompute each block's activations in the backward pass
+    /// instead of keeping them (`recompute`).
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { optim: AdamWConfig::default(), schedule: Schedule::Constant, warmup: 0, total_steps: 1, max_grad_norm: None, max_nonfinite: 5, dp: None, dp_expected_batch: 1, seed: 0 }
+        TrainConfig { optim: AdamWConfig::default(), schedule: Schedule::Constant, warmup: 0, total_steps: 1, max_grad_norm: None, max_nonfinite: 5, dp: None, dp_expected_batch: 1, seed: 0, gradient_checkpointing: false }
     }
 }
 
@@ -68,20 +73,31 @@ pub struct Trainer {
 /// detached, to `loss_sum`).
 fn accumulate(adapter: &mut dyn Trainable, loss: Tensor<1>, acc: &mut Vec<Option<Tensor<2>>>, loss_sum: &mut Option<Tensor<1>>) {
     let grads = loss.backward();
+    let g: Vec<Option<Tensor<2>>> = adapter.params_mut().iter().map(|p| p.tensor.grad(&grads)).collect();
+    add_gradients(adapter, g, loss.without_autodiff(), acc, loss_sum);
+}
+
+/// Add gradients (`params_mut` order; a missing one counts as zero) to `acc`, and the
+/// detached loss to `loss_sum`.
+fn add_gradients(adapter: &mut dyn Trainable, grads: Vec<Option<Tensor<2>>>, loss: Tensor<1>, acc: &mut Vec<Option<Tensor<2>>>, loss_sum: &mut Option<Tensor<1>>) {
     let params = adapter.params_mut();
     acc.resize_with(params.len(), || None);
-    for (a, p) in acc.iter_mut().zip(params.iter()) {
-        let g = p.tensor.grad(&grads).unwrap_or_else(|| p.tensor.clone().without_autodiff().zeros_like());
+    for (i, (a, p)) in acc.iter_mut().zip(params.iter()).enumerate() {
+        let g = grads.get(i).cloned().flatten().unwrap_or_else(|| p.tensor.clone().without_autodiff().zeros_like());
         *a = Some(match a.take() {
             Some(prev) => prev + g,
             None => g,
         });
     }
-    let l = loss.without_autodiff();
     *loss_sum = Some(match loss_sum.take() {
-        Some(s) => s + l,
-        None => l,
+        Some(s) => s + loss,
+        None => loss,
     });
+}
+
+/// The seed of micro-batch `k` of optimizer step `step` (dropout under gradient checkpointing).
+fn micro_seed(seed: u64, step: usize, k: usize) -> u64 {
+    seed ^ (step as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (k as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9)
 }
 
 /// The host RNG of the DP noise for loop iteration `step` of a run seeded with `seed`.
@@ -119,9 +135,17 @@ impl Trainer {
         let n_tasks = adapter.num_tasks();
         let mut task_sums: Option<Tensor<1>> = None;
         let mut task_counts = vec![0usize; n_tasks];
-        for mb in micro {
+        for (k, mb) in micro.iter().enumerate() {
             adapter.prepare(mb);
-            let (loss, by_task) = causal_lm_loss_by_task(model, &*adapter, mb, total, n_tasks)?;
+            let by_task = if self.config.gradient_checkpointing {
+                let r = recompute::loss_and_grads(model, adapter, mb, total, n_tasks, micro_seed(self.config.seed, self.opt.step, k))?;
+                add_gradients(adapter, r.grads, r.loss, &mut acc, &mut loss_sum);
+                r.by_task
+            } else {
+                let (loss, by_task) = causal_lm_loss_by_task(model, &*adapter, mb, total, n_tasks)?;
+                accumulate(adapter, loss, &mut acc, &mut loss_sum);
+                by_task
+            };
             if let Some((sums, counts)) = by_task {
                 task_counts.iter_mut().zip(counts).for_each(|(a, c)| *a += c);
                 task_sums = Some(match task_sums {
@@ -129,7 +153,6 @@ impl Trainer {
                     None => sums,
                 });
             }
-            accumulate(adapter, loss, &mut acc, &mut loss_sum);
         }
         let (mut stats, extra) = self.update(adapter, acc, loss_sum, task_sums, tokens).await?;
         stats.task_losses = task_counts.iter().enumerate().map(|(k, &c)| if c == 0 { f32::NAN } else { extra[k] / c as f32 }).collect();
@@ -228,12 +251,20 @@ impl Trainer {
         let n_prefix = adapter.prefix().map_or(0, |p| p.dims()[0]);
         let mut sum: Vec<Option<Tensor<2>>> = Vec::new();
         let mut losses: Vec<Tensor<1>> = Vec::new();
-        for row in rows.iter().filter(|r| r.num_targets_with_prefix(n_prefix) > 0) {
+        for (k, row) in rows.iter().filter(|r| r.num_targets_with_prefix(n_prefix) > 0).enumerate() {
             adapter.prepare(row);
-            let loss = causal_lm_loss(model, &*adapter, row, row.num_targets_with_prefix(n_prefix))?;
-            let grads = loss.backward();
+            let denominator = row.num_targets_with_prefix(n_prefix);
+            let (loss, g) = if self.config.gradient_checkpointing {
+                let r = recompute::loss_and_grads(model, adapter, row, denominator, 0, micro_seed(self.config.seed, self.opt.step, k))?;
+                (r.loss, r.grads)
+            } else {
+                let loss = causal_lm_loss(model, &*adapter, row, denominator)?;
+                let grads = loss.backward();
+                let g = adapter.params_mut().iter().map(|p| p.tensor.grad(&grads)).collect();
+                (loss, g)
+            };
             let params = adapter.params_mut();
-            let g: Vec<Tensor<2>> = params.iter().map(|p| p.tensor.grad(&grads).unwrap_or_else(|| p.tensor.clone().without_autodiff().zeros_like())).collect();
+            let g: Vec<Tensor<2>> = params.iter().enumerate().map(|(i, p)| g.get(i).cloned().flatten().unwrap_or_else(|| p.tensor.clone().without_autodiff().zeros_like())).collect();
             // c = min(1, C / (||g|| + 1e-6)), on the device: no readback per example.
             let norm = Tensor::cat(g.iter().map(|t| t.clone().square().sum()).collect(), 0).sum().sqrt();
             let c: Tensor<2> = norm.add_scalar(1e-6).recip().mul_scalar(dp.max_grad_norm).clamp_max(1.0).unsqueeze();

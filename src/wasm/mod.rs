@@ -261,6 +261,8 @@ struct JsTrainOptions {
     validation_data: Option<Vec<serde_json::Value>>,
     /// Evaluate on the validation set every this many steps (0 / unset: after the last only).
     eval_every: Option<usize>,
+    /// Gradient checkpointing: true / false forces it; unset lets the memory plan decide.
+    gradient_checkpointing: Option<bool>,
 }
 
 /// Train options from JS: `resume` (a checkpoint's files, binary) is taken out before the
@@ -379,6 +381,7 @@ impl JsTrainOptions {
             pause: None,
             validation: Vec::new(),
             eval_every: self.eval_every.unwrap_or(0),
+            gradient_checkpointing: self.gradient_checkpointing,
         })
     }
 
