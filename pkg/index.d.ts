@@ -28,11 +28,14 @@ export interface LoadOptions {
   cache?: boolean;
   timeoutMs?: number;
   /**
-   * How the frozen weights are held on the GPU (decoders): 'keep' (default: a GGUF's Q8_0 /
-   * Q4_0 / Q4_1 stay quantized and are dequantized inside the matmul kernels), 'f32', or
-   * 'q8_0' | 'q4_0' | 'q4_1' | 'nf4' (quantized at load, e.g. a safetensors model).
+   * How the frozen weights are held on the GPU (decoders): 'keep' (a GGUF's Q8_0 / Q4_0 /
+   * Q4_1 stay quantized and are dequantized inside the matmul kernels), 'f32', 'f16' (every
+   * matrix in f16, matmuls with f32 accumulation, the loss scaled in training; needs the
+   * adapter's shader-f16, else the load is refused), 'keep-f16' (blocks kept, the rest f16),
+   * or 'q8_0' | 'q4_0' | 'q4_1' | 'nf4' (quantized at load, e.g. a safetensors model).
+   * Default: 'keep-f16' where the adapter offers shader-f16, else 'keep'.
    */
-  base?: 'keep' | 'f32' | 'q8_0' | 'q4_0' | 'q4_1' | 'nf4';
+  base?: 'keep' | 'f32' | 'f16' | 'keep-f16' | 'q8_0' | 'q4_0' | 'q4_1' | 'nf4';
 }
 
 /** Remove every cached model file; resolves to whether there was a cache. */

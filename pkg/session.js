@@ -239,6 +239,9 @@ export class Session {
       const err = Object.assign(new Error(`${lost.message}; recovering failed: ${e.message}`), { code: e.code ?? 'device' });
       for (const [, c] of this.#resuming) { c.cleanup?.(); c.reject(err); }
       this.#resuming.clear();
+      // Every new device was lost too: no worker is left, so this session ends here (calls
+      // waiting for the recovery, and later ones, reject with this error instead of hanging).
+      if (e.lostAgain) { this.#dead = err; this.#worker.terminate(); }
     }).finally(() => { this.#recovering = null; });
   }
 

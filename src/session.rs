@@ -162,15 +162,17 @@ pub struct StepReport {
 impl Session {
     /// Upload a model's weights and build its tokenizer.
     /// Load a decoder, its base held as this device does by default
-    /// ([`BaseFormat::default_for`]: a GGUF's quantization kept on a GPU, f32 on the CPU).
+    /// ([`BaseFormat::default_for`]: a GGUF's quantization kept on a GPU, the rest in f16 on
+    /// hardware with fast f16; f32 on the CPU).
     pub fn load(files: &ModelFiles, compute: Compute) -> Result<Self> {
-        let format = BaseFormat::default_for(compute.is_gpu);
+        let format = BaseFormat::default_for(&compute);
         Self::load_as(files, compute, format)
     }
 
     /// Load a decoder with its weight matrices held in `format` (f32, a GGUF's own block
     /// formats, or quantized at load).
     pub fn load_as(files: &ModelFiles, compute: Compute, format: BaseFormat) -> Result<Self> {
+        let format = format.check_device(&compute.device)?;
         let (weights, tokenizer) = decoder_parts(files, format)?;
         let model = Llama::from_weights(weights, &compute.device)?;
         Ok(Session { compute, model, tokenizer, adapters: BTreeMap::new(), merged: Vec::new() })
@@ -423,7 +425,13 @@ impl Session {
                 set_trainable(adapter, true);
                 // A real optimizer step (forward, backward, clipping, AdamW, the reads it does)
                 // on the throw-away adapter: what a step costs beyond the rows themselves too.
-                let mut trainer = Trainer::new(TrainConfig { optim: AdamWConfig { lr: o.lr, ..Default::default() }, max_grad_norm: o.max_grad_norm, total_steps: 2, ..Default::default() });
+                let mut trainer = Trainer::new(TrainConfig {
+                    optim: AdamWConfig { lr: o.lr, ..Default::default() },
+                    max_grad_norm: o.max_grad_norm,
+                    total_steps: 2,
+                    gradient_checkpointing: plan.checkpointing,
+                    ..Default::default()
+                });
                 let r = async {
                     trainer.step(&self.model, adapter, std::slice::from_ref(&b)).await?;
                     let t0 = Instant::now();
@@ -624,6 +632,7 @@ async fn run_training(
         Some(c) => {
             c.restore(adapter, &mut trainer.opt, &fingerprint)?;
             trainer.nonfinite = c.nonfinite;
+            trainer.scaler = c.loss_scale;
             // The batches the first part of the run drew (host-side shuffles only).
             for _ in 0..c.iteration * draws {
                 batcher.next_batch()?;
@@ -653,7 +662,13 @@ async fn run_training(
             let seconds = t0.elapsed().as_secs_f64();
             let paused = o.pause.as_ref().is_some_and(|p| p.load(Ordering::SeqCst)) && step + 1 < o.steps;
             let due = paused || (o.checkpoint_every > 0 && ((step + 1) % o.checkpoint_every == 0 || step + 1 == o.steps));
-            let checkpoint = if due { Some(Checkpoint::capture(adapter, &trainer.opt, step + 1, trainer.nonfinite, fingerprint.clone()).await?) } else { None };
+            let checkpoint = if due {
+                let mut c = Checkpoint::capture(adapter, &trainer.opt, step + 1, trainer.nonfinite, fingerprint.clone()).await?;
+                c.loss_scale = trainer.scaler;
+                Some(c)
+            } else {
+                None
+            };
             let eval_due = !held_out.is_empty() && (step + 1 == o.steps || (o.eval_every > 0 && (step + 1) % o.eval_every == 0));
             let eval = if eval_due {
                 // In eval mode (no dropout, no autodiff graph); the next step re-seeds the device.

@@ -329,7 +329,7 @@ impl TaskSession {
                 if task == TaskKind::Embedding {
                     bail!(Unsupported, "sentence embeddings need an encoder (a BERT-family model such as MiniLM), not a decoder");
                 }
-                let (mut weights, tokenizer) = crate::session::decoder_parts(files, crate::quant::BaseFormat::default_for(compute.is_gpu))?;
+                let (mut weights, tokenizer) = crate::session::decoder_parts(files, crate::quant::BaseFormat::default_for(&compute))?;
                 // A LlamaForSequenceClassification checkpoint: its head, and no LM head (which
                 // a classifier never uses).
                 let score = weights.tensors.remove("score.weight");

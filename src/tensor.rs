@@ -51,6 +51,13 @@ pub fn floats<const D: usize>(data: Vec<f32>, shape: [usize; D], device: &Device
     Tensor::from_data(TensorData::new(data, shape), device)
 }
 
+/// Upload f32 values as an f16 tensor (rounded to nearest; 2 bytes an element on the device).
+pub fn halves<const D: usize>(data: &[f32], shape: [usize; D], device: &Device) -> Tensor<D> {
+    count(data.len() * 2);
+    let data: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+    Tensor::from_data(TensorData::new(data, shape), (device, burn::tensor::DType::F16))
+}
+
 pub fn ints<const D: usize>(data: Vec<i64>, shape: [usize; D], device: &Device) -> Tensor<D, Int> {
     count(data.len() * 8);
     Tensor::from_data(TensorData::new(data, shape), device)

@@ -17,6 +17,7 @@ use webpeft::tensor::block_on;
 use webpeft::train::Schedule;
 use webpeft::train::checkpoint::{Checkpoint, load_dir, save_dir};
 use webpeft::train::privacy::DpConfig;
+use webpeft::train::scaler::LossScaler;
 
 /// Train adapter "a" (LoRA with dropout) under `o`; returns its saved weights and the
 /// checkpoints handed out.
@@ -71,6 +72,7 @@ fn sample(iteration: usize) -> Checkpoint {
         iteration,
         opt_step: iteration,
         nonfinite: 0,
+        loss_scale: (iteration % 2 == 1).then_some(LossScaler { scale: 2048.0, good_steps: iteration }),
         params: vec![("w".into(), t(iteration as f32))],
         moments: vec![Some((t(0.5), t(0.25)))],
         fingerprint: serde_json::json!({"seed": 1}),
@@ -103,6 +105,7 @@ fn folders_switch_atomically_and_damage_is_detected() {
     assert_eq!(load_dir(&dir).unwrap().unwrap().iteration, 2);
     save_dir(&dir, &sample(3)).unwrap();
     assert_eq!(load_dir(&dir).unwrap().unwrap().iteration, 3);
+    assert_eq!(load_dir(&dir).unwrap().unwrap().loss_scale, Some(LossScaler { scale: 2048.0, good_steps: 3 }), "the loss scaler is kept");
 
     // A crash between the two renames: only .old is there.
     std::fs::rename(&dir, sibling(&dir, "old")).unwrap();

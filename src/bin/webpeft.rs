@@ -41,8 +41,11 @@ struct Common {
     #[arg(long, default_value = "auto")]
     device: String,
     /// How the frozen base holds its weight matrices: keep (a GGUF's Q8_0/Q4_0/Q4_1 stay as
-    /// they are, dequantized inside the matmul kernels), f32, or q8_0 | q4_0 | q4_1 | nf4
-    /// (quantized at load). Default: keep on a GPU, f32 on the CPU backend.
+    /// they are, dequantized inside the matmul kernels), f32, f16 (matmuls with f16 inputs
+    /// and outputs, f32 accumulation, the loss scaled in training; needs shader-f16),
+    /// keep-f16 (blocks kept, the rest f16), or q8_0 | q4_0 | q4_1 | nf4 (quantized at load).
+    /// Default: keep-f16 on a hardware GPU with shader-f16, keep on other GPUs (lavapipe:
+    /// f16 is no faster there), f32 on the CPU backend.
     #[arg(long)]
     base: Option<String>,
 }
@@ -598,7 +601,7 @@ enum Cmd {
     QuantReport {
         #[command(flatten)]
         common: Common,
-        /// Comma-separated: keep, q8_0, q4_0, q4_1, nf4.
+        /// Comma-separated: keep, f16, keep-f16, q8_0, q4_0, q4_1, nf4.
         #[arg(long, default_value = "keep,q8_0,q4_0,q4_1,nf4")]
         formats: String,
         #[arg(long, default_value = "The capital of France is")]
@@ -716,7 +719,7 @@ fn open(common: &Common) -> Result<Session> {
     eprintln!("device: {}", compute.name);
     let format = match &common.base {
         Some(b) => BaseFormat::parse(b)?,
-        None => BaseFormat::default_for(compute.is_gpu),
+        None => BaseFormat::default_for(&compute),
     };
     let s = Session::load_as(&files, compute, format)?;
     let m = s.model.base_memory();
@@ -1163,7 +1166,11 @@ fn run(cli: Cli) -> Result<()> {
                         eprintln!("warning: {}", e.message);
                         let t = std::time::Instant::now();
                         let compute = device::reacquire().map_err(|r| r.context(&e.message))?;
-                        eprintln!("acquired a new device ({}) in {:.0} ms; reloading the model and resuming from the checkpoint at step {step}", compute.name, t.elapsed().as_secs_f64() * 1e3);
+                        eprintln!(
+                            "acquired a new device ({}) in {:.0} ms; reloading the model and resuming from the checkpoint at step {step}",
+                            compute.name,
+                            t.elapsed().as_secs_f64() * 1e3
+                        );
                         opts.resume = Some(c);
                     }
                     r => break r?,

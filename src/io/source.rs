@@ -146,7 +146,7 @@ pub fn shard_tensors(shards: &[(String, Vec<u8>)]) -> Result<BTreeMap<String, Ho
 }
 
 /// GGUF tensor names mapped to Hugging Face names, with Q/K un-permuted. Block tensors
-/// (Q8_0, Q4_0, Q4_1) stay in their format unless `format` is f32.
+/// (Q8_0, Q4_0, Q4_1) stay in their format unless `format` is f32 or f16.
 fn gguf_weights(bytes: &[u8], format: BaseFormat) -> Result<LoadedWeights> {
     let g = Gguf::parse(bytes)?;
     let config = LlamaConfig::from_gguf(&g)?;
@@ -165,7 +165,7 @@ fn gguf_weights(bytes: &[u8], format: BaseFormat) -> Result<LoadedWeights> {
         let heads = heads.filter(|_| config.model_type == "llama");
         let rows = info.shape[0];
         let cols = if info.shape.len() == 2 { info.shape[1] } else { 1 };
-        if format != BaseFormat::F32 && info.shape.len() == 2 && QuantFormat::of_ggml(info.ty).is_some() {
+        if format.keeps_blocks() && info.shape.len() == 2 && QuantFormat::of_ggml(info.ty).is_some() {
             let mut q = QuantHost::from_gguf(info.ty, rows, cols, g.tensor_bytes(gname)?).map_err(|e| e.context(gname))?;
             if let Some(h) = heads {
                 let order: Vec<f32> = (0..rows).map(|r| r as f32).collect();

@@ -1,8 +1,12 @@
 //! The frozen linear layer every architecture shares, and the embedding table; either weight
-//! is f32 on the device or kept in a block format ([`crate::quant`]) and dequantized inside
-//! the matmul kernel.
+//! is f32 on the device, f16, or kept in a block format ([`crate::quant`]) and dequantized
+//! inside the matmul kernel.
+//!
+//! An f16 weight is used as PyTorch's autocast uses one: the matmul's input is rounded to f16,
+//! the kernel accumulates in f32 and rounds its output to f16, and the result goes on in f32
+//! (norms, attention, softmax, the loss and every adapter stay f32).
 
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{FloatDType, Int, Tensor};
 
 use crate::quant::QuantFormat;
 use crate::quant::kernel::matmul_t;
@@ -15,6 +19,13 @@ pub enum Weight {
     Dense(Tensor<2>),
     /// A block format, stored `[out, in]` (PyTorch / GGUF layout).
     Quant(QuantWeight),
+    /// f16, stored `[in, out]`.
+    Half(Tensor<2>),
+}
+
+/// `x @ w` with `w` in f16: x rounded to f16, f32 accumulation, the f16 result widened.
+fn half_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    x.cast(FloatDType::F16).matmul(w).cast(FloatDType::F32)
 }
 
 impl Weight {
@@ -23,6 +34,7 @@ impl Weight {
         match self {
             Weight::Dense(w) => x.matmul(w.clone()),
             Weight::Quant(q) => matmul_t(x, q),
+            Weight::Half(w) => half_matmul(x, w.clone()),
         }
     }
 
@@ -31,21 +43,31 @@ impl Weight {
         match self {
             Weight::Dense(w) => w.clone(),
             Weight::Quant(q) => q.dequantize().transpose(),
+            Weight::Half(w) => w.clone().cast(FloatDType::F32),
         }
     }
 
     /// `[in, out]`.
     pub fn dims(&self) -> [usize; 2] {
         match self {
-            Weight::Dense(w) => w.dims(),
+            Weight::Dense(w) | Weight::Half(w) => w.dims(),
             Weight::Quant(q) => [q.cols, q.rows],
         }
     }
 
     pub fn format(&self) -> Option<QuantFormat> {
         match self {
-            Weight::Dense(_) => None,
+            Weight::Dense(_) | Weight::Half(_) => None,
             Weight::Quant(q) => Some(q.format),
+        }
+    }
+
+    /// The storage format's name: "f32", "f16" or a block format's.
+    pub fn format_name(&self) -> &'static str {
+        match self {
+            Weight::Dense(_) => "f32",
+            Weight::Half(_) => "f16",
+            Weight::Quant(q) => q.format.name(),
         }
     }
 
@@ -53,6 +75,7 @@ impl Weight {
     pub fn device_bytes(&self) -> usize {
         match self {
             Weight::Dense(w) => 4 * w.dims().iter().product::<usize>(),
+            Weight::Half(w) => 2 * w.dims().iter().product::<usize>(),
             Weight::Quant(q) => q.device_bytes(),
         }
     }
@@ -101,11 +124,12 @@ impl Linear {
     }
 }
 
-/// A frozen embedding table `[vocab, hidden]`, f32 or in a block format.
+/// A frozen embedding table `[vocab, hidden]`, f32, f16 or in a block format.
 #[derive(Clone, Debug)]
 pub enum Embedding {
     Dense(Tensor<2>),
     Quant(QuantWeight),
+    Half(Tensor<2>),
 }
 
 impl Embedding {
@@ -114,6 +138,7 @@ impl Embedding {
         match self {
             Embedding::Dense(t) => t.clone().select(0, ids),
             Embedding::Quant(q) => q.select_rows(ids),
+            Embedding::Half(t) => t.clone().select(0, ids).cast(FloatDType::F32),
         }
     }
 
@@ -122,6 +147,7 @@ impl Embedding {
         match self {
             Embedding::Dense(t) => h.matmul(t.clone().transpose()),
             Embedding::Quant(q) => matmul_t(h, q),
+            Embedding::Half(t) => half_matmul(h, t.clone().transpose()),
         }
     }
 
@@ -130,13 +156,14 @@ impl Embedding {
         match self {
             Embedding::Dense(t) => t.clone(),
             Embedding::Quant(q) => q.dequantize(),
+            Embedding::Half(t) => t.clone().cast(FloatDType::F32),
         }
     }
 
     /// `[vocab, hidden]`.
     pub fn dims(&self) -> [usize; 2] {
         match self {
-            Embedding::Dense(t) => t.dims(),
+            Embedding::Dense(t) | Embedding::Half(t) => t.dims(),
             Embedding::Quant(q) => [q.rows, q.cols],
         }
     }
@@ -144,6 +171,7 @@ impl Embedding {
     pub fn device_bytes(&self) -> usize {
         match self {
             Embedding::Dense(t) => 4 * t.dims().iter().product::<usize>(),
+            Embedding::Half(t) => 2 * t.dims().iter().product::<usize>(),
             Embedding::Quant(q) => q.device_bytes(),
         }
     }

@@ -19,7 +19,7 @@ use crate::models::hooks::{Adapter, Family, Norm, Proj, Site, Sublayer};
 pub use crate::models::linear::{Embedding, Linear, Weight};
 use crate::quant::weight::QuantWeight;
 use crate::quant::{BaseFormat, QuantFormat, QuantHost};
-use crate::tensor::{floats, upload};
+use crate::tensor::{floats, halves, upload};
 
 #[derive(Clone)]
 pub struct Block {
@@ -123,7 +123,7 @@ fn rope_host(inv_freq: &[f32], start: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// A linear layer's weight `name` ([out, inp] in PyTorch layout) as the base format asks:
-/// a GGUF block tensor kept as it is, or quantized at load, or dense f32 [inp, out].
+/// a GGUF block tensor kept as it is, or quantized at load, or dense f32 / f16 [inp, out].
 fn matrix(t: &mut BTreeMap<String, HostTensor>, quant: &mut BTreeMap<String, QuantHost>, format: BaseFormat, name: &str, out: usize, inp: usize, device: &Device) -> Result<Weight> {
     if let Some(q) = quant.remove(name) {
         if (q.rows, q.cols) != (out, inp) {
@@ -137,6 +137,7 @@ fn matrix(t: &mut BTreeMap<String, HostTensor>, quant: &mut BTreeMap<String, Qua
     let w = take(t, name, &[out, inp])?;
     Ok(match format {
         BaseFormat::To(f) => Weight::Quant(QuantWeight::upload(&QuantHost::quantize(f, out, inp, &w.data)?, device)?),
+        _ if format.half() => Weight::Half(halves(&w.transposed().data, [inp, out], device)),
         _ => Weight::Dense(upload(&w.transposed(), device)?),
     })
 }
@@ -154,9 +155,14 @@ fn table(t: &mut BTreeMap<String, HostTensor>, quant: &mut BTreeMap<String, Quan
         return Ok(match matrix(t, quant, format, name, rows, cols, device)? {
             Weight::Quant(q) => Embedding::Quant(q),
             Weight::Dense(d) => Embedding::Dense(d.transpose()),
+            Weight::Half(d) => Embedding::Half(d.transpose()),
         });
     }
-    Ok(Embedding::Dense(upload(&take(t, name, &[rows, cols])?, device)?))
+    let e = take(t, name, &[rows, cols])?;
+    Ok(match format {
+        _ if format.half() => Embedding::Half(halves(&e.data, [rows, cols], device)),
+        _ => Embedding::Dense(upload(&e, device)?),
+    })
 }
 
 impl Llama {
@@ -240,6 +246,7 @@ impl Llama {
             let w = take(t, &format!("{name}.weight"), &[inp, out])?;
             let weight = match format {
                 BaseFormat::To(f) => Weight::Quant(QuantWeight::upload(&QuantHost::quantize(f, out, inp, &w.transposed().data)?, device)?),
+                _ if format.half() => Weight::Half(halves(&w.data, [inp, out], device)),
                 _ => Weight::Dense(upload(&w, device)?),
             };
             Ok(Linear { weight, bias: Some(upload(&take(t, &format!("{name}.bias"), &[out])?, device)?) })
@@ -548,30 +555,29 @@ impl Llama {
         crate::tensor::freeze_row(table, self.config.pad_token_id.map(|p| p as usize))
     }
 
-    /// The linear layers' storage formats, e.g. "q4_1", "f32", or "q4_1+q8_0" for a mix.
+    /// The linear layers' storage formats, e.g. "q4_1", "f32", "f16", or "q4_1+q8_0" for a mix.
     pub fn base_formats(&self) -> String {
-        let formats: std::collections::BTreeSet<&str> = self.sites().into_iter().map(|x| self.linear(x).weight.format().map_or("f32", |f| f.name())).collect();
+        let formats: std::collections::BTreeSet<&str> = self.sites().into_iter().map(|x| self.linear(x).weight.format_name()).collect();
         formats.into_iter().collect::<Vec<_>>().join("+")
     }
 
-    /// Replace every quantized weight by its dequantized f32 values (on the device): the
-    /// "dequantize, then f32" reference a quantized base is compared with.
+    /// Replace every quantized or f16 weight by its f32 values (on the device): the
+    /// "dequantize, then f32" reference a quantized or f16 base is compared with.
     pub fn dequantize_all(&mut self) {
         for b in &mut self.blocks {
             for l in b.linears.values_mut() {
-                if let Weight::Quant(_) = l.weight {
-                    l.weight = Weight::Dense(l.weight.dense());
-                }
+                l.weight = Weight::Dense(l.weight.dense());
             }
         }
-        if let Some(h) = &mut self.lm_head
-            && let Weight::Quant(_) = h.weight
-        {
+        if let Some(h) = &mut self.lm_head {
             h.weight = Weight::Dense(h.weight.dense());
         }
-        if let Embedding::Quant(_) = self.embed {
-            self.embed = Embedding::Dense(self.embed.dense());
-        }
+        self.embed = Embedding::Dense(self.embed.dense());
+    }
+
+    /// Whether any weight matrix is held in f16 (training then scales the loss).
+    pub fn has_half_weights(&self) -> bool {
+        matches!(self.embed, Embedding::Half(_)) || self.lm_head.iter().chain(self.blocks.iter().flat_map(|b| b.linears.values())).any(|l| matches!(l.weight, Weight::Half(_)))
     }
 
     /// All normalisation layers, with their frozen weights.

@@ -120,36 +120,71 @@ impl QuantFormat {
 pub enum BaseFormat {
     /// All f32: GGUF block tensors are dequantized at load.
     F32,
+    /// Every weight matrix (linear layers, embeddings) in f16, used as autocast does (see
+    /// [`crate::models::linear`]; GGUF block tensors are dequantized at load). Needs a device
+    /// with f16 (WebGPU's `shader-f16`).
+    F16,
     /// GGUF block tensors (Q8_0, Q4_0, Q4_1) stay in their format; the rest is f32.
     Keep,
+    /// GGUF block tensors stay in their format; the other matrices are f16: the default on
+    /// hardware with fast f16.
+    KeepF16,
     /// Every linear layer quantized at load to this format, and the embedding table to Q8_0
     /// (GGUF blocks of another format are dequantized and quantized again).
     To(QuantFormat),
 }
 
 impl BaseFormat {
-    /// `f32`, `keep`, or a format name (`q8_0`, `q4_0`, `q4_1`, `nf4`).
+    /// `f32`, `f16`, `keep`, or a format name (`q8_0`, `q4_0`, `q4_1`, `nf4`).
     pub fn parse(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "f32" | "none" => Ok(BaseFormat::F32),
+            "f16" | "fp16" | "half" => Ok(BaseFormat::F16),
             "keep" => Ok(BaseFormat::Keep),
-            other => QuantFormat::parse(other).map(BaseFormat::To).map_err(|_| err!(Config, "unknown base format {s:?} (f32, keep, q8_0, q4_0, q4_1, nf4)")),
+            "keep-f16" => Ok(BaseFormat::KeepF16),
+            other => QuantFormat::parse(other).map(BaseFormat::To).map_err(|_| err!(Config, "unknown base format {s:?} (f32, f16, keep, keep-f16, q8_0, q4_0, q4_1, nf4)")),
         }
     }
 
     pub fn name(self) -> &'static str {
         match self {
             BaseFormat::F32 => "f32",
+            BaseFormat::F16 => "f16",
             BaseFormat::Keep => "keep",
+            BaseFormat::KeepF16 => "keep-f16",
             BaseFormat::To(f) => f.name(),
         }
     }
 
+    /// Whether a GGUF's block tensors are loaded as blocks (kept, or quantized again).
+    pub fn keeps_blocks(self) -> bool {
+        !matches!(self, BaseFormat::F32 | BaseFormat::F16)
+    }
+
+    /// Whether the matrices that are not kept in a block format are held in f16.
+    pub fn half(self) -> bool {
+        matches!(self, BaseFormat::F16 | BaseFormat::KeepF16)
+    }
+
     /// The default for a device: a GPU keeps a GGUF's quantization (memory is what a browser
-    /// tab lacks); Burn's CPU backend, where memory is plentiful and dequantizing on every
-    /// pass would only cost time, loads f32.
-    pub fn default_for(is_gpu: bool) -> Self {
-        if is_gpu { BaseFormat::Keep } else { BaseFormat::F32 }
+    /// tab lacks), and holds the other matrices in f16 where it has fast f16
+    /// ([`crate::device::Compute::fast_f16`]: a hardware adapter with `shader-f16`); Burn's
+    /// CPU backend, where memory is plentiful and dequantizing on every pass would only cost
+    /// time, loads f32.
+    pub fn default_for(compute: &crate::device::Compute) -> Self {
+        match (compute.is_gpu, compute.fast_f16) {
+            (true, true) => BaseFormat::KeepF16,
+            (true, false) => BaseFormat::Keep,
+            (false, _) => BaseFormat::F32,
+        }
+    }
+
+    /// Refuse a format the device cannot hold (f16 without `shader-f16`).
+    pub fn check_device(self, device: &burn::tensor::Device) -> Result<Self> {
+        if self.half() && !device.supports_dtype(burn::tensor::FloatDType::F16) {
+            bail!(Device, "this device has no f16 (the WebGPU adapter does not offer shader-f16): hold the base in f32 or quantized (--base f32 | keep | q8_0 | q4_1 | nf4, JS base)");
+        }
+        Ok(self)
     }
 }
 
@@ -351,6 +386,19 @@ mod tests {
 
     fn ramp(n: usize) -> Vec<f32> {
         (0..n).map(|i| ((i * 7919) % 113) as f32 / 17.0 - 3.1).collect()
+    }
+
+    #[test]
+    fn base_formats_parse_and_default_by_device() {
+        for f in [BaseFormat::F32, BaseFormat::F16, BaseFormat::Keep, BaseFormat::KeepF16, BaseFormat::To(QuantFormat::Nf4)] {
+            assert_eq!(BaseFormat::parse(f.name()).unwrap(), f);
+        }
+        assert!(BaseFormat::parse("bf16").unwrap_err().message.contains("f16, keep, keep-f16"));
+        let c = |is_gpu, fast_f16| crate::device::Compute { device: burn::tensor::Device::flex(), name: String::new(), is_gpu, max_buffer: None, fast_f16 };
+        assert_eq!(BaseFormat::default_for(&c(true, true)), BaseFormat::KeepF16);
+        assert_eq!(BaseFormat::default_for(&c(true, false)), BaseFormat::Keep);
+        assert_eq!(BaseFormat::default_for(&c(false, false)), BaseFormat::F32);
+        assert!(BaseFormat::KeepF16.keeps_blocks() && !BaseFormat::F16.keeps_blocks() && BaseFormat::F16.half() && !BaseFormat::Keep.half());
     }
 
     #[test]

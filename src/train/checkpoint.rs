@@ -19,6 +19,7 @@ use crate::io::safetensors::{HostTensor, OutTensor, read_all_f32, write};
 use crate::peft::Trainable;
 use crate::tensor::{read, upload};
 use crate::train::optim::{AdamW, Moments};
+use crate::train::scaler::LossScaler;
 
 const FORMAT: &str = "webpeft-checkpoint";
 const TENSORS: &str = "tensors.safetensors";
@@ -33,6 +34,8 @@ pub struct Checkpoint {
     pub opt_step: usize,
     /// Non-finite steps in a row at this point.
     pub nonfinite: usize,
+    /// The loss scaler's state (training over an f16 base).
+    pub loss_scale: Option<LossScaler>,
     /// Trainable tensors in the adapter's own order (names kept to check the match).
     pub params: Vec<(String, HostTensor)>,
     /// AdamW's first and second moments, per parameter (absent before the first update).
@@ -54,6 +57,8 @@ struct State {
     iteration: usize,
     opt_step: usize,
     nonfinite: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    loss_scale: Option<LossScaler>,
     names: Vec<String>,
     fingerprint: Json,
     files: BTreeMap<String, FileEntry>,
@@ -78,7 +83,7 @@ impl Checkpoint {
                 None => None,
             });
         }
-        Ok(Checkpoint { iteration, opt_step: opt.step, nonfinite, params, moments, fingerprint })
+        Ok(Checkpoint { iteration, opt_step: opt.step, nonfinite, loss_scale: None, params, moments, fingerprint })
     }
 
     /// Put the tensors back into `adapter` and the moments into `opt`, after checking that
@@ -132,6 +137,7 @@ impl Checkpoint {
             iteration: self.iteration,
             opt_step: self.opt_step,
             nonfinite: self.nonfinite,
+            loss_scale: self.loss_scale,
             names: self.params.iter().map(|(n, _)| n.clone()).collect(),
             fingerprint: self.fingerprint.clone(),
             files: BTreeMap::from([(TENSORS.to_string(), FileEntry { bytes: tensors.len(), sha256: sha256_hex(&tensors) })]),
@@ -166,7 +172,7 @@ impl Checkpoint {
             .map(|(i, n)| take(format!("param.{i:04}")).map(|h| (n.clone(), h)).ok_or_else(|| err!(Format, "checkpoint: tensor {n} missing")))
             .collect::<Result<Vec<_>>>()?;
         let moments = (0..params.len()).map(|i| take(format!("adam_m.{i:04}")).zip(take(format!("adam_v.{i:04}")))).collect();
-        Ok(Checkpoint { iteration: state.iteration, opt_step: state.opt_step, nonfinite: state.nonfinite, params, moments, fingerprint: state.fingerprint })
+        Ok(Checkpoint { iteration: state.iteration, opt_step: state.opt_step, nonfinite: state.nonfinite, loss_scale: state.loss_scale, params, moments, fingerprint: state.fingerprint })
     }
 }
 

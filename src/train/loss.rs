@@ -30,7 +30,14 @@ pub fn causal_lm_loss_by_task(model: &Llama, hook: &dyn Adapter, batch: &Batch, 
 
 /// [`causal_lm_loss_by_task`] from the last block's output `last` [B*(n+T), hidden] when
 /// given (only the final norm and the head then run: gradient checkpointing's top segment).
-pub fn causal_lm_loss_from(model: &Llama, hook: &dyn Adapter, batch: &Batch, denominator: usize, n_tasks: usize, last: Option<Tensor<2>>) -> Result<(Tensor<1>, Option<(Tensor<1>, Vec<usize>)>)> {
+pub fn causal_lm_loss_from(
+    model: &Llama,
+    hook: &dyn Adapter,
+    batch: &Batch,
+    denominator: usize,
+    n_tasks: usize,
+    last: Option<Tensor<2>>,
+) -> Result<(Tensor<1>, Option<(Tensor<1>, Vec<usize>)>)> {
     let (logp, rows) = target_log_probs(model, hook, batch, last)?;
     if denominator == 0 {
         bail!(Data, "the batch has no position to predict (all labels are -100)");

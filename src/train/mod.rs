@@ -1,7 +1,7 @@
 //! Training: data to batches, the causal-LM loss, sequence classification (`classify`), contrastive
 //! embedding tuning (`contrastive`), AdamW with torch's semantics, learning
-//! rate schedules with transformers' semantics, the step loop (accumulation, clipping) and
-//! gradient checkpointing (`recompute`).
+//! rate schedules with transformers' semantics, the step loop (accumulation, clipping),
+//! gradient checkpointing (`recompute`) and loss scaling over an f16 base (`scaler`).
 
 pub mod checkpoint;
 pub mod classify;
@@ -12,6 +12,7 @@ pub mod memory;
 pub mod optim;
 pub mod privacy;
 pub mod recompute;
+pub mod scaler;
 pub mod schedule;
 pub mod trainer;
 

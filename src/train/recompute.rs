@@ -5,8 +5,9 @@
 //! step holds for backward drops from every block's activations to (layers + 1) block inputs
 //! plus one block's activations, for one more forward pass of compute.
 //!
-//! The gradients equal the plain step's (`tests/recompute.rs`). Dropout draws the same masks
-//! in the first pass and the recomputation: the device's RNG is seeded before each block.
+//! The gradients equal the plain step's (every method's one-step check against PyTorch in
+//! `tests/methods.rs` runs both ways). Dropout draws the same masks in the first pass and the
+//! recomputation: the device's RNG is seeded before each block.
 
 use burn::tensor::Tensor;
 
@@ -46,7 +47,8 @@ fn collect(adapter: &mut dyn Trainable, grads: &burn::tensor::Gradients, acc: &m
 /// The causal-LM loss of `batch` (its target sum divided by `denominator`, as
 /// [`causal_lm_loss_from`]) and the adapter's gradients, with activations recomputed block by
 /// block. The adapter must be trainable; `seed` seeds its dropout (one seed per micro-batch).
-pub fn loss_and_grads(model: &Llama, adapter: &mut dyn Trainable, batch: &Batch, denominator: usize, n_tasks: usize, seed: u64) -> Result<Gradients> {
+/// With `scale` ≠ 1 the gradients are those of `scale * loss` (loss scaling).
+pub fn loss_and_grads(model: &Llama, adapter: &mut dyn Trainable, batch: &Batch, denominator: usize, n_tasks: usize, seed: u64, scale: f32) -> Result<Gradients> {
     let layers = model.blocks.len();
     let dev = model.device.clone();
     let inputs = batch_inputs(batch, &dev);
@@ -68,7 +70,7 @@ pub fn loss_and_grads(model: &Llama, adapter: &mut dyn Trainable, batch: &Batch,
     let mut acc = Vec::new();
     let x = last.autodiff().require_grad();
     let (loss, by_task) = causal_lm_loss_from(model, &*adapter, batch, denominator, n_tasks, Some(x.clone()))?;
-    let grads = loss.backward();
+    let grads = if scale == 1.0 { loss.backward() } else { loss.clone().mul_scalar(scale).backward() };
     collect(adapter, &grads, &mut acc);
     let Some(mut g) = x.grad(&grads) else { bail!(Shape, "gradient checkpointing: the loss does not depend on the last block") };
     // Each block from the top: recompute it from its input, backpropagate what reached its output.

@@ -1,5 +1,6 @@
 //! The training step: micro-batches with gradient accumulation, global-norm clipping, the
 //! LR schedule and AdamW; non-finite losses skip the update and, repeated, stop training.
+//! Over a base with f16 weights the loss is scaled dynamically ([`LossScaler`]).
 
 use burn::tensor::Tensor;
 use rand::SeedableRng;
@@ -15,6 +16,7 @@ use crate::train::loss::{causal_lm_loss, causal_lm_loss_by_task};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::privacy::{self, DpConfig};
 use crate::train::recompute;
+use crate::train::scaler::LossScaler;
 use crate::train::schedule::Schedule;
 
 #[derive(Debug, Clone)]
@@ -40,7 +42,18 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { optim: AdamWConfig::default(), schedule: Schedule::Constant, warmup: 0, total_steps: 1, max_grad_norm: None, max_nonfinite: 5, dp: None, dp_expected_batch: 1, seed: 0, gradient_checkpointing: false }
+        TrainConfig {
+            optim: AdamWConfig::default(),
+            schedule: Schedule::Constant,
+            warmup: 0,
+            total_steps: 1,
+            max_grad_norm: None,
+            max_nonfinite: 5,
+            dp: None,
+            dp_expected_batch: 1,
+            seed: 0,
+            gradient_checkpointing: false,
+        }
     }
 }
 
@@ -66,13 +79,17 @@ pub struct Trainer {
     pub opt: AdamW,
     /// Non-finite steps in a row so far (kept in checkpoints).
     pub nonfinite: usize,
+    /// Loss scaling: on from the first step over a model with f16 weights (kept in
+    /// checkpoints).
+    pub scaler: Option<LossScaler>,
     noise: SmallRng,
 }
 
 /// Backpropagate `loss` and add each trainable tensor's gradient to `acc` (and the loss,
 /// detached, to `loss_sum`).
-fn accumulate(adapter: &mut dyn Trainable, loss: Tensor<1>, acc: &mut Vec<Option<Tensor<2>>>, loss_sum: &mut Option<Tensor<1>>) {
-    let grads = loss.backward();
+/// With `scale` ≠ 1 the gradients are those of `scale * loss` (loss scaling).
+fn accumulate(adapter: &mut dyn Trainable, loss: Tensor<1>, scale: f32, acc: &mut Vec<Option<Tensor<2>>>, loss_sum: &mut Option<Tensor<1>>) {
+    let grads = if scale == 1.0 { loss.backward() } else { loss.clone().mul_scalar(scale).backward() };
     let g: Vec<Option<Tensor<2>>> = adapter.params_mut().iter().map(|p| p.tensor.grad(&grads)).collect();
     add_gradients(adapter, g, loss.without_autodiff(), acc, loss_sum);
 }
@@ -107,7 +124,7 @@ fn noise_rng(seed: u64, step: usize) -> SmallRng {
 
 impl Trainer {
     pub fn new(config: TrainConfig) -> Self {
-        Trainer { opt: AdamW::new(config.optim), noise: noise_rng(config.seed, 0), config, nonfinite: 0 }
+        Trainer { opt: AdamW::new(config.optim), noise: noise_rng(config.seed, 0), config, nonfinite: 0, scaler: None }
     }
 
     /// Seed the DP noise for loop iteration `step` (so a resumed run draws the same noise).
@@ -127,6 +144,10 @@ impl Trainer {
         if let Some(dp) = self.config.dp {
             return self.step_dp(model, adapter, micro, dp).await;
         }
+        if self.scaler.is_none() && model.has_half_weights() {
+            self.scaler = Some(LossScaler::default());
+        }
+        let scale = self.scale();
         let n = adapter.prefix().map_or(0, |p| p.dims()[0]);
         let total: usize = micro.iter().map(|b| b.num_targets_with_prefix(n)).sum();
         let tokens = micro.iter().map(Batch::num_tokens).sum();
@@ -138,12 +159,12 @@ impl Trainer {
         for (k, mb) in micro.iter().enumerate() {
             adapter.prepare(mb);
             let by_task = if self.config.gradient_checkpointing {
-                let r = recompute::loss_and_grads(model, adapter, mb, total, n_tasks, micro_seed(self.config.seed, self.opt.step, k))?;
+                let r = recompute::loss_and_grads(model, adapter, mb, total, n_tasks, micro_seed(self.config.seed, self.opt.step, k), scale)?;
                 add_gradients(adapter, r.grads, r.loss, &mut acc, &mut loss_sum);
                 r.by_task
             } else {
                 let (loss, by_task) = causal_lm_loss_by_task(model, &*adapter, mb, total, n_tasks)?;
-                accumulate(adapter, loss, &mut acc, &mut loss_sum);
+                accumulate(adapter, loss, scale, &mut acc, &mut loss_sum);
                 by_task
             };
             if let Some((sums, counts)) = by_task {
@@ -169,14 +190,20 @@ impl Trainer {
         }
         let mut loss_sum: Option<Tensor<1>> = None;
         let mut acc: Vec<Option<Tensor<2>>> = Vec::new();
+        let scale = self.scale();
         for k in 0..micro {
             let loss = loss_of(&*adapter, k)?;
-            accumulate(&mut *adapter, loss, &mut acc, &mut loss_sum);
+            accumulate(&mut *adapter, loss, scale, &mut acc, &mut loss_sum);
         }
         Ok(self.update(&mut *adapter, acc, loss_sum, None, tokens).await?.0)
     }
 
-    /// Clip the accumulated gradients, read the loss and norm back (with `extra`, in the same
+    /// The loss scale of the next step (1 without loss scaling).
+    pub fn scale(&self) -> f32 {
+        self.scaler.map_or(1.0, |s| s.scale)
+    }
+
+    /// Unscale and clip the accumulated gradients, read the loss and norm back (with `extra`, in the same
     /// single readback) and apply the update through [`Trainer::finish`].
     async fn update(
         &mut self,
@@ -188,6 +215,10 @@ impl Trainer {
     ) -> Result<(StepStats, Vec<f32>)> {
         let Some(loss) = loss_sum else { bail!(Data, "no micro-batch") };
         let mut grads: Vec<Tensor<2>> = acc.into_iter().flatten().collect();
+        let scale = self.scale();
+        if scale != 1.0 {
+            grads = grads.into_iter().map(|g| g.mul_scalar(1.0 / scale)).collect();
+        }
         let sq: Vec<Tensor<1>> = grads.iter().map(|g| g.clone().square().sum()).collect();
         let norm = Tensor::cat(sq, 0).sum().sqrt();
         if let Some(max) = self.config.max_grad_norm {
@@ -209,6 +240,19 @@ impl Trainer {
     /// `has_loss` is false for a DP step without examples (Poisson sampling): only noise.
     fn finish(&mut self, adapter: &mut dyn Trainable, grads: Vec<Tensor<2>>, mut stats: StepStats, has_loss: bool) -> Result<StepStats> {
         let (loss, grad_norm) = (stats.loss, stats.grad_norm);
+        if let Some(s) = &mut self.scaler
+            && loss.is_finite()
+            && self.config.dp.is_none()
+        {
+            if grad_norm.is_finite() {
+                s.finite_step();
+            } else if s.overflow() {
+                // An overflow of the scaled f16 gradients: skipped, not an error.
+                log::info!("step {}: the f16 gradients overflowed at loss scale {}; update skipped, the scale is now {}", stats.step, 2.0 * s.scale, s.scale);
+                stats.skipped = true;
+                return Ok(stats);
+            }
+        }
         if !grad_norm.is_finite() || (has_loss && !loss.is_finite()) {
             self.nonfinite += 1;
             stats.skipped = true;
@@ -255,7 +299,7 @@ impl Trainer {
             adapter.prepare(row);
             let denominator = row.num_targets_with_prefix(n_prefix);
             let (loss, g) = if self.config.gradient_checkpointing {
-                let r = recompute::loss_and_grads(model, adapter, row, denominator, 0, micro_seed(self.config.seed, self.opt.step, k))?;
+                let r = recompute::loss_and_grads(model, adapter, row, denominator, 0, micro_seed(self.config.seed, self.opt.step, k), 1.0)?;
                 (r.loss, r.grads)
             } else {
                 let loss = causal_lm_loss(model, &*adapter, row, denominator)?;

@@ -522,7 +522,7 @@ impl Model {
             let compute = compute()?;
             let format = match base {
                 Some(b) => crate::quant::BaseFormat::parse(&b)?,
-                None => crate::quant::BaseFormat::default_for(compute.is_gpu),
+                None => crate::quant::BaseFormat::default_for(&compute),
             };
             let s = Session::load_as(&files, compute, format)?;
             Ok(Model { inner: Rc::new(RefCell::new(s)), pause: Arc::default(), training: Rc::default() })
