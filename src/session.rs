@@ -630,9 +630,7 @@ async fn run_training(
     let draws = if dp_config.is_some_and(|d| d.poisson) { 1 } else { grad_accum };
     let start = match &o.resume {
         Some(c) => {
-            c.restore(adapter, &mut trainer.opt, &fingerprint)?;
-            trainer.nonfinite = c.nonfinite;
-            trainer.scaler = c.loss_scale;
+            c.restore(adapter, &mut trainer, &fingerprint)?;
             // The batches the first part of the run drew (host-side shuffles only).
             for _ in 0..c.iteration * draws {
                 batcher.next_batch()?;
@@ -662,13 +660,7 @@ async fn run_training(
             let seconds = t0.elapsed().as_secs_f64();
             let paused = o.pause.as_ref().is_some_and(|p| p.load(Ordering::SeqCst)) && step + 1 < o.steps;
             let due = paused || (o.checkpoint_every > 0 && ((step + 1) % o.checkpoint_every == 0 || step + 1 == o.steps));
-            let checkpoint = if due {
-                let mut c = Checkpoint::capture(adapter, &trainer.opt, step + 1, trainer.nonfinite, fingerprint.clone()).await?;
-                c.loss_scale = trainer.scaler;
-                Some(c)
-            } else {
-                None
-            };
+            let checkpoint = if due { Some(Checkpoint::capture(adapter, &trainer, step + 1, fingerprint.clone()).await?) } else { None };
             let eval_due = !held_out.is_empty() && (step + 1 == o.steps || (o.eval_every > 0 && (step + 1) % o.eval_every == 0));
             let eval = if eval_due {
                 // In eval mode (no dropout, no autodiff graph); the next step re-seeds the device.

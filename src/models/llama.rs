@@ -137,9 +137,13 @@ fn matrix(t: &mut BTreeMap<String, HostTensor>, quant: &mut BTreeMap<String, Qua
     let w = take(t, name, &[out, inp])?;
     Ok(match format {
         BaseFormat::To(f) => Weight::Quant(QuantWeight::upload(&QuantHost::quantize(f, out, inp, &w.data)?, device)?),
-        _ if format.half() => Weight::Half(halves(&w.transposed().data, [inp, out], device)),
-        _ => Weight::Dense(upload(&w.transposed(), device)?),
+        _ => dense(&w.transposed(), format, device)?,
     })
+}
+
+/// A dense weight `w` [inp, out] held as the base format asks: f16 or f32.
+fn dense(w: &HostTensor, format: BaseFormat, device: &Device) -> Result<Weight> {
+    Ok(if format.half() { Weight::Half(halves(&w.data, [w.shape[0], w.shape[1]], device)) } else { Weight::Dense(upload(w, device)?) })
 }
 
 /// An embedding table `name` [rows, cols], kept or quantized as [`matrix`], except that a
@@ -159,10 +163,7 @@ fn table(t: &mut BTreeMap<String, HostTensor>, quant: &mut BTreeMap<String, Quan
         });
     }
     let e = take(t, name, &[rows, cols])?;
-    Ok(match format {
-        _ if format.half() => Embedding::Half(halves(&e.data, [rows, cols], device)),
-        _ => Embedding::Dense(upload(&e, device)?),
-    })
+    Ok(if format.half() { Embedding::Half(halves(&e.data, [rows, cols], device)) } else { Embedding::Dense(upload(&e, device)?) })
 }
 
 impl Llama {
@@ -246,8 +247,7 @@ impl Llama {
             let w = take(t, &format!("{name}.weight"), &[inp, out])?;
             let weight = match format {
                 BaseFormat::To(f) => Weight::Quant(QuantWeight::upload(&QuantHost::quantize(f, out, inp, &w.transposed().data)?, device)?),
-                _ if format.half() => Weight::Half(halves(&w.data, [inp, out], device)),
-                _ => Weight::Dense(upload(&w, device)?),
+                _ => dense(&w, format, device)?,
             };
             Ok(Linear { weight, bias: Some(upload(&take(t, &format!("{name}.bias"), &[out])?, device)?) })
         };

@@ -18,8 +18,9 @@ use crate::error::{Result, bail, err};
 use crate::io::safetensors::{HostTensor, OutTensor, read_all_f32, write};
 use crate::peft::Trainable;
 use crate::tensor::{read, upload};
-use crate::train::optim::{AdamW, Moments};
+use crate::train::optim::Moments;
 use crate::train::scaler::LossScaler;
+use crate::train::trainer::Trainer;
 
 const FORMAT: &str = "webpeft-checkpoint";
 const TENSORS: &str = "tensors.safetensors";
@@ -70,8 +71,10 @@ pub fn sha256_hex(b: &[u8]) -> String {
 }
 
 impl Checkpoint {
-    /// Capture the adapter's tensors and the optimizer (reads them back from the device).
-    pub async fn capture(adapter: &mut dyn Trainable, opt: &AdamW, iteration: usize, nonfinite: usize, fingerprint: Json) -> Result<Checkpoint> {
+    /// Capture the adapter's tensors and the trainer's state: the optimizer (read back from
+    /// the device), the count of non-finite steps and the loss scaler.
+    pub async fn capture(adapter: &mut dyn Trainable, trainer: &Trainer, iteration: usize, fingerprint: Json) -> Result<Checkpoint> {
+        let opt = &trainer.opt;
         let mut params = Vec::new();
         for p in adapter.params_mut() {
             params.push((p.name.clone(), read(p.tensor.clone().without_autodiff()).await?));
@@ -83,12 +86,13 @@ impl Checkpoint {
                 None => None,
             });
         }
-        Ok(Checkpoint { iteration, opt_step: opt.step, nonfinite, loss_scale: None, params, moments, fingerprint })
+        Ok(Checkpoint { iteration, opt_step: opt.step, nonfinite: trainer.nonfinite, loss_scale: trainer.scaler, params, moments, fingerprint })
     }
 
-    /// Put the tensors back into `adapter` and the moments into `opt`, after checking that
-    /// the checkpoint belongs to this run (same settings, same parameters and shapes).
-    pub fn restore(&self, adapter: &mut dyn Trainable, opt: &mut AdamW, fingerprint: &Json) -> Result<()> {
+    /// Put the tensors back into `adapter` and the trainer's state into `trainer`, after
+    /// checking that the checkpoint belongs to this run (same settings, same parameters and
+    /// shapes).
+    pub fn restore(&self, adapter: &mut dyn Trainable, trainer: &mut Trainer, fingerprint: &Json) -> Result<()> {
         if &self.fingerprint != fingerprint {
             let differs: Vec<String> = match (self.fingerprint.as_object(), fingerprint.as_object()) {
                 (Some(a), Some(b)) => a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
@@ -108,9 +112,11 @@ impl Checkpoint {
         for (p, (_, h)) in params.iter_mut().zip(&self.params) {
             *p.tensor = upload(h, &p.tensor.device())?;
         }
-        opt.step = self.opt_step;
+        trainer.opt.step = self.opt_step;
+        trainer.nonfinite = self.nonfinite;
+        trainer.scaler = self.loss_scale;
         // Each parameter's moments on its device (none before the first update).
-        opt.state = params
+        trainer.opt.state = params
             .iter()
             .zip(&self.moments)
             .map(|(p, m)| m.as_ref().map(|(m, v)| Ok::<_, crate::Error>(Moments { m: upload(m, &p.tensor.device())?, v: upload(v, &p.tensor.device())? })).transpose())

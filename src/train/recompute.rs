@@ -70,7 +70,7 @@ pub fn loss_and_grads(model: &Llama, adapter: &mut dyn Trainable, batch: &Batch,
     let mut acc = Vec::new();
     let x = last.autodiff().require_grad();
     let (loss, by_task) = causal_lm_loss_from(model, &*adapter, batch, denominator, n_tasks, Some(x.clone()))?;
-    let grads = if scale == 1.0 { loss.backward() } else { loss.clone().mul_scalar(scale).backward() };
+    let grads = crate::train::scaler::scaled_backward(loss.clone(), scale);
     collect(adapter, &grads, &mut acc);
     let Some(mut g) = x.grad(&grads) else { bail!(Shape, "gradient checkpointing: the loss does not depend on the last block") };
     // Each block from the top: recompute it from its input, backpropagate what reached its output.

@@ -4,7 +4,13 @@
 //! rule is `torch.amp.GradScaler`'s: start at 2^16; a step whose gradients are not finite
 //! (overflow) is skipped and halves the scale; 2000 finite steps in a row double it.
 
+use burn::tensor::{Gradients, Tensor};
 use serde::{Deserialize, Serialize};
+
+/// The gradients of `scale * loss` (of `loss` itself when `scale` is 1).
+pub fn scaled_backward(loss: Tensor<1>, scale: f32) -> Gradients {
+    if scale == 1.0 { loss.backward() } else { loss.mul_scalar(scale).backward() }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LossScaler {

@@ -16,7 +16,7 @@ use crate::train::loss::{causal_lm_loss, causal_lm_loss_by_task};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::privacy::{self, DpConfig};
 use crate::train::recompute;
-use crate::train::scaler::LossScaler;
+use crate::train::scaler::{LossScaler, scaled_backward};
 use crate::train::schedule::Schedule;
 
 #[derive(Debug, Clone)]
@@ -89,7 +89,7 @@ pub struct Trainer {
 /// detached, to `loss_sum`).
 /// With `scale` ≠ 1 the gradients are those of `scale * loss` (loss scaling).
 fn accumulate(adapter: &mut dyn Trainable, loss: Tensor<1>, scale: f32, acc: &mut Vec<Option<Tensor<2>>>, loss_sum: &mut Option<Tensor<1>>) {
-    let grads = if scale == 1.0 { loss.backward() } else { loss.clone().mul_scalar(scale).backward() };
+    let grads = scaled_backward(loss.clone(), scale);
     let g: Vec<Option<Tensor<2>>> = adapter.params_mut().iter().map(|p| p.tensor.grad(&grads)).collect();
     add_gradients(adapter, g, loss.without_autodiff(), acc, loss_sum);
 }
@@ -242,13 +242,13 @@ impl Trainer {
         let (loss, grad_norm) = (stats.loss, stats.grad_norm);
         if let Some(s) = &mut self.scaler
             && loss.is_finite()
-            && self.config.dp.is_none()
         {
+            let before = s.scale;
             if grad_norm.is_finite() {
                 s.finite_step();
             } else if s.overflow() {
                 // An overflow of the scaled f16 gradients: skipped, not an error.
-                log::info!("step {}: the f16 gradients overflowed at loss scale {}; update skipped, the scale is now {}", stats.step, 2.0 * s.scale, s.scale);
+                log::info!("step {}: the f16 gradients overflowed at loss scale {before}; update skipped, the scale is now {}", stats.step, s.scale);
                 stats.skipped = true;
                 return Ok(stats);
             }
