@@ -25,8 +25,10 @@ fn logits(model: &Llama, ids: &(Vec<usize>, Vec<i64>), mask: Option<&(Vec<usize>
 #[test]
 fn tiny_llama_logits_match_transformers() {
     let fx = load("tiny-logits.safetensors");
-    for (dir, key) in [("tiny-llama", "tiny"), ("tiny-llama-bias", "bias")] {
-        let s = tiny(dir);
+    // Both attention implementations (the fused kernels run on a GPU only).
+    for (dir, key, fused) in [("tiny-llama", "tiny", false), ("tiny-llama-bias", "bias", false), ("tiny-llama", "tiny", true), ("tiny-llama-bias", "bias", true)] {
+        let mut s = tiny(dir);
+        s.model.fused_attention = fused;
         let got = logits(&s.model, &fx.i64[&format!("{key}.input_ids")], None);
         assert_close(&format!("{dir} logits"), &got, &fx.f32[&format!("{key}.logits")].data, 1e-4);
         // Right padding: compare only the real (unpadded) positions.

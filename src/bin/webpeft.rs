@@ -48,6 +48,17 @@ struct Common {
     /// f16 is no faster there), f32 on the CPU backend.
     #[arg(long)]
     base: Option<String>,
+    /// reference (tensor ops, a T x S score matrix per head) | fused (flash-attention-style
+    /// kernels on a GPU: memory linear in the sequence length, slower on lavapipe; Burn's CPU
+    /// backend always runs the reference).
+    #[arg(long, value_enum, default_value_t = AttentionChoice::Reference)]
+    attention: AttentionChoice,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum AttentionChoice {
+    Fused,
+    Reference,
 }
 
 #[derive(Args, Clone)]
@@ -721,7 +732,8 @@ fn open(common: &Common) -> Result<Session> {
         Some(b) => BaseFormat::parse(b)?,
         None => BaseFormat::default_for(&compute),
     };
-    let s = Session::load_as(&files, compute, format)?;
+    let mut s = Session::load_as(&files, compute, format)?;
+    s.model.fused_attention = common.attention == AttentionChoice::Fused;
     let m = s.model.base_memory();
     eprintln!("base: {} ({:.1} MiB on the device)", format.name(), m.bytes as f64 / (1u64 << 20) as f64);
     Ok(s)
@@ -1328,6 +1340,7 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
     Ok(serde_json::json!({
         "device": s.compute.name,
         "base": s.model.base_formats(),
+        "attention": if s.model.fused_attention && webpeft::quant::kernel::runs_kernel(&s.compute.device) { "fused" } else { "reference" },
         "base_bytes": s.model.base_memory().bytes,
         "model_parameters": s.model.num_parameters(),
         "method": s.adapters["bench"].method(),

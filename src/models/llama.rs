@@ -8,12 +8,13 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::error::{Result, bail};
 use crate::io::safetensors::{HostTensor, take};
 use crate::io::source::LoadedWeights;
+use crate::models::attention::{Mask, attention};
 use crate::models::config::LlamaConfig;
 use crate::models::hooks::{Adapter, Family, Norm, Proj, Site, Sublayer};
 pub use crate::models::linear::{Embedding, Linear, Weight};
@@ -92,6 +93,11 @@ pub struct Llama {
     /// cos/sin for positions 0..ROPE_CACHED on the device, [positions, head_dim]: computed
     /// once at load, so a forward pass uploads no RoPE table.
     rope_cache: (Tensor<2>, Tensor<2>),
+    /// Attention through the fused kernels where they run (a WebGPU / Vulkan device; see
+    /// [`attention`](crate::models::attention)): memory linear in the sequence length, but
+    /// slower than the reference on lavapipe (see the README), so off by default; false: the
+    /// reference tensor ops.
+    pub fused_attention: bool,
     pub device: Device,
 }
 
@@ -228,7 +234,7 @@ impl Llama {
         let (cos, sin) = rope_host(&inv_freq, 0, cached);
         let d = c.head_dim;
         let rope_cache = (floats(cos, [cached, d], device), floats(sin, [cached, d], device));
-        Ok(Llama { config: c, embed, positions: None, blocks, norm, norm_bias: None, lm_head, inv_freq, rope_cache, device: device.clone() })
+        Ok(Llama { config: c, embed, positions: None, blocks, norm, norm_bias: None, lm_head, inv_freq, rope_cache, fused_attention: false, device: device.clone() })
     }
 
     /// GPT-2 weights (`transformer.*`, Conv1D layers stored [in, out] as they are used).
@@ -277,7 +283,19 @@ impl Llama {
         }
         let hd = c.head_dim;
         let empty = || floats(vec![], [0, hd], device);
-        Ok(Llama { config: c, embed, positions, blocks, norm, norm_bias, lm_head: None, inv_freq: Vec::new(), rope_cache: (empty(), empty()), device: device.clone() })
+        Ok(Llama {
+            config: c,
+            embed,
+            positions,
+            blocks,
+            norm,
+            norm_bias,
+            lm_head: None,
+            inv_freq: Vec::new(),
+            rope_cache: (empty(), empty()),
+            fused_attention: false,
+            device: device.clone(),
+        })
     }
 
     /// The architecture's module naming.
@@ -330,23 +348,9 @@ impl Llama {
         x * cos.clone() + rot * sin.clone()
     }
 
-    /// Additive attention mask [B, 1, T, S] (0 or -1e30): causal, plus padding of keys.
-    fn attn_mask(&self, b: usize, t: usize, past: usize, pad: Option<&[i64]>) -> Tensor<4> {
-        let s = past + t;
-        let mut m = vec![0f32; b * t * s];
-        for bi in 0..b {
-            for qi in 0..t {
-                for ki in 0..s {
-                    let causal = ki > past + qi;
-                    // `pad` covers all S key positions of the row.
-                    let padded = pad.is_some_and(|p| p[bi * s + ki] == 0);
-                    if causal || padded {
-                        m[(bi * t + qi) * s + ki] = -1e30;
-                    }
-                }
-            }
-        }
-        floats(m, [b, 1, t, s], &self.device)
+    /// Whether attention runs through the fused kernels on this model's device.
+    pub fn fused_attention(&self) -> bool {
+        crate::models::attention::runs_fused(self.fused_attention, self.config.head_dim, &self.device)
     }
 
     /// Hidden states after the final norm for the real (non-virtual) positions, [B*T, hidden].
@@ -424,7 +428,7 @@ impl Llama {
         };
         // RoPE tables, unless the positions are learned (GPT-2).
         let rope = self.positions.is_none().then(|| self.rope_tables(past, t_all));
-        let mask = self.attn_mask(b, t_all, past, mask.as_deref());
+        let mask = Mask { batch: b, t: t_all, past, keys: mask }.prepare(self.fused_attention, hd, &self.device);
         let scale = 1.0 / (hd as f64).sqrt();
         if let Some(k) = cache.as_deref_mut()
             && k.layers.len() != self.blocks.len()
@@ -465,16 +469,7 @@ impl Llama {
                 }
                 kc.layers[l] = Some((k.clone(), v.clone()));
             }
-            let s = past + t;
-            let (k, v) = if nkv != nh {
-                let rep = nh / nkv;
-                let e = |x: Tensor<4>| x.reshape([b, nkv, 1, s, hd]).repeat_dim(2, rep).reshape([b, nh, s, hd]);
-                (e(k), e(v))
-            } else {
-                (k, v)
-            };
-            let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + mask.clone();
-            let att = softmax(scores, 3).matmul(v);
+            let att = attention(q, k, v, &mask, scale);
             let att = att.swap_dims(1, 2).reshape([b * t, nh * hd]);
             let a = lin(Proj::O, &att);
             x = x + adapter.sublayer_output(l, Sublayer::Attention, &hx, a);

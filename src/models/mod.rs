@@ -1,5 +1,6 @@
 //! Model architectures. One file per architecture; adapters plug in through [`hooks`].
 
+pub mod attention;
 pub mod bert;
 pub mod config;
 pub mod hooks;

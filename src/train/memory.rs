@@ -12,10 +12,13 @@
 //!   activations B·T·(10h + 3q + 4k + 5i) × 4 per layer: what autodiff keeps for backward
 //!               (norm inputs and outputs, q/k/v before and after RoPE, attention output,
 //!               gate/up/SiLU/product, residuals)
-//!   attention   B·H·T² × 4 × 3 for the layer being run (scores, softmax, their gradient)
+//!   attention   B·H·T² × 4 per layer (the softmax autodiff keeps), + 2 for the layer being
+//!               run (scores, their gradient); with gradient checkpointing 3 in all. With the
+//!               fused kernels (`models::attention`) no T² buffer exists: B·H·T × 4 per layer
+//!               (the log-sum-exp kept) + 1 (D of the backward)
 //!   logits      B·T·V × 4 × 3 (logits, log-softmax, gradient)
-//! and the largest single buffer is the biggest of the logits, the attention scores and the
-//! embedding table. With gradient checkpointing (`recompute`), activations are the blocks'
+//! and the largest single buffer is the biggest of the logits, the attention scores (not with
+//! the fused kernels) and the embedding table. With gradient checkpointing (`recompute`), activations are the blocks'
 //! inputs, (layers + 1)·B·T·h × 4, plus one layer's as above (the block being recomputed).
 //!
 //! The plan tries, from the asked batch down through its divisors, the batch without and
@@ -62,13 +65,15 @@ impl BaseMemory {
 }
 
 /// The estimate for `batch` rows of `seq_len` tokens (`prefix` virtual tokens added to the
-/// attention by prompt-style adapters).
-pub fn estimate(c: &LlamaConfig, base: BaseMemory, trainable: usize, batch: usize, seq_len: usize, checkpointing: bool) -> MemoryEstimate {
+/// attention by prompt-style adapters); `fused_attention`: attention through the fused kernels.
+pub fn estimate(c: &LlamaConfig, base: BaseMemory, trainable: usize, batch: usize, seq_len: usize, checkpointing: bool, fused_attention: bool) -> MemoryEstimate {
     let (b, t) = (batch as u64, seq_len as u64);
     let (h, i, v, layers) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64, c.num_hidden_layers as u64);
     let (heads, q, k) = (c.num_attention_heads as u64, (c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
     let per_token = 10 * h + 3 * q + 4 * k + 5 * i;
-    let scores = b * heads * t * t * F32;
+    let scores = if fused_attention { 0 } else { b * heads * t * t * F32 };
+    let kept = if checkpointing { 1 } else { layers };
+    let attention = if fused_attention { (kept + 1) * b * heads * t * F32 } else { (kept + 2) * scores };
     let logits = b * t * v * F32;
     let embedding = base.largest;
     let largest_buffer = [(logits, "logits (batch × seq-len × vocabulary)"), (scores, "attention scores (batch × heads × seq-len²)"), (embedding, "embedding table")]
@@ -76,7 +81,7 @@ pub fn estimate(c: &LlamaConfig, base: BaseMemory, trainable: usize, batch: usiz
         .max_by_key(|x| x.0)
         .expect("three");
     let activations = if checkpointing { ((layers + 1) * h + per_token) * b * t * F32 } else { layers * b * t * per_token * F32 };
-    MemoryEstimate { weights: base.bytes, adapter: trainable as u64 * 4 * F32, activations, attention: 3 * scores, logits: 3 * logits, largest_buffer }
+    MemoryEstimate { weights: base.bytes, adapter: trainable as u64 * 4 * F32, activations, attention, logits: 3 * logits, largest_buffer }
 }
 
 /// How a run will be executed: the micro-batch size, gradient-accumulation factor, and
@@ -103,10 +108,20 @@ pub struct Limits {
 /// split can fix is refused, naming what to change: the model (embedding table, or weights
 /// and adapter over the budget) or `seq-len` (one row too big).
 /// `checkpointing`: `Some` forces gradient checkpointing on or off, `None` lets the plan
-/// turn it on when the batch does not fit without it.
+/// turn it on when the batch does not fit without it. `fused_attention`: as [`estimate`].
 #[allow(clippy::too_many_arguments)]
-pub fn plan(c: &LlamaConfig, base: BaseMemory, trainable: usize, batch: usize, grad_accum: usize, seq_len: usize, limits: Limits, checkpointing: Option<bool>) -> Result<Plan> {
-    let est = |(b, ck): (usize, bool)| estimate(c, base, trainable, b, seq_len, ck);
+pub fn plan(
+    c: &LlamaConfig,
+    base: BaseMemory,
+    trainable: usize,
+    batch: usize,
+    grad_accum: usize,
+    seq_len: usize,
+    limits: Limits,
+    checkpointing: Option<bool>,
+    fused_attention: bool,
+) -> Result<Plan> {
+    let est = |(b, ck): (usize, bool)| estimate(c, base, trainable, b, seq_len, ck, fused_attention);
     let mib = |x: u64| x as f64 / (1u64 << 20) as f64;
     let (max, budget) = (limits.max_buffer.unwrap_or(u64::MAX), limits.budget.unwrap_or(u64::MAX));
     let embedding = base.largest;
@@ -170,31 +185,48 @@ mod tests {
         let c = smollm2();
         // Logits of 4 × 256 × 49152 f32 = 192 MiB: fits 256 MiB, not 128 MiB.
         let buf = |mib: u64| Limits { max_buffer: Some(mib << 20), budget: None };
-        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 1, 256, buf(256), Some(false)).unwrap();
+        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 1, 256, buf(256), Some(false), false).unwrap();
         assert_eq!((p.batch, p.grad_accum), (4, 1));
-        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 2, 256, buf(128), Some(false)).unwrap();
+        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 2, 256, buf(128), Some(false), false).unwrap();
         assert_eq!((p.batch, p.grad_accum), (2, 4), "two micro-batches of 2 per step, same effective batch");
-        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 1, 4096, buf(256), Some(false)).unwrap_err();
+        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 1, 4096, buf(256), Some(false), false).unwrap_err();
         assert!(e.message.contains("reduce seq-len"), "{e}");
-        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 1, 1, 16, buf(64), Some(false)).unwrap_err();
+        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 1, 1, 16, buf(64), Some(false), false).unwrap_err();
         assert!(e.message.contains("embedding table"), "{e}");
-        assert_eq!(plan(&c, BaseMemory::f32(&c, 1), 1, 3, 1, 64, Limits::default(), None).unwrap().batch, 3, "no limit known: as asked");
+        assert_eq!(plan(&c, BaseMemory::f32(&c, 1), 1, 3, 1, 64, Limits::default(), None, false).unwrap().batch, 3, "no limit known: as asked");
         // A budget for the whole step: 8 rows of 256 need about 5.3 GiB, 2 rows 1.7 GiB.
         let budget = |mib: u64| Limits { max_buffer: None, budget: Some(mib << 20) };
-        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 256, budget(2048), Some(false)).unwrap();
+        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 256, budget(2048), Some(false), false).unwrap();
         assert_eq!((p.batch, p.grad_accum), (2, 4), "{p:?}");
         assert!(p.estimate.total() <= 2048 << 20);
         // Left to choose, the plan keeps all 8 rows by recomputing activations (the blocks'
         // inputs, 263 MiB, instead of 3.9 GiB); forced on, the same.
         for ck in [None, Some(true)] {
-            let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 256, budget(2048), ck).unwrap();
+            let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 256, budget(2048), ck, false).unwrap();
             assert_eq!((p.batch, p.grad_accum, p.checkpointing), (8, 1, true), "{p:?}");
             assert_eq!(p.estimate.activations, (31 * 576 + 15936) * 8 * 256 * 4);
         }
-        assert!(!plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 2, 1, 256, budget(2048), None).unwrap().checkpointing, "not when the batch fits without");
-        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 256, budget(400), Some(false)).unwrap_err();
+        assert!(!plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 2, 1, 256, budget(2048), None, false).unwrap().checkpointing, "not when the batch fits without");
+        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 256, budget(400), Some(false), false).unwrap_err();
         assert!(e.message.contains("smaller model or raise the budget"), "{e}");
-        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 2048, budget(1024), Some(false)).unwrap_err();
+        let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 8, 1, 2048, budget(1024), Some(false), false).unwrap_err();
         assert!(e.message.contains("reduce seq-len or raise the budget"), "{e}");
+    }
+
+    #[test]
+    fn fused_attention_has_no_quadratic_term() {
+        let c = smollm2();
+        let base = BaseMemory::f32(&c, 134_515_008);
+        let (r1, r2) = (estimate(&c, base, 1, 1, 1024, false, false), estimate(&c, base, 1, 1, 2048, false, false));
+        let (f1, f2) = (estimate(&c, base, 1, 1, 1024, false, true), estimate(&c, base, 1, 1, 2048, false, true));
+        assert_eq!(r2.attention, 4 * r1.attention, "the reference: T²");
+        assert_eq!(f2.attention, 2 * f1.attention, "fused: linear in T");
+        assert_eq!(f1.attention, 31 * 9 * 1024 * 4);
+        assert_eq!(r1.attention, 32 * 9 * 1024 * 1024 * 4);
+        // One row of 8192 tokens: the scores (2.25 GiB) exceed a 2 GiB buffer; fused, the
+        // largest buffer is the logits (1.5 GiB), so only the fused step fits.
+        let buf = Limits { max_buffer: Some(2048 << 20), budget: None };
+        assert!(plan(&c, base, 1, 1, 1, 8192, buf, Some(true), false).is_err());
+        assert!(plan(&c, base, 1, 1, 1, 8192, buf, Some(true), true).is_ok());
     }
 }
