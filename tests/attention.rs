@@ -21,16 +21,6 @@ struct Case {
     pad: usize,
 }
 
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 /// out = softmax(q·kᵀ·scale + mask)·v in f64, the mask as the reference's.
 fn host(c: &Case, q: &[f32], k: &[f32], v: &[f32], mask: &Mask) -> Vec<f64> {
     let s = c.past + c.t;
@@ -98,10 +88,10 @@ fn fused_attention_matches_the_reference_and_f64() {
     for (n, c) in cases.iter().enumerate() {
         let s = c.past + c.t;
         let data = [
-            noise(c.b * c.nh * c.t * c.hd, 10 * n as u64 + 1).iter().map(|x| x * 3.0).collect(),
-            noise(c.b * c.nkv * s * c.hd, 10 * n as u64 + 2).iter().map(|x| x * 3.0).collect(),
-            noise(c.b * c.nkv * s * c.hd, 10 * n as u64 + 3),
-            noise(c.b * c.nh * c.t * c.hd, 10 * n as u64 + 4),
+            common::values(c.b * c.nh * c.t * c.hd, 10 * n as u64 + 1).iter().map(|x| x * 3.0).collect(),
+            common::values(c.b * c.nkv * s * c.hd, 10 * n as u64 + 2).iter().map(|x| x * 3.0).collect(),
+            common::values(c.b * c.nkv * s * c.hd, 10 * n as u64 + 3),
+            common::values(c.b * c.nh * c.t * c.hd, 10 * n as u64 + 4),
         ];
         let keys = (c.pad > 0).then(|| (0..c.b * s).map(|i| if i / s == c.b - 1 && i % s < c.pad { 0 } else { 1 }).collect());
         let mask = Mask { batch: c.b, t: c.t, past: c.past, keys };
@@ -138,7 +128,7 @@ fn attention_timing() {
     }
     for t in [128, 256, 512, 1024] {
         let c = Case { b: 2, nh: 9, nkv: 3, t, past: 0, hd: 64, pad: 0 };
-        let data = [noise(2 * 9 * t * 64, 1), noise(2 * 3 * t * 64, 2), noise(2 * 3 * t * 64, 3), noise(2 * 9 * t * 64, 4)];
+        let data = [common::values(2 * 9 * t * 64, 1), common::values(2 * 3 * t * 64, 2), common::values(2 * 3 * t * 64, 3), common::values(2 * 9 * t * 64, 4)];
         let mask = Mask { batch: 2, t, past: 0, keys: None };
         for fused in [false, true] {
             run(&c, fused, &data, &mask, &device);
@@ -147,7 +137,12 @@ fn attention_timing() {
             run(&c, fused, &data, &mask, &device);
             let ms = t0.elapsed().as_secs_f64() * 1e3;
             let after = webpeft::device::memory_usage(&device).map_or(0, |m| m.1);
-            eprintln!("T={t} {}: forward+backward {ms:.0} ms, pool reserved {:.1} MiB (+{:.1})", if fused { "fused" } else { "reference" }, after as f64 / 1048576.0, (after - before.min(after)) as f64 / 1048576.0);
+            eprintln!(
+                "T={t} {}: forward+backward {ms:.0} ms, pool reserved {:.1} MiB (+{:.1})",
+                if fused { "fused" } else { "reference" },
+                after as f64 / 1048576.0,
+                (after - before.min(after)) as f64 / 1048576.0
+            );
         }
     }
 }

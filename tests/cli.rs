@@ -143,6 +143,15 @@ fn bad_input_exits_with_one_line() {
         assert!(last.starts_with("webpeft: "), "{c:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{c:?}: {stderr}");
     }
+    // Settings a task session cannot honour are refused, not ignored.
+    let bert = fixture("tiny-bert");
+    let bert = bert.to_str().unwrap();
+    for (flag, value) in [("--attention", "fused"), ("--base", "f16")] {
+        let (ok, _, stderr) = webpeft(&["embed", "--model", bert, "--text", "x", flag, value]);
+        assert!(!ok, "{flag} {value} should fail");
+        let last = stderr.lines().last().unwrap_or("");
+        assert!(last.starts_with("webpeft: ") && last.contains(flag), "{flag}: {stderr}");
+    }
 }
 
 #[test]

@@ -17,17 +17,6 @@ use webpeft::session::Session;
 use webpeft::session::TrainOptions;
 use webpeft::tensor::{block_on, read};
 
-/// Deterministic values in about [-1, 1].
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 fn tensor(data: Vec<f32>, shape: [usize; 2], device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(data, shape), device)
 }

@@ -18,7 +18,7 @@ use webpeft::peft::lora::LoraConfig;
 use webpeft::peft::targets::Targets;
 use webpeft::quant::BaseFormat;
 use webpeft::session::{Session, StepReport, TrainOptions};
-use webpeft::task::{ClassifyOptions, LabeledImage, TaskKind, TaskSession};
+use webpeft::task::{Backbone, ClassifyOptions, LabeledImage, TaskKind, TaskSession};
 use webpeft::tensor::block_on;
 use webpeft::train::classify::{Labeled, Metrics, parse_labeled_file};
 use webpeft::train::contrastive::parse_pairs_file;
@@ -679,7 +679,17 @@ fn open_task(common: &Common, task: TaskKind) -> Result<TaskSession> {
     let files = ModelFiles::from_path(&common.model)?;
     let compute = device::select(DeviceChoice::parse(&common.device)?)?;
     eprintln!("device: {}", compute.name);
-    TaskSession::load(&files, compute, task).map_err(|e| e.context(common.model.display()))
+    if common.base.is_some() {
+        return Err(Error::new(ErrorCode::Unsupported, "--base applies to generation and causal-LM training; classification and embedding sessions hold the base as the device's default"));
+    }
+    let mut s = TaskSession::load(&files, compute, task).map_err(|e| e.context(common.model.display()))?;
+    if common.attention == AttentionChoice::Fused {
+        match &mut s.model {
+            Backbone::Decoder(m) => m.fused_attention = true,
+            _ => return Err(Error::new(ErrorCode::Unsupported, "--attention fused: encoder models (BERT, ViT) run the reference attention only")),
+        }
+    }
+    Ok(s)
 }
 
 /// Load an encoder adapter folder (adapter_config.json, adapter_model.safetensors and, for a
@@ -1340,7 +1350,7 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
     Ok(serde_json::json!({
         "device": s.compute.name,
         "base": s.model.base_formats(),
-        "attention": if s.model.fused_attention && webpeft::quant::kernel::runs_kernel(&s.compute.device) { "fused" } else { "reference" },
+        "attention": if s.model.fused_attention() { "fused" } else { "reference" },
         "base_bytes": s.model.base_memory().bytes,
         "model_parameters": s.model.num_parameters(),
         "method": s.adapters["bench"].method(),

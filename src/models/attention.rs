@@ -196,6 +196,48 @@ mod gpu {
         }
     }
 
+    /// The queries a workgroup of [`flash_fwd`] / [`flash_dq`] takes: `rows` of one (batch,
+    /// head), query `i` for thread `tid`; `qbase` is its row's offset in q / o / dO, `kbase`
+    /// the offset of its kv head's keys, and `kend` is one past the last key any of the
+    /// workgroup's queries sees.
+    #[derive(CubeType)]
+    struct QueryRows {
+        tid: usize,
+        b: usize,
+        i: usize,
+        row_ok: bool,
+        qbase: usize,
+        kbase: usize,
+        kend: usize,
+    }
+
+    #[cube]
+    fn query_rows(nh: u32, nkv: u32, t: u32, s: u32, past: u32, #[comptime] hd: usize, #[comptime] rows: usize) -> QueryRows {
+        let tid = UNIT_POS_X as usize;
+        let bh = CUBE_POS_Y as usize;
+        let (nh, nkv, t, s, past) = (nh as usize, nkv as usize, t as usize, s as usize, past as usize);
+        let b = bh / nh;
+        let g = (bh % nh) / (nh / nkv);
+        let i0 = CUBE_POS_X as usize * rows;
+        let i = i0 + tid;
+        let mut kend = past + i0 + rows;
+        if kend > s {
+            kend = s;
+        }
+        QueryRows { tid, b, i, row_ok: i < t, qbase: (bh * t + i) * hd, kbase: (b * nkv + g) * s * hd, kend }
+    }
+
+    /// The score of query `i` against key `j`: `dot · scale` plus the key's padding `bias`,
+    /// or −1e30 where the key lies past the query (causal).
+    #[cube]
+    fn masked_score(dot: f32, scale: f32, bias: f32, i: usize, j: usize, past: usize) -> f32 {
+        let mut hidden = bias;
+        if j > past + i {
+            hidden = f32::new(-1.0e30);
+        }
+        dot * scale + hidden
+    }
+
     /// Forward: `o[b, h, i] = Σ_j softmax_j(q_i·k_j·scale + mask) v_j` and the row's
     /// log-sum-exp `lse[b, h, i]`. A workgroup takes `rows` queries of one (batch, head), one
     /// per thread; keys and values go through workgroup memory `tile` at a time, up to the
@@ -220,16 +262,10 @@ mod gpu {
         #[comptime] rows: usize,
         #[comptime] tile: usize,
     ) {
-        let tid = UNIT_POS_X as usize;
+        let w = query_rows(nh, nkv, t, s, past, hd, rows);
+        let (tid, i, row_ok, qbase, kbase, kend) = (w.tid, w.i, w.row_ok, w.qbase, w.kbase, w.kend);
+        let (t, s, past) = (t as usize, s as usize, past as usize);
         let bh = CUBE_POS_Y as usize;
-        let (nh, nkv, t, s, past) = (nh as usize, nkv as usize, t as usize, s as usize, past as usize);
-        let b = bh / nh;
-        let g = (bh % nh) / (nh / nkv);
-        let i0 = CUBE_POS_X as usize * rows;
-        let i = i0 + tid;
-        let row_ok = i < t;
-        let qbase = (bh * t + i) * hd;
-        let kbase = (b * nkv + g) * s * hd;
 
         let mut qr = Array::new(hd);
         let mut acc = Array::new(hd);
@@ -247,13 +283,9 @@ mod gpu {
         let mut vs = Shared::new_slice(comptime!(tile * hd));
         let mut bs = Shared::new_slice(tile);
         let mut sc = Array::new(tile);
-        let mut kend = past + i0 + rows;
-        if kend > s {
-            kend = s;
-        }
         let mut j0 = 0usize;
         while j0 < kend {
-            load_tile(k, v, bias, &mut ks, &mut vs, &mut bs, tid, j0, s, kbase, b * s, hd, rows, tile);
+            load_tile(k, v, bias, &mut ks, &mut vs, &mut bs, tid, j0, s, kbase, w.b * s, hd, rows, tile);
             sync_cube();
             let mut tmax = m;
             for jj in 0..tile {
@@ -262,11 +294,7 @@ mod gpu {
                 for d in 0..hd {
                     dot += qr[d] * ks[jj * hd + d];
                 }
-                let mut hidden = bs[jj];
-                if j > past + i {
-                    hidden = f32::new(-1.0e30);
-                }
-                let mut sv = dot * scale + hidden;
+                let mut sv = masked_score(dot, scale, bs[jj], i, j, past);
                 if j >= s {
                     sv = f32::new(-3.0e38);
                 }
@@ -324,16 +352,10 @@ mod gpu {
         #[comptime] rows: usize,
         #[comptime] tile: usize,
     ) {
-        let tid = UNIT_POS_X as usize;
+        let w = query_rows(nh, nkv, t, s, past, hd, rows);
+        let (tid, i, row_ok, qbase, kbase, kend) = (w.tid, w.i, w.row_ok, w.qbase, w.kbase, w.kend);
+        let (t, s, past) = (t as usize, s as usize, past as usize);
         let bh = CUBE_POS_Y as usize;
-        let (nh, nkv, t, s, past) = (nh as usize, nkv as usize, t as usize, s as usize, past as usize);
-        let b = bh / nh;
-        let g = (bh % nh) / (nh / nkv);
-        let i0 = CUBE_POS_X as usize * rows;
-        let i = i0 + tid;
-        let row_ok = i < t;
-        let qbase = (bh * t + i) * hd;
-        let kbase = (b * nkv + g) * s * hd;
 
         let mut qr = Array::new(hd);
         let mut dor = Array::new(hd);
@@ -358,13 +380,9 @@ mod gpu {
         let mut ks = Shared::new_slice(comptime!(tile * hd));
         let mut vs = Shared::new_slice(comptime!(tile * hd));
         let mut bs = Shared::new_slice(tile);
-        let mut kend = past + i0 + rows;
-        if kend > s {
-            kend = s;
-        }
         let mut j0 = 0usize;
         while j0 < kend {
-            load_tile(k, v, bias, &mut ks, &mut vs, &mut bs, tid, j0, s, kbase, b * s, hd, rows, tile);
+            load_tile(k, v, bias, &mut ks, &mut vs, &mut bs, tid, j0, s, kbase, w.b * s, hd, rows, tile);
             sync_cube();
             for jj in 0..tile {
                 let j = j0 + jj;
@@ -374,11 +392,7 @@ mod gpu {
                     dot += qr[d] * ks[jj * hd + d];
                     dp += dor[d] * vs[jj * hd + d];
                 }
-                let mut hidden = bs[jj];
-                if j > past + i {
-                    hidden = f32::new(-1.0e30);
-                }
-                let mut p = (dot * scale + hidden - lrow).exp();
+                let mut p = (masked_score(dot, scale, bs[jj], i, j, past) - lrow).exp();
                 if j >= s {
                     p = f32::new(0.0);
                 }
@@ -501,11 +515,7 @@ mod gpu {
                         dot += qs[ii * hd + d] * kr[d];
                         dp += dos[ii * hd + d] * vr[d];
                     }
-                    let mut hid = hidden;
-                    if j > past + i {
-                        hid = f32::new(-1.0e30);
-                    }
-                    let mut p = (dot * scale + hid - ls[ii]).exp();
+                    let mut p = (masked_score(dot, scale, hidden, i, j, past) - ls[ii]).exp();
                     if i >= t || !key_ok {
                         p = f32::new(0.0);
                     }
