@@ -84,9 +84,9 @@ pub async fn generate(model: &Llama, hook: &dyn Adapter, prompt: &[u32], opts: &
         }
         let t = next_input.len();
         let inputs = Inputs { ids: ints(next_input, [1, t], &model.device), attention_mask: None };
-        let logits = model.forward(&inputs, hook, Some(&mut cache))?;
-        let v = model.config.vocab_size;
-        let last = read(logits.narrow(1, t - 1, 1).reshape([1, v])).await?;
+        // Only the last position's logits: a long prompt projects one row onto the vocabulary.
+        let hidden = model.hidden(&inputs, hook, Some(&mut cache))?;
+        let last = read(model.logits_of(hidden.narrow(0, t - 1, 1), hook)).await?;
         let tok = sample(&last.data, opts, &mut rng);
         if Some(tok) == opts.stop {
             break;

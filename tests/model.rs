@@ -225,3 +225,31 @@ fn smollm2_chat_examples_tokenize_as_transformers_and_train_only_assistant_turns
     let e = tokenize(&tok, &Example::Chat { messages: vec![("user".into(), "hi".into())] }, false, 64).unwrap_err();
     assert!(e.message.contains("no assistant message"), "{e}");
 }
+
+#[test]
+fn the_loss_over_chunks_of_logits_equals_one_projection() {
+    // The loss projects a long sequence's positions onto the vocabulary a chunk at a time
+    // (`loss::LOGIT_CHUNK_BYTES`); the log-probabilities and their gradients must be those of
+    // one projection of all positions. 7 positions, chunks of 3 (3 + 3 + 1) and of 1.
+    use webpeft::train::loss::target_log_probs_chunked;
+    let s = tiny("tiny-llama");
+    let (m, h, v) = (7, s.model.config.hidden_size, s.model.config.vocab_size);
+    let x = webpeft::tensor::floats(values(m * h, 5), [m, h], &s.model.device);
+    let targets: Vec<i64> = (0..m as i64).map(|i| (i * 37 + 11) % v as i64).collect();
+    let run = |chunk: usize| {
+        let x = x.clone().autodiff().require_grad();
+        let lp = target_log_probs_chunked(&s.model, &NoHook, x.clone(), &targets, chunk);
+        // Weighted, so that each position's gradient differs.
+        let w = webpeft::tensor::floats((1..=m).map(|i| i as f32).collect(), [m, 1], &s.model.device);
+        let grads = (lp.clone() * w).sum().backward();
+        let g = x.grad(&grads).expect("the log-probabilities depend on the hidden states");
+        (block_on(read(lp.without_autodiff())).unwrap().data, block_on(read(g)).unwrap().data)
+    };
+    let (lp, g) = run(m);
+    assert_eq!(lp.len(), m);
+    for chunk in [3, 1] {
+        let (lpc, gc) = run(chunk);
+        assert_close(&format!("log-probs, chunks of {chunk}"), &lpc, &lp, 1e-5);
+        assert_close(&format!("d/dhidden, chunks of {chunk}"), &gc, &g, 1e-5);
+    }
+}

@@ -604,6 +604,9 @@ enum Cmd {
         /// Gradient checkpointing, as `train --gradient-checkpointing`.
         #[arg(long, value_enum, default_value_t = Toggle::Auto)]
         gradient_checkpointing: Toggle,
+        /// The most memory a training step may use (MiB), as `train --memory-budget-mib`.
+        #[arg(long)]
+        memory_budget_mib: Option<u64>,
     },
     /// The frozen base in each storage format (one JSON object per format, then a table):
     /// device memory against f32, logits against the same weights dequantized to f32 (the
@@ -1215,13 +1218,14 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::json!({"loss": r.loss, "perplexity": r.loss.exp(), "targets": r.targets, "accuracy": r.accuracy, "examples": examples.len()}));
         }
         Cmd::QuantReport { common, formats, text } => quant_report(&common, &formats, &text)?,
-        Cmd::Bench { common, method, batch, seq_len, steps, gen_tokens, gradient_checkpointing } => {
+        Cmd::Bench { common, method, batch, seq_len, steps, gen_tokens, gradient_checkpointing, memory_budget_mib } => {
             let mut s = open(&common)?;
             let configs = method.configs(&common.model)?;
             if configs.len() != 1 {
                 return Err(Error::new(ErrorCode::Config, "bench takes one --method"));
             }
-            let report = bench(&mut s, &configs[0].1, batch, seq_len, steps, gen_tokens, gradient_checkpointing.choice())?;
+            let o = TrainOptions { batch, seq_len, steps, gradient_checkpointing: gradient_checkpointing.choice(), memory_budget_mib, ..Default::default() };
+            let report = bench(&mut s, &configs[0].1, &o, gen_tokens)?;
             println!("{}", serde_json::to_string_pretty(&report).expect("json"));
         }
     }
@@ -1274,9 +1278,12 @@ fn quant_report(common: &Common, formats: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// Training, forward and generation timings on synthetic tokens.
-fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize, steps: usize, gen_tokens: usize, gradient_checkpointing: Option<bool>) -> Result<serde_json::Value> {
+/// Training, forward and generation timings on synthetic tokens: `o.steps` timed steps of
+/// `o.batch` rows of `o.seq_len` tokens, planned as training plans them (micro-batches,
+/// gradient checkpointing, `o.memory_budget_mib`).
+fn bench(s: &mut Session, cfg: &serde_json::Value, o: &TrainOptions, gen_tokens: usize) -> Result<serde_json::Value> {
     use webpeft::train::{AdamWConfig, TrainConfig, Trainer};
+    let (batch, seq_len, steps) = (o.batch, o.seq_len, o.steps);
     if batch == 0 || seq_len < 2 || steps == 0 {
         return Err(Error::new(ErrorCode::Config, "batch, steps >= 1 and seq-len >= 2"));
     }
@@ -1289,8 +1296,7 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
         })
         .collect();
     // As training does: a batch over the device's limits runs as micro-batches (same update).
-    let o = webpeft::session::TrainOptions { batch, seq_len, gradient_checkpointing, ..Default::default() };
-    let plan = s.memory_plan(&["bench"], &o)?;
+    let plan = s.memory_plan(&["bench"], o)?;
     let micro = plan.batch;
     let batch_data = rows.chunks(micro).map(|c| Batch::new(c, 0)).collect::<Result<Vec<_>>>()?;
     let tokens = batch * seq_len;
@@ -1322,13 +1328,19 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, batch: usize, seq_len: usize,
     // The pool's size after training only: the training step's peak.
     let train_reserved = device::memory_usage(&dev).map(|m| m.1);
     webpeft::peft::set_trainable(adapter, false);
-    // Forward only (logits of every position, micro-batch by micro-batch), warm once, then timed.
+    // Forward only (logits of every position, micro-batch by micro-batch, projected in chunks
+    // as the loss does), warm once, then timed.
     let fwd = |s: &Session| -> Result<()> {
+        let stack = s.stack(&["bench"])?;
+        let per_chunk = webpeft::train::loss::logit_chunk_rows(s.model.config.vocab_size);
         for chunk in rows.chunks(micro) {
             let ids: Vec<i64> = chunk.iter().flat_map(|r| r.ids.iter().map(|&i| i as i64)).collect();
             let inputs = webpeft::models::llama::Inputs { ids: webpeft::tensor::ints(ids, [chunk.len(), seq_len], &s.model.device), attention_mask: None };
-            let l = s.model.forward(&inputs, &s.stack(&["bench"])?, None)?;
-            block_on(webpeft::tensor::read(l.narrow(1, 0, 1).reshape([chunk.len(), s.model.config.vocab_size])))?;
+            let h = s.model.hidden(&inputs, &stack, None)?;
+            let n = chunk.len() * seq_len;
+            // The first logit of each chunk, read back together: every projection has run.
+            let firsts: Vec<_> = (0..n).step_by(per_chunk).map(|i| s.model.logits_of(h.clone().narrow(0, i, per_chunk.min(n - i)), &stack).narrow(0, 0, 1)).collect();
+            block_on(webpeft::tensor::read(burn::tensor::Tensor::cat(firsts, 0)))?;
         }
         Ok(())
     };

@@ -103,7 +103,36 @@ fn target_log_probs(model: &Llama, hook: &dyn Adapter, batch: &Batch, last: Opti
     debug_assert_eq!(n, n2);
     let m = rows.len();
     let hidden = hidden.select(0, ints(rows.clone(), [m], dev));
-    let logits = model.logits_of(hidden, hook);
     let tgt: Vec<i64> = rows.iter().map(|&r| targets[r as usize]).collect();
-    Ok((log_softmax(logits, 1).gather(1, ints(tgt, [m, 1], dev)), rows))
+    Ok((target_log_probs_chunked(model, hook, hidden, &tgt, logit_chunk_rows(model.config.vocab_size)), rows))
+}
+
+/// The most bytes one chunk of logits may take: well under WebGPU's default limits
+/// (`maxStorageBufferBindingSize` 128 MiB, `maxBufferSize` 256 MiB), so that a long sequence
+/// never asks the device for one [tokens, vocabulary] buffer.
+pub const LOGIT_CHUNK_BYTES: u64 = 64 << 20;
+
+/// How many positions' logits [`LOGIT_CHUNK_BYTES`] holds for a vocabulary of `vocab` (f32).
+pub fn logit_chunk_rows(vocab: usize) -> usize {
+    (LOGIT_CHUNK_BYTES / (vocab as u64 * 4)).max(1) as usize
+}
+
+/// `log_softmax(hidden · head)[i, targets[i]]` [M, 1] for the final hidden states `hidden`
+/// [M, h], `chunk` positions at a time: each chunk's logits and log-softmax are their own
+/// buffers (the same values as one projection of all rows; autodiff backpropagates through
+/// each chunk).
+pub fn target_log_probs_chunked(model: &Llama, hook: &dyn Adapter, hidden: Tensor<2>, targets: &[i64], chunk: usize) -> Tensor<2> {
+    let dev = &model.device;
+    let m = targets.len();
+    let chunk = chunk.max(1);
+    let parts: Vec<Tensor<2>> = (0..m)
+        .step_by(chunk)
+        .map(|start| {
+            let len = chunk.min(m - start);
+            let h = if len == m { hidden.clone() } else { hidden.clone().narrow(0, start, len) };
+            let logits = model.logits_of(h, hook);
+            log_softmax(logits, 1).gather(1, ints(targets[start..start + len].to_vec(), [len, 1], dev))
+        })
+        .collect();
+    if parts.len() == 1 { parts.into_iter().next().expect("one") } else { Tensor::cat(parts, 0) }
 }

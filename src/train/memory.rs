@@ -17,8 +17,9 @@
 //!               fused kernels (`models::attention`) no T² buffer exists: B·H·T × 4 per layer
 //!               (the log-sum-exp kept) + 1 (D of the backward)
 //!   logits      B·T·V × 4 × 3 (logits, log-softmax, gradient)
-//! and the largest single buffer is the biggest of the logits, the attention scores (not with
-//! the fused kernels) and the embedding table. With gradient checkpointing (`recompute`), activations are the blocks'
+//! and the largest single buffer is the biggest of one chunk of logits (the loss projects
+//! [`LOGIT_CHUNK_BYTES`](crate::train::loss::LOGIT_CHUNK_BYTES) of positions at a time), the
+//! attention scores (not with the fused kernels) and the embedding table. With gradient checkpointing (`recompute`), activations are the blocks'
 //! inputs, (layers + 1)·B·T·h × 4, plus one layer's as above (the block being recomputed).
 //!
 //! The plan tries, from the asked batch down through its divisors, the batch without and
@@ -75,8 +76,9 @@ pub fn estimate(c: &LlamaConfig, base: BaseMemory, trainable: usize, batch: usiz
     let kept = if checkpointing { 1 } else { layers };
     let attention = if fused_attention { (kept + 1) * b * heads * t * F32 } else { (kept + 2) * scores };
     let logits = b * t * v * F32;
+    let logit_chunk = (b * t).min(crate::train::loss::logit_chunk_rows(c.vocab_size) as u64) * v * F32;
     let embedding = base.largest;
-    let largest_buffer = [(logits, "logits (batch × seq-len × vocabulary)"), (scores, "attention scores (batch × heads × seq-len²)"), (embedding, "embedding table")]
+    let largest_buffer = [(logit_chunk, "one chunk of logits (positions × vocabulary)"), (scores, "attention scores (batch × heads × seq-len²)"), (embedding, "embedding table")]
         .into_iter()
         .max_by_key(|x| x.0)
         .expect("three");
@@ -147,7 +149,9 @@ pub fn plan(
     let Some((b, ck)) = (1..=batch).rev().filter(|d| batch.is_multiple_of(*d)).flat_map(|d| modes.iter().map(move |&m| (d, m))).find(|&x| fits(&est(x))) else {
         let (bytes, what) = one.largest_buffer;
         if bytes > max {
-            bail!(Config, "one row of seq-len {seq_len} needs {what} of {:.0} MiB, more than this device's largest buffer ({:.0} MiB): reduce seq-len", mib(bytes), mib(max));
+            // The scores are the reference attention's: the fused kernels have none.
+            let fused = if what.starts_with("attention scores") { " or use the fused attention kernels (CLI: --attention fused)" } else { "" };
+            bail!(Config, "one row of seq-len {seq_len} needs {what} of {:.0} MiB, more than this device's largest buffer ({:.0} MiB): reduce seq-len{fused}", mib(bytes), mib(max));
         }
         bail!(Config, "one row of seq-len {seq_len} needs {:.0} MiB in all, more than the memory budget ({:.0} MiB): reduce seq-len or raise the budget", mib(one.total()), mib(budget));
     };
@@ -183,11 +187,12 @@ mod tests {
     #[test]
     fn splits_batches_that_do_not_fit_and_names_the_setting_otherwise() {
         let c = smollm2();
-        // Logits of 4 × 256 × 49152 f32 = 192 MiB: fits 256 MiB, not 128 MiB.
+        // The attention scores of 4 × 9 heads × 1024² f32 = 144 MiB: fit 256 MiB, not 128 MiB
+        // (the embedding table is 108 MiB; the logits go in chunks of 64 MiB).
         let buf = |mib: u64| Limits { max_buffer: Some(mib << 20), budget: None };
-        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 1, 256, buf(256), Some(false), false).unwrap();
+        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 1, 1024, buf(256), Some(false), false).unwrap();
         assert_eq!((p.batch, p.grad_accum), (4, 1));
-        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 2, 256, buf(128), Some(false), false).unwrap();
+        let p = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 2, 1024, buf(128), Some(false), false).unwrap();
         assert_eq!((p.batch, p.grad_accum), (2, 4), "two micro-batches of 2 per step, same effective batch");
         let e = plan(&c, BaseMemory::f32(&c, 134_515_008), 460_800, 4, 1, 4096, buf(256), Some(false), false).unwrap_err();
         assert!(e.message.contains("reduce seq-len"), "{e}");
@@ -224,9 +229,26 @@ mod tests {
         assert_eq!(f1.attention, 31 * 9 * 1024 * 4);
         assert_eq!(r1.attention, 32 * 9 * 1024 * 1024 * 4);
         // One row of 8192 tokens: the scores (2.25 GiB) exceed a 2 GiB buffer; fused, the
-        // largest buffer is the logits (1.5 GiB), so only the fused step fits.
+        // largest buffer is the embedding table, so only the fused step fits.
         let buf = Limits { max_buffer: Some(2048 << 20), budget: None };
-        assert!(plan(&c, base, 1, 1, 1, 8192, buf, Some(true), false).is_err());
+        let e = plan(&c, base, 1, 1, 1, 8192, buf, Some(true), false).unwrap_err();
+        assert!(e.message.contains("reduce seq-len or use the fused attention"), "{e}");
         assert!(plan(&c, base, 1, 1, 1, 8192, buf, Some(true), true).is_ok());
+    }
+
+    #[test]
+    fn logits_go_in_chunks() {
+        let c = smollm2();
+        let base = BaseMemory::f32(&c, 134_515_008);
+        // 341 positions × 49152 × 4 bytes ≤ 64 MiB.
+        assert_eq!(crate::train::loss::logit_chunk_rows(49152), 341);
+        let e = estimate(&c, base, 1, 4, 256, false, false);
+        assert_eq!(e.logits, 3 * 4 * 256 * 49152 * 4, "all positions' logits count in the total");
+        assert_eq!(e.largest_buffer, (49152 * 576 * 4, "embedding table"), "but no buffer holds them all");
+        // One row of 1024 on a device whose largest buffer is 128 MiB (lavapipe): its logits
+        // (192 MiB) in one buffer were refused; in chunks it trains.
+        let buf = Limits { max_buffer: Some(128 << 20), budget: None };
+        let p = plan(&c, base, 1, 1, 1, 1024, buf, Some(false), false).unwrap();
+        assert_eq!((p.batch, p.grad_accum), (1, 1));
     }
 }
