@@ -502,7 +502,7 @@ fn plan_memory(model: &Llama, compute: &Compute, adapter: &mut dyn Trainable, o:
     let prefix = adapter.prefix().map_or(0, |p| p.dims()[0]);
     let asked = if o.dp.is_some() { 1 } else { o.batch };
     let limits = memory::Limits { max_buffer: compute.max_buffer, budget: o.memory_budget_mib.map(|m| m << 20) };
-    memory::plan(&model.config, model.base_memory(), trainable, asked, o.grad_accum, o.seq_len + prefix, limits, o.gradient_checkpointing, model.fused_attention())
+    memory::plan(&model.config, model.base_memory(), trainable, asked, o.grad_accum, o.seq_len + prefix, limits, o.gradient_checkpointing, model.runs_fused_attention())
 }
 
 fn mib(bytes: u64) -> f64 {

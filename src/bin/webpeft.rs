@@ -1362,7 +1362,7 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, o: &TrainOptions, gen_tokens:
     Ok(serde_json::json!({
         "device": s.compute.name,
         "base": s.model.base_formats(),
-        "attention": if s.model.fused_attention() { "fused" } else { "reference" },
+        "attention": if s.model.runs_fused_attention() { "fused" } else { "reference" },
         "base_bytes": s.model.base_memory().bytes,
         "model_parameters": s.model.num_parameters(),
         "method": s.adapters["bench"].method(),

@@ -348,8 +348,9 @@ impl Llama {
         x * cos.clone() + rot * sin.clone()
     }
 
-    /// Whether attention runs through the fused kernels on this model's device.
-    pub fn fused_attention(&self) -> bool {
+    /// Whether attention runs through the fused kernels: asked for (`fused_attention`) and
+    /// possible on this model's device and head size.
+    pub fn runs_fused_attention(&self) -> bool {
         crate::models::attention::runs_fused(self.fused_attention, self.config.head_dim, &self.device)
     }
 

@@ -50,6 +50,9 @@ impl MemoryEstimate {
 
 const F32: u64 = 4;
 
+/// The reference attention's scores, as the largest buffer is named.
+const SCORES: &str = "attention scores (batch × heads × seq-len²)";
+
 /// What the frozen base holds on the device: all its bytes, and its largest single tensor
 /// (the embedding table, or its codes when quantized).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -78,10 +81,7 @@ pub fn estimate(c: &LlamaConfig, base: BaseMemory, trainable: usize, batch: usiz
     let logits = b * t * v * F32;
     let logit_chunk = (b * t).min(crate::train::loss::logit_chunk_rows(c.vocab_size) as u64) * v * F32;
     let embedding = base.largest;
-    let largest_buffer = [(logit_chunk, "one chunk of logits (positions × vocabulary)"), (scores, "attention scores (batch × heads × seq-len²)"), (embedding, "embedding table")]
-        .into_iter()
-        .max_by_key(|x| x.0)
-        .expect("three");
+    let largest_buffer = [(logit_chunk, "one chunk of logits (positions × vocabulary)"), (scores, SCORES), (embedding, "embedding table")].into_iter().max_by_key(|x| x.0).expect("three");
     let activations = if checkpointing { ((layers + 1) * h + per_token) * b * t * F32 } else { layers * b * t * per_token * F32 };
     MemoryEstimate { weights: base.bytes, adapter: trainable as u64 * 4 * F32, activations, attention, logits: 3 * logits, largest_buffer }
 }
@@ -149,8 +149,8 @@ pub fn plan(
     let Some((b, ck)) = (1..=batch).rev().filter(|d| batch.is_multiple_of(*d)).flat_map(|d| modes.iter().map(move |&m| (d, m))).find(|&x| fits(&est(x))) else {
         let (bytes, what) = one.largest_buffer;
         if bytes > max {
-            // The scores are the reference attention's: the fused kernels have none.
-            let fused = if what.starts_with("attention scores") { " or use the fused attention kernels (CLI: --attention fused)" } else { "" };
+            // Only the reference attention has scores: the fused kernels have none.
+            let fused = if what == SCORES { " or use the fused attention kernels (CLI: --attention fused)" } else { "" };
             bail!(Config, "one row of seq-len {seq_len} needs {what} of {:.0} MiB, more than this device's largest buffer ({:.0} MiB): reduce seq-len{fused}", mib(bytes), mib(max));
         }
         bail!(Config, "one row of seq-len {seq_len} needs {:.0} MiB in all, more than the memory budget ({:.0} MiB): reduce seq-len or raise the budget", mib(one.total()), mib(budget));
