@@ -80,6 +80,15 @@ export function parseData(name: string, text: string): Promise<Example[]>;
 /** Parse labelled rows for a classifier: CSV/TSV with `text` and `label` columns, or JSONL `{"text", "label"}`. */
 export function parseLabeled(name: string, text: string): Promise<{ text: string; label: string }[]>;
 
+/** One matmul's measured rate (`[n, n] · [n, n]`). */
+export interface MatmulRate { kernel: 'f32' | 'f16' | 'q4_1'; n: number; seconds: number; tflops: number }
+
+/**
+ * The device's measured peak: the best TFLOP/s of the matmuls training uses (f32, f16 where the
+ * device has shader-f16, the Q4_1 dequantizing kernel), `reps` products per kernel and size.
+ */
+export function measurePeak(options?: { sizes?: number[]; reps?: number }): Promise<{ tflops: number; kernel: string; n: number; rates: MatmulRate[] }>;
+
 export interface TrainOptions {
   /** The adapter to train (default "default"), or several trained together (hybrid). */
   adapter?: string | string[];
@@ -133,6 +142,11 @@ export interface EvalReport { loss: number; targets: number }
 /** What a run would take before it starts (`estimate`); sizes in bytes. */
 export interface RunEstimate {
   trainable: number;
+  /**
+   * One optimizer step's floating-point operations (matrix products: the forward pass, the
+   * frozen base's input gradients, the adapter's own products; the crate's `train::flops`).
+   */
+  stepFlops: number;
   /** The micro-batch and accumulation that fit the device (what training will use). */
   batch: number;
   gradAccum: number;

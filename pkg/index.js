@@ -66,6 +66,16 @@ export async function parseLabeled(name, text) {
   return core.parseLabeled(name, text);
 }
 
+/**
+ * The device's measured peak: the best TFLOP/s of the matmuls training uses (f32, f16 where the
+ * device has shader-f16, the Q4_1 dequantizing kernel) on `[n, n] · [n, n]` for each n of
+ * `sizes`, `reps` products each. `{ tflops, kernel, n, rates: [{ kernel, n, seconds, tflops }] }`.
+ */
+export async function measurePeak({ sizes = [512, 1024], reps = 2 } = {}) {
+  await init();
+  return guard(core.measurePeak(Uint32Array.from(sizes), reps));
+}
+
 async function normaliseFiles(source) {
   const out = {};
   const add = async (name, v) => {

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """PyTorch + transformers + peft reference for `webpeft bench`.
 
-Runs the same synthetic workload as `webpeft bench` (LoRA training steps, a
-full-logits forward pass, greedy generation with a KV cache) on the CPU and
-prints one JSON object with the same keys as ours on stdout; logs go to stderr.
+Runs the same synthetic workload as `webpeft bench` (training steps of one PEFT
+method: LoRA, prompt tuning or IA3; a full-logits forward pass; greedy generation
+with a KV cache) on the CPU and prints one JSON object with the same keys as ours
+on stdout; logs go to stderr.
 
     .venv/bin/python scripts/bench_reference.py --batch 4 --seq-len 128 --steps 3
+    .venv/bin/python scripts/bench_reference.py --method ia3
 """
 
 import argparse
@@ -32,9 +34,11 @@ def parse_args():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--gen-tokens", type=int, default=16)
+    p.add_argument("--method", choices=["lora", "prompt-tuning", "ia3"], default="lora")
+    p.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--target", default="q_proj,v_proj", help="comma-separated module names or all-linear")
+    p.add_argument("--target", default=None, help="LoRA, IA3: comma-separated module names or all-linear (default: q_proj,v_proj for LoRA, peft's default for IA3)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     a = p.parse_args()
@@ -49,7 +53,7 @@ def main():
     import transformers
     import peft
     from transformers import AutoModelForCausalLM
-    from peft import LoraConfig, get_peft_model
+    from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -65,17 +69,23 @@ def main():
     # Unique parameters (tied embeddings counted once), like `Llama::num_parameters`.
     model_parameters = sum(p.numel() for p in model.parameters())
 
-    if a.target == "all-linear":
-        targets = "all-linear"
-        targets_json = "all-linear"
+    target = a.target or ("q_proj,v_proj" if a.method == "lora" else None)
+    if target is None or target == "all-linear":
+        targets = target
+        targets_json = target
     else:
-        targets = [s.strip() for s in a.target.split(",") if s.strip()]
+        targets = [s.strip() for s in target.split(",") if s.strip()]
         targets_json = sorted(targets)
-    cfg = LoraConfig(r=a.r, lora_alpha=a.alpha, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    if a.method == "lora":
+        cfg = LoraConfig(r=a.r, lora_alpha=a.alpha, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    elif a.method == "ia3":
+        cfg = IA3Config(target_modules=targets, task_type="CAUSAL_LM")
+    else:
+        cfg = PromptTuningConfig(num_virtual_tokens=a.num_virtual_tokens, task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_parameters = sum(p.numel() for p in trainable)
-    log(f"training {trainable_parameters} LoRA parameters ({model_parameters} base parameters frozen)")
+    log(f"training {trainable_parameters} {a.method} parameters ({model_parameters} base parameters frozen)")
 
     vocab = model.config.vocab_size
     rows = [[((b * 7919 + i * 104729) % (vocab - 10)) + 5 for i in range(a.seq_len)] for b in range(a.batch)]
@@ -141,9 +151,10 @@ def main():
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__, "python": sys.version.split()[0]},
         "dtype": a.dtype,
         "model_parameters": model_parameters,
-        "method": "lora",
-        "r": a.r,
+        "method": a.method,
+        "r": a.r if a.method == "lora" else None,
         "target_modules": targets_json,
+        "num_virtual_tokens": a.num_virtual_tokens if a.method == "prompt-tuning" else None,
         "trainable_parameters": trainable_parameters,
         "batch": a.batch,
         "seq_len": a.seq_len,

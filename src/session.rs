@@ -133,6 +133,9 @@ pub struct RunEstimate {
     pub row_seconds: Option<f64>,
     /// Estimated from it: one optimizer step (every row of the batch and its accumulation).
     pub step_seconds: Option<f64>,
+    /// The FLOPs of one optimizer step (every row of the batch and its accumulation), as
+    /// [`flops`](crate::train::flops) counts them.
+    pub step_flops: crate::train::flops::StepFlops,
 }
 
 /// One step's report for progress displays.
@@ -419,6 +422,7 @@ impl Session {
             let plan = self.memory_plan(&[NAME], o)?;
             let adapter = self.adapters.get_mut(NAME).expect("just added");
             let trainable = adapter.num_parameters();
+            let step_flops = crate::train::flops::training_step(&self.model, adapter, o.batch * o.grad_accum, o.seq_len);
             let row_seconds = if probe {
                 let ids: Vec<u32> = (0..o.seq_len as u32).map(|i| 100 + i % 1000).collect();
                 let b = Batch::new(&[Tokenized { labels: ids.iter().map(|&i| i as i64).collect(), ids }], self.tokenizer.eos_id.unwrap_or(0))?;
@@ -444,7 +448,7 @@ impl Session {
                 None
             };
             let rows_per_step = (o.batch * o.grad_accum) as f64;
-            Ok(RunEstimate { step_seconds: row_seconds.map(|f| f * rows_per_step), row_seconds, plan, trainable })
+            Ok(RunEstimate { step_seconds: row_seconds.map(|f| f * rows_per_step), row_seconds, plan, trainable, step_flops })
         }
         .await;
         self.adapters.remove(NAME); // with its autodiff state: nothing of the probe stays

@@ -253,3 +253,64 @@ fn the_loss_over_chunks_of_logits_equals_one_projection() {
         assert_close(&format!("d/dhidden, chunks of {chunk}"), &gc, &g, 1e-5);
     }
 }
+
+/// The FLOP count of a training step (`train::flops`) on the tiny Llama against counts made
+/// by hand from its config.json (hidden 64, 4 heads × 16, 2 KV heads, MLP 128, 2 layers,
+/// vocabulary 512, untied): the matrices are every parameter but the norms and the embedding
+/// table; LoRA adds 6 FLOPs per parameter and token; prompt tuning's virtual tokens cost what
+/// real tokens cost and add nothing of their own; IA3 adds nothing; `estimate` counts the
+/// rows of the whole optimizer step.
+#[test]
+fn a_training_steps_flops_follow_the_formula() {
+    use webpeft::train::flops::{matrix_parameters, training_step};
+    let mut s = common::tiny();
+    let per_layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128;
+    let n = 2 * per_layer + 512 * 64;
+    assert_eq!(matrix_parameters(&s.model), n);
+    assert_eq!(matrix_parameters(&s.model), s.model.num_parameters() - (2 * 2 + 1) * 64 - 512 * 64);
+    let (b, t) = (3usize, 10usize);
+    let attention = |t: usize| (2 * b * t * t * 64) as f64;
+    let forward = |t: usize| 2.0 * (n * b * t) as f64 + 4.0 * attention(t);
+    let backward = |t: usize| 2.0 * (n * b * t) as f64 + 8.0 * attention(t);
+    let configs = [
+        ("lora", serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})),
+        ("prompt", serde_json::json!({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 5, "task_type": "CAUSAL_LM"})),
+        ("ia3", serde_json::json!({"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]})),
+    ];
+    for (name, cfg) in &configs {
+        s.add_adapter(name, cfg, 0).unwrap();
+        let a = s.adapters.get_mut(*name).unwrap();
+        let f = training_step(&s.model, a, b, t);
+        let (tt, adapter) = match *name {
+            // A and B of q_proj (64 -> 64) and v_proj (64 -> 32), rank 4, in both layers.
+            "lora" => {
+                let lora = 2 * 4 * ((64 + 64) + (64 + 32));
+                assert_eq!(a.num_parameters(), lora);
+                (t, 6.0 * (lora * b * t) as f64)
+            }
+            "prompt" => (t + 5, 0.0),
+            _ => (t, 0.0),
+        };
+        assert_eq!((f.forward, f.backward, f.adapter), (forward(tt), backward(tt), adapter), "{name}");
+        assert_eq!(f.total(), f.forward + f.backward + f.adapter);
+    }
+    let o = webpeft::session::TrainOptions { batch: 2, grad_accum: 3, seq_len: t, ..Default::default() };
+    let e = block_on(s.estimate(&configs[0].1, &o, false)).unwrap();
+    let a = s.adapters.get_mut("lora").unwrap();
+    assert_eq!(e.step_flops, training_step(&s.model, a, 6, t));
+}
+
+/// `train::flops::matmul_peak` times each matmul it can run here and reports the best.
+#[test]
+fn the_peak_is_the_best_measured_matmul() {
+    let c = compute();
+    let p = block_on(webpeft::train::flops::matmul_peak(&c.device, &[64, 128], 2)).unwrap();
+    let kernels: Vec<&str> = p.rates.iter().map(|r| r.kernel.as_str()).collect();
+    assert!(kernels.contains(&"f32"), "{kernels:?}");
+    assert_eq!(kernels.contains(&"q4_1"), c.is_gpu, "the dequantizing kernel runs on a GPU only: {kernels:?}");
+    for r in &p.rates {
+        assert!(r.seconds > 0.0 && (r.tflops - 2.0 * (r.n as f64).powi(3) / r.seconds / 1e12).abs() <= 1e-9 * r.tflops, "{r:?}");
+    }
+    assert_eq!(p.tflops, p.rates.iter().map(|r| r.tflops).fold(0.0, f64::max));
+    assert!(block_on(webpeft::train::flops::matmul_peak(&c.device, &[], 2)).is_err());
+}

@@ -1,4 +1,4 @@
-//! The native command line: `webpeft logits | train | generate | eval | export | combine | bench`
+//! The native command line: `webpeft logits | train | generate | eval | export | combine | bench | peak`
 //! for generation, `webpeft classify | predict | embed | embed-train` for classification and embeddings.
 //! Every subcommand exits non-zero with a one-line reason on bad input.
 
@@ -607,6 +607,20 @@ enum Cmd {
         /// The most memory a training step may use (MiB), as `train --memory-budget-mib`.
         #[arg(long)]
         memory_budget_mib: Option<u64>,
+    },
+    /// The device's measured peak: the best TFLOP/s of the matmuls training uses ([n, n] · [n, n]:
+    /// f32, f16 where the device has it, the Q4_1 dequantizing kernel on a GPU); one JSON
+    /// object (`bench` reports its achieved rate as a fraction of this).
+    Peak {
+        /// gpu | cpu | auto, as for the other commands.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Comma-separated matrix sizes n.
+        #[arg(long, default_value = "512,1024,2048")]
+        sizes: String,
+        /// Products timed per kernel and size (submitted together, waited for once).
+        #[arg(long, default_value_t = 4)]
+        reps: usize,
     },
     /// The frozen base in each storage format (one JSON object per format, then a table):
     /// device memory against f32, logits against the same weights dequantized to f32 (the
@@ -1218,6 +1232,18 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::json!({"loss": r.loss, "perplexity": r.loss.exp(), "targets": r.targets, "accuracy": r.accuracy, "examples": examples.len()}));
         }
         Cmd::QuantReport { common, formats, text } => quant_report(&common, &formats, &text)?,
+        Cmd::Peak { device, sizes, reps } => {
+            let compute = device::select(DeviceChoice::parse(&device)?)?;
+            eprintln!("device: {}", compute.name);
+            let sizes = sizes.split(',').map(|x| x.trim().parse::<usize>().map_err(|_| Error::new(ErrorCode::Config, format!("--sizes: not a size: {x:?}")))).collect::<Result<Vec<_>>>()?;
+            let peak = block_on(webpeft::train::flops::matmul_peak(&compute.device, &sizes, reps))?;
+            for r in &peak.rates {
+                eprintln!("{:>5} n={:<5} {:>9.2} ms  {:.4} TFLOP/s", r.kernel, r.n, r.seconds * 1e3, r.tflops);
+            }
+            let mut v = serde_json::to_value(&peak).expect("json");
+            v["device"] = compute.name.into();
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        }
         Cmd::Bench { common, method, batch, seq_len, steps, gen_tokens, gradient_checkpointing, memory_budget_mib } => {
             let mut s = open(&common)?;
             let configs = method.configs(&common.model)?;
@@ -1315,6 +1341,7 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, o: &TrainOptions, gen_tokens:
         }
     };
     let adapter = s.adapters.get_mut("bench").expect("just added");
+    let flops = webpeft::train::flops::training_step(&s.model, adapter, batch, seq_len);
     webpeft::peft::set_trainable(adapter, true);
     let t_warm = Instant::now();
     block_on(trainer.step(&s.model, adapter, &batch_data))?;
@@ -1377,6 +1404,9 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, o: &TrainOptions, gen_tokens:
         "first_step_s": warmup_s,
         "train_ms_per_step": step_s * 1e3,
         "train_tokens_per_s": tokens as f64 / step_s,
+        "train_flops_per_step": flops.total(),
+        "train_flops": flops,
+        "train_tflops_per_s": flops.total() / step_s / 1e12,
         "forward_tokens_per_s": tokens as f64 / fwd_s,
         "generate_tokens_per_s": out.len() as f64 / gen_s,
         "generated_tokens": out.len(),

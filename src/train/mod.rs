@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod classify;
 pub mod contrastive;
 pub mod data;
+pub mod flops;
 pub mod loss;
 pub mod memory;
 pub mod optim;

@@ -125,6 +125,20 @@ pub fn init() -> Promise {
     })
 }
 
+/// The device's measured peak: the best rate of the matmuls training uses (f32, f16 where the
+/// device has it, the Q4_1 dequantizing kernel) on `[n, n] · [n, n]` for each `n` of `sizes`,
+/// `reps` products each after a warm-up. Resolves to `{ tflops, kernel, n, rates: [{ kernel,
+/// n, seconds, tflops }] }`.
+#[wasm_bindgen(js_name = measurePeak)]
+pub fn measure_peak(sizes: Vec<u32>, reps: u32) -> Promise {
+    promise(async move {
+        let c = compute()?;
+        let sizes: Vec<usize> = sizes.into_iter().map(|n| n as usize).collect();
+        let peak = crate::train::flops::matmul_peak(&c.device, &sizes, reps as usize).await?;
+        serde_wasm_bindgen::to_value(&peak).map_err(|e| err!(Device, "peak: {e}"))
+    })
+}
+
 /// Parse a data file (text, JSONL or CSV, chosen by `name`'s extension) into examples:
 /// `{text}`, `{prompt, completion}` or `{messages: [{role, content}]}` objects. Throws the typed error naming file and line.
 #[wasm_bindgen(js_name = parseData)]
@@ -595,7 +609,8 @@ impl Model {
     /// Before training: what a new adapter from `config` (as `addAdapter`) trained with
     /// `options` (as `train`) would take. Resolves to `{ trainable, batch, gradAccum,
     /// memory: { total, weights, adapter, activations, attention, logits, largestBuffer,
-    /// largestBufferName } (bytes), rowSeconds, stepSeconds, totalSeconds }`; the times (from
+    /// largestBufferName } (bytes), stepFlops, rowSeconds, stepSeconds, totalSeconds }`
+    /// (`stepFlops`: one optimizer step's FLOPs as `train::flops` counts them); the times (from
     /// one measured training step over one row) only with `probe: true`. Nothing is kept.
     pub fn estimate(&self, config: JsValue, options: JsValue, probe: Option<bool>) -> Promise {
         let s = self.session();
@@ -620,6 +635,7 @@ impl Model {
             set(&mem, "largestBufferName", m.largest_buffer.1);
             let o = Object::new();
             set(&o, "trainable", e.trainable as f64);
+            set(&o, "stepFlops", e.step_flops.total());
             set(&o, "batch", e.plan.batch as u32);
             set(&o, "gradAccum", e.plan.grad_accum as u32);
             set(&o, "memory", mem);
