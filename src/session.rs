@@ -503,7 +503,7 @@ pub fn decoder_parts(files: &ModelFiles, format: BaseFormat) -> Result<(crate::i
 /// The memory plan of training `adapter` under `o` on `compute` (see [`memory::plan`]).
 fn plan_memory(model: &Llama, compute: &Compute, adapter: &mut dyn Trainable, o: &TrainOptions) -> Result<memory::Plan> {
     let trainable: usize = adapter.params_mut().iter().map(|p| p.tensor.dims().iter().product::<usize>()).sum();
-    let prefix = adapter.prefix().map_or(0, |p| p.dims()[0]);
+    let prefix = adapter.virtual_tokens();
     let asked = if o.dp.is_some() { 1 } else { o.batch };
     let limits = memory::Limits { max_buffer: compute.max_buffer, budget: o.memory_budget_mib.map(|m| m << 20) };
     memory::plan(&model.config, model.base_memory(), trainable, asked, o.grad_accum, o.seq_len + prefix, limits, o.gradient_checkpointing, model.runs_fused_attention())
@@ -534,7 +534,7 @@ fn pick<'a>(adapters: &'a mut BTreeMap<String, AnyAdapter>, names: &[&str]) -> R
 
 /// Mean next-token loss of tokenised `rows` under `hook`, `batch` rows at a time.
 async fn held_out_loss(model: &Llama, hook: &dyn Adapter, rows: &[Tokenized], batch: usize, pad: u32) -> Result<EvalReport> {
-    let n_virtual = hook.prefix().map_or(0, |p| p.dims()[0]);
+    let n_virtual = hook.virtual_tokens();
     let (mut nll, mut count) = (0f64, 0usize);
     for chunk in rows.chunks(batch.max(1)) {
         let b = Batch::new(chunk, pad)?;

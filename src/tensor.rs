@@ -87,6 +87,13 @@ pub async fn read<const D: usize>(t: Tensor<D>) -> Result<HostTensor> {
     Ok(HostTensor::new(shape, data))
 }
 
+/// Wait until every tensor of `ts` is computed: one readback of the first value of each (a
+/// timing's end, without reading the tensors themselves). Each tensor must have a value.
+pub async fn wait_for(ts: Vec<Tensor<2>>) -> Result<()> {
+    let firsts: Vec<Tensor<2>> = ts.into_iter().map(|t| t.narrow(0, 0, 1).narrow(1, 0, 1)).collect();
+    read(Tensor::cat(firsts, 0)).await.map(|_| ())
+}
+
 /// Read a scalar (a 1-element tensor).
 pub async fn read_scalar(t: Tensor<1>) -> Result<f32> {
     Ok(read(t).await?.data[0])

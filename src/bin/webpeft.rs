@@ -1365,9 +1365,8 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, o: &TrainOptions, gen_tokens:
             let inputs = webpeft::models::llama::Inputs { ids: webpeft::tensor::ints(ids, [chunk.len(), seq_len], &s.model.device), attention_mask: None };
             let h = s.model.hidden(&inputs, &stack, None)?;
             let n = chunk.len() * seq_len;
-            // The first logit of each chunk, read back together: every projection has run.
-            let firsts: Vec<_> = (0..n).step_by(per_chunk).map(|i| s.model.logits_of(h.clone().narrow(0, i, per_chunk.min(n - i)), &stack).narrow(0, 0, 1)).collect();
-            block_on(webpeft::tensor::read(burn::tensor::Tensor::cat(firsts, 0)))?;
+            // Every chunk's logits computed, none read back whole.
+            block_on(webpeft::tensor::wait_for((0..n).step_by(per_chunk).map(|i| s.model.logits_of(h.clone().narrow(0, i, per_chunk.min(n - i)), &stack)).collect()))?;
         }
         Ok(())
     };

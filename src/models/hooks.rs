@@ -183,6 +183,10 @@ pub trait Adapter {
     fn prefix(&self) -> Option<Tensor<2>> {
         None
     }
+    /// How many virtual tokens [`prefix`](Adapter::prefix) puts before every sequence.
+    fn virtual_tokens(&self) -> usize {
+        self.prefix().map_or(0, |p| p.dims()[0])
+    }
     /// Keys and values [1, kv_heads, n, head_dim] per layer put before the real ones
     /// (prefix tuning): they act as a pre-filled KV cache.
     fn prefix_kv(&self) -> Option<Vec<(Tensor<4>, Tensor<4>)>> {

@@ -29,7 +29,7 @@ use crate::error::{Result, bail};
 use crate::models::linear::Weight;
 use crate::models::llama::Llama;
 use crate::peft::{Layout, Trainable};
-use crate::tensor::{floats, read};
+use crate::tensor::{floats, wait_for};
 
 /// The FLOPs of one training step, by part (see the module's formula).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -53,27 +53,40 @@ pub fn matrix_parameters(model: &Llama) -> usize {
     head + model.blocks.iter().flat_map(|b| b.linears.values()).map(|l| l.in_features() * l.out_features()).sum::<usize>()
 }
 
-/// A trainable tensor's part in the count: a matrix the adapter adds (`A`), a base matrix
-/// trained in full (`F`), or elementwise / gathered (neither).
-fn matrix_kind(name: &str, layout: Layout) -> (bool, bool) {
-    let added = ["lora_A.weight", "lora_B.weight", "lora_embedding_B", ".down.weight", ".up.weight"].iter().any(|s| name.ends_with(s));
-    let gathered = name.ends_with("lora_embedding_A");
-    (added, !added && !gathered && layout == Layout::Transposed)
+/// A trainable tensor's part in the count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MatrixKind {
+    /// A matrix the adapter adds (`A`: LoRA's A and B, a bottleneck's down and up).
+    Added,
+    /// A base matrix trained in full (`F`).
+    Full,
+    /// Elementwise or gathered: not counted.
+    Other,
+}
+
+fn matrix_kind(name: &str, layout: Layout) -> MatrixKind {
+    if ["lora_A.weight", "lora_B.weight", "lora_embedding_B", ".down.weight", ".up.weight"].iter().any(|s| name.ends_with(s)) {
+        MatrixKind::Added
+    } else if layout == Layout::Transposed && !name.ends_with("lora_embedding_A") {
+        MatrixKind::Full
+    } else {
+        MatrixKind::Other
+    }
 }
 
 /// The FLOPs of one training step of `adapter` on `model` over `batch` rows of `seq_len`
 /// tokens (see the module's formula).
 pub fn training_step(model: &Llama, adapter: &mut dyn Trainable, batch: usize, seq_len: usize) -> StepFlops {
     let c = &model.config;
-    let virtual_tokens = adapter.prefix().map_or(0, |p| p.dims()[0]);
+    let virtual_tokens = adapter.virtual_tokens();
     let prefix_keys = adapter.prefix_kv().and_then(|kv| kv.first().map(|(k, _)| k.dims()[2])).unwrap_or(0);
     let (mut added, mut full) = (0usize, 0usize);
     for p in adapter.params_mut() {
         let n: usize = p.tensor.dims().iter().product();
         match matrix_kind(&p.name, p.layout) {
-            (true, _) => added += n,
-            (_, true) => full += n,
-            _ => {}
+            MatrixKind::Added => added += n,
+            MatrixKind::Full => full += n,
+            MatrixKind::Other => {}
         }
     }
     let t = (seq_len + virtual_tokens) as f64;
@@ -128,8 +141,7 @@ pub async fn matmul_peak(device: &Device, sizes: &[usize], reps: usize) -> Resul
         for (kernel, weight) in weights {
             let run = async |k: usize| -> Result<f64> {
                 let t0 = web_time::Instant::now();
-                let firsts: Vec<_> = (0..k).map(|_| weight.matmul(x.clone()).narrow(0, 0, 1).narrow(1, 0, 1)).collect();
-                read(burn::tensor::Tensor::cat(firsts, 0)).await?;
+                wait_for((0..k).map(|_| weight.matmul(x.clone())).collect()).await?;
                 Ok(t0.elapsed().as_secs_f64())
             };
             run(1).await?;
@@ -147,11 +159,11 @@ mod tests {
 
     #[test]
     fn matrices_are_told_apart_by_name_and_layout() {
-        assert_eq!(matrix_kind("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", Layout::Transposed), (true, false));
-        assert_eq!(matrix_kind("base_model.model.model.layers.0.mlp.adapter.down.weight", Layout::Transposed), (true, false));
-        assert_eq!(matrix_kind("base_model.model.model.embed_tokens.lora_embedding_A", Layout::Transposed), (false, false));
-        assert_eq!(matrix_kind("base_model.model.lm_head.weight", Layout::Transposed), (false, true));
-        assert_eq!(matrix_kind("base_model.model.model.layers.0.mlp.down_proj.ia3_l", Layout::Row), (false, false));
-        assert_eq!(matrix_kind("prompt_embeddings", Layout::Same), (false, false));
+        assert_eq!(matrix_kind("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", Layout::Transposed), MatrixKind::Added);
+        assert_eq!(matrix_kind("base_model.model.model.layers.0.mlp.adapter.down.weight", Layout::Transposed), MatrixKind::Added);
+        assert_eq!(matrix_kind("base_model.model.model.embed_tokens.lora_embedding_A", Layout::Transposed), MatrixKind::Other);
+        assert_eq!(matrix_kind("base_model.model.lm_head.weight", Layout::Transposed), MatrixKind::Full);
+        assert_eq!(matrix_kind("base_model.model.model.layers.0.mlp.down_proj.ia3_l", Layout::Row), MatrixKind::Other);
+        assert_eq!(matrix_kind("prompt_embeddings", Layout::Same), MatrixKind::Other);
     }
 }

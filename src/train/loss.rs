@@ -46,7 +46,7 @@ pub fn causal_lm_loss_from(
     if batch.tasks.is_empty() || n_tasks == 0 {
         return Ok((loss, None));
     }
-    let per_row = batch.len + hook.prefix().map_or(0, |p| p.dims()[0]);
+    let per_row = batch.len + hook.virtual_tokens();
     let mut onehot = vec![0f32; n_tasks * rows.len()];
     let mut counts = vec![0usize; n_tasks];
     for (j, &r) in rows.iter().enumerate() {
@@ -64,7 +64,7 @@ pub fn row_nll(model: &Llama, hook: &dyn Adapter, batch: &Batch) -> Result<Tenso
     let (logp, rows) = target_log_probs(model, hook, batch, None)?;
     // One-hot [B, M] of which row each counted position belongs to.
     let row_len = rows.len().max(1);
-    let per_row = batch.len + hook.prefix().map_or(0, |p| p.dims()[0]);
+    let per_row = batch.len + hook.virtual_tokens();
     let mut onehot = vec![0f32; batch.batch * row_len];
     for (j, &r) in rows.iter().enumerate() {
         onehot[(r as usize / per_row) * row_len + j] = 1.0;
@@ -83,7 +83,7 @@ fn target_log_probs(model: &Llama, hook: &dyn Adapter, batch: &Batch, last: Opti
     let dev = &model.device;
     // Virtual tokens (prompt tuning) come first with label -100, as peft does; so the last
     // one predicts the first real token.
-    let n = hook.prefix().map_or(0, |p| p.dims()[0]);
+    let n = hook.virtual_tokens();
     let targets = batch.shifted_targets_with_prefix(n);
     let rows: Vec<i64> = targets.iter().enumerate().filter(|(_, t)| **t != IGNORE).map(|(i, _)| i as i64).collect();
     if rows.is_empty() {

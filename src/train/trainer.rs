@@ -148,7 +148,7 @@ impl Trainer {
             self.scaler = Some(LossScaler::default());
         }
         let scale = self.scale();
-        let n = adapter.prefix().map_or(0, |p| p.dims()[0]);
+        let n = adapter.virtual_tokens();
         let total: usize = micro.iter().map(|b| b.num_targets_with_prefix(n)).sum();
         let tokens = micro.iter().map(Batch::num_tokens).sum();
         let mut loss_sum: Option<Tensor<1>> = None;
@@ -292,7 +292,7 @@ impl Trainer {
     /// examples' losses [1] and the number of examples.
     pub fn dp_gradients(&mut self, model: &Llama, adapter: &mut dyn Trainable, micro: &[Batch], dp: DpConfig) -> Result<(Vec<Tensor<2>>, Tensor<1>, usize)> {
         let rows: Vec<Batch> = micro.iter().flat_map(Batch::rows).collect();
-        let n_prefix = adapter.prefix().map_or(0, |p| p.dims()[0]);
+        let n_prefix = adapter.virtual_tokens();
         let mut sum: Vec<Option<Tensor<2>>> = Vec::new();
         let mut losses: Vec<Tensor<1>> = Vec::new();
         for (k, row) in rows.iter().filter(|r| r.num_targets_with_prefix(n_prefix) > 0).enumerate() {
