@@ -89,6 +89,41 @@ export interface MatmulRate { kernel: 'f32' | 'f16' | 'q4_1'; n: number; seconds
  */
 export function measurePeak(options?: { sizes?: number[]; reps?: number }): Promise<{ tflops: number; kernel: string; n: number; rates: MatmulRate[] }>;
 
+/** One kernel (by name) of a profile. */
+export interface KernelTime {
+  kernel: string;
+  launches: number;
+  /** Device time summed over its launches. */
+  seconds: number;
+  /** Its part of all kernels' time. */
+  share: number;
+}
+
+/** Every GPU kernel launched between `startProfile()` and `finishProfile()`, by kernel. */
+export interface KernelProfile {
+  /** "device": timestamps the GPU wrote (WebGPU `timestamp-query`); "host": the host clock around each submit. */
+  timing: 'device' | 'host';
+  launches: number;
+  timed: number;
+  kernel_seconds: number;
+  /** First kernel start to last kernel end (device timing only). */
+  span_seconds: number | null;
+  /** Time in that span with no kernel running (device timing only). */
+  idle_seconds: number | null;
+  wall_seconds: number;
+  /** Most time first. */
+  kernels: KernelTime[];
+}
+
+/**
+ * Start timing every GPU kernel this module launches on this thread's device (a session in a
+ * worker runs its own module: profile there). A second call starts over.
+ */
+export function startProfile(): void;
+
+/** Stop the profile, wait for its kernels and resolve to them by kernel; rejects (code "config") when none was started. */
+export function finishProfile(): Promise<KernelProfile>;
+
 export interface TrainOptions {
   /** The adapter to train (default "default"), or several trained together (hybrid). */
   adapter?: string | string[];

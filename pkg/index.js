@@ -76,6 +76,14 @@ export async function measurePeak({ sizes = [512, 1024], reps = 2 } = {}) {
   return guard(core.measurePeak(Uint32Array.from(sizes), reps));
 }
 
+export function startProfile() {
+  core.startProfile();
+}
+
+export async function finishProfile() {
+  return guard(core.finishProfile());
+}
+
 async function normaliseFiles(source) {
   const out = {};
   const add = async (name, v) => {

@@ -2,7 +2,7 @@
 //! and natively, with adapters in the Hugging Face PEFT format.
 //!
 //! Layout: `io` (file formats), `models` (architectures), `peft` (methods), `train`
-//! (loss, optimiser, loop), `generate` (decoding), `device` (device choice and self-check),
+//! (loss, optimiser, loop), `generate` (decoding), `device` (device choice and self-check), `profile` (GPU time per kernel),
 //! `session` (the high-level API the CLI and the JS bindings share; `task` is its
 //! counterpart for sequence classification and sentence embeddings, on encoders and decoders), `wasm` (JS boundary).
 
@@ -12,6 +12,7 @@ pub mod generate;
 pub mod io;
 pub mod models;
 pub mod peft;
+pub mod profile;
 pub mod quant;
 pub mod session;
 pub mod task;

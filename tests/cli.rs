@@ -119,6 +119,19 @@ fn train_then_use_the_adapter() {
     for k in ["train_tokens_per_s", "train_ms_per_step", "forward_tokens_per_s", "generate_tokens_per_s"] {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {json}");
     }
+    assert!(v["profile"].is_null(), "no profile unless asked");
+    // --profile: one more step, its kernels by name on the device; refused on the CPU backend.
+    let (ok, json, e) = webpeft(&["bench", "--model", m, "--batch", "2", "--seq-len", "16", "--steps", "1", "--gen-tokens", "2", "--profile"]);
+    if v["device"].as_str().unwrap().starts_with("cpu") {
+        assert!(!ok && e.contains("--profile times GPU kernels"), "{e}");
+    } else {
+        assert!(ok, "{e}");
+        let p = &serde_json::from_str::<serde_json::Value>(&json).unwrap()["profile"];
+        let kernels = p["kernels"].as_array().unwrap();
+        assert!(p["launches"].as_u64().unwrap() > 0 && p["launches"].as_u64() == Some(kernels.iter().map(|k| k["launches"].as_u64().unwrap()).sum()), "{p}");
+        assert!(kernels.iter().any(|k| k["kernel"].as_str().unwrap().starts_with("MatmulEntry")), "{p}");
+        assert!(e.contains("one training step, by kernel:") && e.contains("| kernel | launches | ms | share |"), "{e}");
+    }
     std::fs::remove_dir_all(&tmp).ok();
 }
 

@@ -79,7 +79,7 @@ fn a_lora_step_on_an_f16_base_with_loss_scaling_matches_pytorch() {
     let a = s.adapters.get_mut("qv").unwrap();
     assert!(load_params(a, &init).unwrap() > 0);
     set_trainable(a, true);
-    let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }, ..Default::default() });
+    let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, ..Default::default() }, ..Default::default() });
     let batch = train_batch(&train);
     // PyTorch halved the scale `overflows` times before the gradients were finite: each of
     // those is a skipped step here.

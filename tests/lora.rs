@@ -96,7 +96,7 @@ fn train_setup(steps: usize, clip: Option<f64>, schedule: Schedule, warmup: usiz
     let (shape, ids) = &fx.i64["input_ids"];
     let batch = Batch { batch: shape[0], len: shape[1], input_ids: ids.clone(), attention_mask: fx.i64["attention_mask"].1.clone(), labels: fx.i64["labels"].1.clone(), tasks: vec![] };
     let cfg = TrainConfig {
-        optim: AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+        optim: AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, ..Default::default() },
         schedule,
         warmup,
         total_steps: steps,
@@ -246,7 +246,7 @@ fn one_step_matches(name: &str, train_file: &str, weight_tol: f32) {
     let fx = load(train_file);
     let (shape, ids) = &fx.i64["input_ids"];
     let batch = Batch { batch: shape[0], len: shape[1], input_ids: ids.clone(), attention_mask: fx.i64["attention_mask"].1.clone(), labels: fx.i64["labels"].1.clone(), tasks: vec![] };
-    let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }, ..Default::default() });
+    let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, ..Default::default() }, ..Default::default() });
     let a = s.adapters.get_mut(name).unwrap();
     webpeft::peft::set_trainable(a, true);
     let st = block_on(tr.step(&s.model, a, std::slice::from_ref(&batch))).unwrap();
@@ -407,4 +407,49 @@ fn a_long_text_trains_as_windows_not_cut_short() {
     assert_eq!(windows.len(), ids.len() / 32 + usize::from(ids.len() % 32 >= 2));
     // A short text stays one row, as before.
     assert_eq!(rows.last().unwrap().ids, s.tokenizer.encode("Simple is better than complex.").unwrap());
+}
+
+/// The fused AdamW kernel (one launch per tensor on a GPU) against the same update as tensor
+/// ops: three steps of decay, clipping coefficient and bias corrections, on shapes that are
+/// not multiples of the workgroup. On the CPU backend both configurations run the tensor ops.
+#[test]
+fn the_fused_adamw_kernel_equals_the_tensor_ops() {
+    use burn::tensor::Tensor;
+    use webpeft::train::AdamW;
+    use webpeft::train::adamw_kernel::applies;
+    let c = compute();
+    let dev = c.device.clone();
+    let shapes = [[8usize, 576], [1, 7], [33, 65]];
+    let init: Vec<Tensor<2>> = shapes.iter().enumerate().map(|(i, &[r, k])| webpeft::tensor::floats(values(r * k, 10 + i as u64), [r, k], &dev)).collect();
+    assert_eq!(applies(&init[0]), c.is_gpu, "the kernel runs on a GPU only");
+    let run = |fused: bool| {
+        let mut opt = AdamW::new(AdamWConfig { lr: 3e-2, weight_decay: 0.1, fused, ..Default::default() });
+        let mut params: Vec<Tensor<2>> = init.iter().map(|p| p.clone().autodiff().require_grad()).collect();
+        for step in 0..3u64 {
+            let grads: Vec<Tensor<2>> = shapes.iter().enumerate().map(|(i, &[r, k])| webpeft::tensor::floats(values(r * k, 100 * step + i as u64), [r, k], &dev)).collect();
+            let coef = webpeft::tensor::floats(vec![0.7 - 0.2 * step as f32], [1], &dev);
+            let mut refs: Vec<&mut Tensor<2>> = params.iter_mut().collect();
+            opt.update_clipped(&mut refs, grads, 3e-2, Some(coef));
+        }
+        let moments: Vec<Vec<f32>> = opt
+            .state
+            .iter()
+            .flat_map(|m| {
+                let m = m.as_ref().unwrap();
+                [block_on(read(m.m.clone())).unwrap().data, block_on(read(m.v.clone())).unwrap().data]
+            })
+            .collect();
+        (params.into_iter().map(|p| block_on(read(p)).unwrap().data).collect::<Vec<_>>(), moments)
+    };
+    let (p_fused, m_fused) = run(true);
+    let (p_ref, m_ref) = run(false);
+    for (i, (a, b)) in p_fused.iter().zip(&p_ref).enumerate() {
+        let moved = max_abs_diff(b, &block_on(read(init[i].clone())).unwrap().data);
+        assert!(moved > 1e-2, "the parameters moved: {moved}");
+        assert_close(&format!("parameter {i}, fused vs tensor ops"), a, b, 1e-6);
+    }
+    for (i, (a, b)) in m_fused.iter().zip(&m_ref).enumerate() {
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert_close(&format!("moment {i}, fused vs tensor ops"), a, b, 1e-6 * scale.max(1e-3));
+    }
 }

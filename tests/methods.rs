@@ -107,7 +107,11 @@ fn one_step_with(model: &str, name: &str, train: &str, trainable_config: bool, c
     assert!(n > 0 || init.is_empty(), "{name}: no parameter set from init.*");
     let (shape, ids) = &fx.i64["input_ids"];
     let batch = Batch { batch: shape[0], len: shape[1], input_ids: ids.clone(), attention_mask: fx.i64["attention_mask"].1.clone(), labels: fx.i64["labels"].1.clone(), tasks: vec![] };
-    let mut tr = Trainer::new(TrainConfig { optim: AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }, gradient_checkpointing, ..Default::default() });
+    let mut tr = Trainer::new(TrainConfig {
+        optim: AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, ..Default::default() },
+        gradient_checkpointing,
+        ..Default::default()
+    });
     set_trainable(a, true);
     let st = block_on(tr.step(&s.model, a, std::slice::from_ref(&batch))).unwrap();
     let want = fx.f32["loss_step0"].data[0];

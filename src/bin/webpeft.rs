@@ -607,6 +607,13 @@ enum Cmd {
         /// The most memory a training step may use (MiB), as `train --memory-budget-mib`.
         #[arg(long)]
         memory_budget_mib: Option<u64>,
+        /// Time every kernel of one more training step on the device (wgpu timestamp queries)
+        /// and report them by kernel: a table on stderr, `profile` in the JSON (GPU only).
+        #[arg(long)]
+        profile: bool,
+        /// AdamW as 14 tensor ops per parameter instead of one kernel (for comparison).
+        #[arg(long)]
+        unfused_adamw: bool,
     },
     /// The device's measured peak: the best TFLOP/s of the matmuls training uses ([n, n] · [n, n]:
     /// f32, f16 where the device has it, the Q4_1 dequantizing kernel on a GPU); one JSON
@@ -1244,14 +1251,14 @@ fn run(cli: Cli) -> Result<()> {
             v["device"] = compute.name.into();
             println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         }
-        Cmd::Bench { common, method, batch, seq_len, steps, gen_tokens, gradient_checkpointing, memory_budget_mib } => {
+        Cmd::Bench { common, method, batch, seq_len, steps, gen_tokens, gradient_checkpointing, memory_budget_mib, profile, unfused_adamw } => {
             let mut s = open(&common)?;
             let configs = method.configs(&common.model)?;
             if configs.len() != 1 {
                 return Err(Error::new(ErrorCode::Config, "bench takes one --method"));
             }
             let o = TrainOptions { batch, seq_len, steps, gradient_checkpointing: gradient_checkpointing.choice(), memory_budget_mib, ..Default::default() };
-            let report = bench(&mut s, &configs[0].1, &o, gen_tokens)?;
+            let report = bench(&mut s, &configs[0].1, &o, gen_tokens, profile, !unfused_adamw)?;
             println!("{}", serde_json::to_string_pretty(&report).expect("json"));
         }
     }
@@ -1307,11 +1314,14 @@ fn quant_report(common: &Common, formats: &str, text: &str) -> Result<()> {
 /// Training, forward and generation timings on synthetic tokens: `o.steps` timed steps of
 /// `o.batch` rows of `o.seq_len` tokens, planned as training plans them (micro-batches,
 /// gradient checkpointing, `o.memory_budget_mib`).
-fn bench(s: &mut Session, cfg: &serde_json::Value, o: &TrainOptions, gen_tokens: usize) -> Result<serde_json::Value> {
+fn bench(s: &mut Session, cfg: &serde_json::Value, o: &TrainOptions, gen_tokens: usize, profile: bool, fused_adamw: bool) -> Result<serde_json::Value> {
     use webpeft::train::{AdamWConfig, TrainConfig, Trainer};
     let (batch, seq_len, steps) = (o.batch, o.seq_len, o.steps);
     if batch == 0 || seq_len < 2 || steps == 0 {
         return Err(Error::new(ErrorCode::Config, "batch, steps >= 1 and seq-len >= 2"));
+    }
+    if profile && !s.compute.is_gpu {
+        return Err(Error::new(ErrorCode::Config, "--profile times GPU kernels; the CPU backend launches none (profile it with perf)"));
     }
     s.add_adapter("bench", cfg, 0)?;
     let v = s.model.config.vocab_size as u32;
@@ -1327,7 +1337,7 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, o: &TrainOptions, gen_tokens:
     let batch_data = rows.chunks(micro).map(|c| Batch::new(c, 0)).collect::<Result<Vec<_>>>()?;
     let tokens = batch * seq_len;
     let mut trainer = Trainer::new(TrainConfig {
-        optim: AdamWConfig { lr: 1e-4, ..Default::default() },
+        optim: AdamWConfig { lr: 1e-4, fused: fused_adamw, ..Default::default() },
         total_steps: steps + 1,
         max_grad_norm: Some(1.0),
         gradient_checkpointing: plan.checkpointing,
@@ -1354,6 +1364,15 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, o: &TrainOptions, gen_tokens:
     let step_s = t0.elapsed().as_secs_f64() / steps as f64;
     // The pool's size after training only: the training step's peak.
     let train_reserved = device::memory_usage(&dev).map(|m| m.1);
+    let kernels = if profile {
+        let profiler = webpeft::profile::Profiler::start();
+        block_on(trainer.step(&s.model, adapter, &batch_data))?;
+        let p = block_on(profiler.finish());
+        eprintln!("one training step, by kernel:\n{}", p.table(20));
+        Some(p)
+    } else {
+        None
+    };
     webpeft::peft::set_trainable(adapter, false);
     // Forward only (logits of every position, micro-batch by micro-batch, projected in chunks
     // as the loss does), warm once, then timed.
@@ -1389,6 +1408,7 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, o: &TrainOptions, gen_tokens:
         "device": s.compute.name,
         "base": s.model.base_formats(),
         "attention": if s.model.runs_fused_attention() { "fused" } else { "reference" },
+        "fused_adamw": fused_adamw && s.compute.is_gpu,
         "base_bytes": s.model.base_memory().bytes,
         "model_parameters": s.model.num_parameters(),
         "method": s.adapters["bench"].method(),
@@ -1412,6 +1432,7 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, o: &TrainOptions, gen_tokens:
         "peak_memory_in_use_bytes": if peak > 0 { Some(peak) } else { None },
         "memory_reserved_bytes": reserved,
         "train_memory_reserved_bytes": train_reserved,
+        "profile": kernels,
     }))
 }
 

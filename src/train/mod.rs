@@ -1,8 +1,9 @@
 //! Training: data to batches, the causal-LM loss, sequence classification (`classify`), contrastive
-//! embedding tuning (`contrastive`), AdamW with torch's semantics, learning
+//! embedding tuning (`contrastive`), AdamW with torch's semantics (`adamw_kernel`: its update in one kernel per tensor), learning
 //! rate schedules with transformers' semantics, the step loop (accumulation, clipping),
 //! gradient checkpointing (`recompute`) and loss scaling over an f16 base (`scaler`).
 
+pub mod adamw_kernel;
 pub mod checkpoint;
 pub mod classify;
 pub mod contrastive;

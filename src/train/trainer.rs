@@ -221,16 +221,13 @@ impl Trainer {
         }
         let sq: Vec<Tensor<1>> = grads.iter().map(|g| g.clone().square().sum()).collect();
         let norm = Tensor::cat(sq, 0).sum().sqrt();
-        if let Some(max) = self.config.max_grad_norm {
-            // torch.nn.utils.clip_grad_norm_: coef = min(max / (norm + 1e-6), 1)
-            let coef = norm.clone().add_scalar(1e-6).recip().mul_scalar(max).clamp_max(1.0);
-            let coef: Tensor<2> = coef.unsqueeze();
-            grads = grads.into_iter().map(|g| g * coef.clone()).collect();
-        }
+        // torch.nn.utils.clip_grad_norm_: coef = min(max / (norm + 1e-6), 1), applied to the
+        // gradients by the optimizer (inside its kernel where it has one).
+        let coef = self.config.max_grad_norm.map(|max| norm.clone().add_scalar(1e-6).recip().mul_scalar(max).clamp_max(1.0));
         // One readback per step: the loss, the gradient norm and the extra values.
         let both = read(Tensor::cat(vec![loss, norm].into_iter().chain(extra).collect(), 0)).await?;
         let (loss, grad_norm) = (both.data[0], both.data[1]);
-        let stats = self.finish(adapter, grads, StepStats { step: self.opt.step + 1, loss, grad_norm, lr: self.lr(), tokens, skipped: false, task_losses: Vec::new() }, true)?;
+        let stats = self.finish(adapter, grads, coef, StepStats { step: self.opt.step + 1, loss, grad_norm, lr: self.lr(), tokens, skipped: false, task_losses: Vec::new() }, true)?;
         Ok((stats, both.data[2..].to_vec()))
     }
 
@@ -238,7 +235,7 @@ impl Trainer {
     /// skipped and logged, and after `max_nonfinite` such steps in a row training stops with
     /// an error, the adapter keeping its last good weights.
     /// `has_loss` is false for a DP step without examples (Poisson sampling): only noise.
-    fn finish(&mut self, adapter: &mut dyn Trainable, grads: Vec<Tensor<2>>, mut stats: StepStats, has_loss: bool) -> Result<StepStats> {
+    fn finish(&mut self, adapter: &mut dyn Trainable, grads: Vec<Tensor<2>>, coef: Option<Tensor<1>>, mut stats: StepStats, has_loss: bool) -> Result<StepStats> {
         let (loss, grad_norm) = (stats.loss, stats.grad_norm);
         if let Some(s) = &mut self.scaler
             && loss.is_finite()
@@ -269,7 +266,7 @@ impl Trainer {
         self.nonfinite = 0;
         let mut params = adapter.params_mut();
         let mut refs: Vec<&mut Tensor<2>> = params.iter_mut().map(|p| &mut *p.tensor).collect();
-        self.opt.update(&mut refs, grads, stats.lr);
+        self.opt.update_clipped(&mut refs, grads, stats.lr, coef);
         Ok(stats)
     }
 
@@ -285,7 +282,7 @@ impl Trainer {
         let norm = Tensor::cat(grads.iter().map(|g| g.clone().square().sum()).collect(), 0).sum().sqrt();
         let both = read(Tensor::cat(vec![loss, norm], 0)).await?;
         let (loss, grad_norm) = (if n == 0 { f32::NAN } else { both.data[0] }, both.data[1]);
-        self.finish(adapter, grads, StepStats { step: self.opt.step + 1, loss, grad_norm, lr: self.lr(), tokens, skipped: false, task_losses: Vec::new() }, n > 0)
+        self.finish(adapter, grads, None, StepStats { step: self.opt.step + 1, loss, grad_norm, lr: self.lr(), tokens, skipped: false, task_losses: Vec::new() }, n > 0)
     }
 
     /// The DP-SGD gradient of each trainable tensor (in `params_mut` order), the mean of the

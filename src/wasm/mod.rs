@@ -33,6 +33,8 @@ thread_local! {
     static PANICKED: Cell<bool> = const { Cell::new(false) };
     /// Called with a message when the module panics (the JS wrapper rejects pending calls).
     static ON_FATAL: RefCell<Option<Function>> = const { RefCell::new(None) };
+    /// The kernel profile `startProfile` began, until `finishProfile`.
+    static PROFILER: RefCell<Option<crate::profile::Profiler>> = const { RefCell::new(None) };
 }
 
 /// Register `callback(message)` to hear about a crash of the module: after a panic a pending
@@ -136,6 +138,31 @@ pub fn measure_peak(sizes: Vec<u32>, reps: u32) -> Promise {
         let sizes: Vec<usize> = sizes.into_iter().map(|n| n as usize).collect();
         let peak = crate::train::flops::matmul_peak(&c.device, &sizes, reps as usize).await?;
         serde_wasm_bindgen::to_value(&peak).map_err(|e| err!(Device, "peak: {e}"))
+    })
+}
+
+/// Start timing every GPU kernel this module launches (WebGPU timestamp queries where the
+/// adapter has `timestamp-query`, the host clock otherwise), until [`finish_profile`]. A second
+/// call starts over.
+#[wasm_bindgen(js_name = startProfile)]
+pub fn start_profile() {
+    PROFILER.with(|p| {
+        // The running one first: one launch observer at a time.
+        drop(p.borrow_mut().take());
+        *p.borrow_mut() = Some(crate::profile::Profiler::start());
+    });
+}
+
+/// Stop the profile `startProfile` began, wait for its kernels, and resolve to the kernels by
+/// name: `{ timing, launches, timed, kernel_seconds, span_seconds, idle_seconds, wall_seconds,
+/// kernels: [{ kernel, launches, seconds, share }] }`. Rejects with code "config" when no
+/// profile was started.
+#[wasm_bindgen(js_name = finishProfile)]
+pub fn finish_profile() -> Promise {
+    let profiler = PROFILER.with(|p| p.borrow_mut().take());
+    promise(async move {
+        let profiler = profiler.ok_or_else(|| err!(Config, "finishProfile: no profile was started (call startProfile first)"))?;
+        serde_wasm_bindgen::to_value(&profiler.finish().await).map_err(|e| err!(Device, "profile: {e}"))
     })
 }
 
