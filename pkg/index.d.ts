@@ -113,6 +113,8 @@ export interface KernelProfile {
   wall_seconds: number;
   /** Most time first. */
   kernels: KernelTime[];
+  /** The same time by phase of the work (training: "forward", "backward", "update"; "" outside any), in order of first launch. */
+  phases: { phase: string; launches: number; seconds: number; share: number }[];
 }
 
 /**

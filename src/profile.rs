@@ -6,6 +6,10 @@
 //! bracketed by timestamps and its measurement kept unread, so the kernels still run back to
 //! back; [`Profiler::finish`] reads them once the work is over. The CPU backend launches no
 //! kernels: a profile taken there is empty (use `perf` on it).
+//!
+//! Code marks what it is doing with [`phase`] (the trainer: `forward`, `backward`, `update`);
+//! each launch is counted under the phase current on the thread that issued it, so a profile
+//! also says what each phase cost.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,6 +27,16 @@ pub struct KernelTime {
     /// Device time summed over its launches.
     pub seconds: f64,
     /// Its part of all kernels' time.
+    pub share: f64,
+}
+
+/// What one phase took (see [`phase`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseTime {
+    /// The phase's name; empty for launches outside any phase.
+    pub phase: &'static str,
+    pub launches: usize,
+    pub seconds: f64,
     pub share: f64,
 }
 
@@ -46,6 +60,8 @@ pub struct KernelProfile {
     pub wall_seconds: f64,
     /// Most time first.
     pub kernels: Vec<KernelTime>,
+    /// The same time by phase, in the order the phases first launched a kernel.
+    pub phases: Vec<PhaseTime>,
 }
 
 impl KernelProfile {
@@ -58,6 +74,14 @@ impl KernelProfile {
         let rest: f64 = self.kernels.iter().skip(top).map(|k| k.seconds).sum();
         if self.kernels.len() > top {
             s += &format!("| {} other kernels | | {:.1} | {:.1}% |\n", self.kernels.len() - top, rest * 1e3, 100.0 * rest / self.kernel_seconds.max(f64::MIN_POSITIVE));
+        }
+        if self.phases.iter().any(|p| !p.phase.is_empty()) {
+            let phases: Vec<String> = self
+                .phases
+                .iter()
+                .map(|p| format!("{} {:.1} ms ({:.1}%, {} launches)", if p.phase.is_empty() { "other" } else { p.phase }, p.seconds * 1e3, p.share * 100.0, p.launches))
+                .collect();
+            s += &format!("by phase: {}\n", phases.join(", "));
         }
         s += &format!("{} launches ({} timed, {} timing): kernels {:.1} ms", self.launches, self.timed, self.timing, self.kernel_seconds * 1e3);
         if let (Some(span), Some(idle)) = (self.span_seconds, self.idle_seconds) {
@@ -76,8 +100,35 @@ enum Measurement {
 
 #[derive(Default)]
 struct Recorder {
+    /// Launches by kernel, and by phase in the order the phases appeared.
     launched: Mutex<HashMap<&'static str, usize>>,
-    measured: Mutex<Vec<Measurement>>,
+    phases: Mutex<Vec<(&'static str, usize)>>,
+    /// Each measurement with the phase it was taken in.
+    measured: Mutex<Vec<(&'static str, Measurement)>>,
+}
+
+/// The phase the process is in (one at a time: the launch observer is process-wide too).
+static PHASE: Mutex<&'static str> = Mutex::new("");
+
+/// Count the kernels launched until the guard drops under `name` (restoring the phase it
+/// replaced). Costs a lock when no profile is running; nest freely.
+#[must_use = "the phase ends when the guard drops"]
+pub fn phase(name: &'static str) -> PhaseGuard {
+    PhaseGuard { previous: std::mem::replace(&mut *lock(&PHASE), name) }
+}
+
+pub struct PhaseGuard {
+    previous: &'static str,
+}
+
+impl Drop for PhaseGuard {
+    fn drop(&mut self) {
+        *lock(&PHASE) = self.previous;
+    }
+}
+
+fn current_phase() -> &'static str {
+    *lock(&PHASE)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -87,15 +138,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl LaunchObserver for Recorder {
     fn launched(&self, kernel: &'static str) {
         *lock(&self.launched).entry(kernel).or_default() += 1;
+        let phase = current_phase();
+        let mut phases = lock(&self.phases);
+        match phases.iter_mut().find(|(p, _)| *p == phase) {
+            Some((_, n)) => *n += 1,
+            None => phases.push((phase, 1)),
+        }
     }
     fn timing(&self) -> TimingRequest {
         TimingRequest::Deferred
     }
     fn profiled(&self, kernel: &'static str, profile: ProfileDuration) {
-        lock(&self.measured).push(Measurement::Unread(kernel, profile));
+        lock(&self.measured).push((current_phase(), Measurement::Unread(kernel, profile)));
     }
     fn timed(&self, kernel: &'static str, duration: Duration, method: TimingMethod) {
-        lock(&self.measured).push(Measurement::Read(kernel, duration, method));
+        lock(&self.measured).push((current_phase(), Measurement::Read(kernel, duration, method)));
     }
 }
 
@@ -117,12 +174,14 @@ impl Profiler {
     pub async fn finish(self) -> KernelProfile {
         drop(self.observation);
         let launched = std::mem::take(&mut *lock(&self.recorder.launched));
+        let launched_by_phase = std::mem::take(&mut *lock(&self.recorder.phases));
         let measured = std::mem::take(&mut *lock(&self.recorder.measured));
         let mut per_kernel: HashMap<&'static str, f64> = HashMap::new();
+        let mut per_phase: HashMap<&'static str, f64> = HashMap::new();
         let mut windows = Vec::new();
         let mut host_timed = false;
         let mut timed = 0;
-        for m in measured {
+        for (phase, m) in measured {
             let (kernel, seconds) = match m {
                 Measurement::Unread(kernel, profile) => {
                     host_timed |= profile.timing_method() == TimingMethod::System;
@@ -138,6 +197,7 @@ impl Profiler {
             };
             timed += 1;
             *per_kernel.entry(kernel).or_default() += seconds;
+            *per_phase.entry(phase).or_default() += seconds;
         }
         let wall_seconds = self.started.elapsed().as_secs_f64();
         let kernel_seconds: f64 = per_kernel.values().sum();
@@ -178,7 +238,24 @@ impl Profiler {
             same
         });
         kernels.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then(b.launches.cmp(&a.launches)));
-        KernelProfile { timing: if host_timed { "host" } else { "device" }, launches: launched.values().sum(), timed, kernel_seconds, span_seconds, idle_seconds, wall_seconds, kernels }
+        let phases = launched_by_phase
+            .into_iter()
+            .map(|(phase, launches)| {
+                let seconds = per_phase.get(phase).copied().unwrap_or(0.0);
+                PhaseTime { phase, launches, seconds, share: seconds / kernel_seconds.max(f64::MIN_POSITIVE) }
+            })
+            .collect();
+        KernelProfile {
+            timing: if host_timed { "host" } else { "device" },
+            launches: launched.values().sum(),
+            timed,
+            kernel_seconds,
+            span_seconds,
+            idle_seconds,
+            wall_seconds,
+            kernels,
+            phases,
+        }
     }
 }
 

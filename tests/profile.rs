@@ -110,5 +110,15 @@ fn kernels_are_counted_by_name_and_timed_on_the_device() {
         assert!(launches(p, "MatmulEntry") >= 2 * 7, "{}", p.table(30));
     }
     assert_eq!(counts(&profiles[0]), counts(&profiles[1]));
+    // By phase: the trainer's three, adding up to the totals; the optimizer's kernels (one
+    // per LoRA tensor: 2 layers × q, v × A, B) in `update` only, matmuls in the passes.
+    let p = &profiles[1];
+    let names: Vec<&str> = p.phases.iter().map(|ph| ph.phase).collect();
+    assert_eq!(names, ["forward", "backward", "update"], "{}", p.table(10));
+    assert_eq!(p.phases.iter().map(|ph| ph.launches).sum::<usize>(), p.launches);
+    assert!((p.phases.iter().map(|ph| ph.seconds).sum::<f64>() - p.kernel_seconds).abs() <= 1e-9 * p.kernel_seconds.max(1.0));
+    assert!(p.phases.iter().all(|ph| ph.seconds > 0.0 && ph.launches > 0), "{p:?}");
+    let update = p.phases.iter().find(|ph| ph.phase == "update").unwrap();
+    assert!(update.launches >= 8 && update.launches < 60, "the update: 8 AdamW kernels, the norm and clipping coefficient: {}", p.table(10));
     eprintln!("tiny Llama LoRA step:\n{}", profiles[1].table(12));
 }

@@ -159,11 +159,16 @@ impl Trainer {
         for (k, mb) in micro.iter().enumerate() {
             adapter.prepare(mb);
             let by_task = if self.config.gradient_checkpointing {
+                let _phase = crate::profile::phase("forward+backward (recomputed)");
                 let r = recompute::loss_and_grads(model, adapter, mb, total, n_tasks, micro_seed(self.config.seed, self.opt.step, k), scale)?;
                 add_gradients(adapter, r.grads, r.loss, &mut acc, &mut loss_sum);
                 r.by_task
             } else {
-                let (loss, by_task) = causal_lm_loss_by_task(model, &*adapter, mb, total, n_tasks)?;
+                let (loss, by_task) = {
+                    let _phase = crate::profile::phase("forward");
+                    causal_lm_loss_by_task(model, &*adapter, mb, total, n_tasks)?
+                };
+                let _phase = crate::profile::phase("backward");
                 accumulate(adapter, loss, scale, &mut acc, &mut loss_sum);
                 by_task
             };
@@ -175,7 +180,10 @@ impl Trainer {
                 });
             }
         }
-        let (mut stats, extra) = self.update(adapter, acc, loss_sum, task_sums, tokens).await?;
+        let (mut stats, extra) = {
+            let _phase = crate::profile::phase("update");
+            self.update(adapter, acc, loss_sum, task_sums, tokens).await?
+        };
         stats.task_losses = task_counts.iter().enumerate().map(|(k, &c)| if c == 0 { f32::NAN } else { extra[k] / c as f32 }).collect();
         Ok(stats)
     }
