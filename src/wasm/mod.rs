@@ -155,7 +155,8 @@ pub fn start_profile() {
 
 /// Stop the profile `startProfile` began, wait for its kernels, and resolve to the kernels by
 /// name: `{ timing, launches, timed, kernel_seconds, span_seconds, idle_seconds, wall_seconds,
-/// kernels: [{ kernel, launches, seconds, share }] }`. Rejects with code "config" when no
+/// kernels: [{ kernel, launches, seconds, share }], phases: [{ phase, launches, seconds, share }] }`
+/// (training's phases: "forward", "backward", "update"). Rejects with code "config" when no
 /// profile was started.
 #[wasm_bindgen(js_name = finishProfile)]
 pub fn finish_profile() -> Promise {
