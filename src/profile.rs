@@ -100,9 +100,8 @@ enum Measurement {
 
 #[derive(Default)]
 struct Recorder {
-    /// Launches by kernel, and by phase in the order the phases appeared.
-    launched: Mutex<HashMap<&'static str, usize>>,
-    phases: Mutex<Vec<(&'static str, usize)>>,
+    /// Each launch as (phase, kernel), in order.
+    launched: Mutex<Vec<(&'static str, &'static str)>>,
     /// Each measurement with the phase it was taken in.
     measured: Mutex<Vec<(&'static str, Measurement)>>,
 }
@@ -137,13 +136,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl LaunchObserver for Recorder {
     fn launched(&self, kernel: &'static str) {
-        *lock(&self.launched).entry(kernel).or_default() += 1;
-        let phase = current_phase();
-        let mut phases = lock(&self.phases);
-        match phases.iter_mut().find(|(p, _)| *p == phase) {
-            Some((_, n)) => *n += 1,
-            None => phases.push((phase, 1)),
-        }
+        lock(&self.launched).push((current_phase(), kernel));
     }
     fn timing(&self) -> TimingRequest {
         TimingRequest::Deferred
@@ -174,7 +167,6 @@ impl Profiler {
     pub async fn finish(self) -> KernelProfile {
         drop(self.observation);
         let launched = std::mem::take(&mut *lock(&self.recorder.launched));
-        let launched_by_phase = std::mem::take(&mut *lock(&self.recorder.phases));
         let measured = std::mem::take(&mut *lock(&self.recorder.measured));
         let mut per_kernel: HashMap<&'static str, f64> = HashMap::new();
         let mut per_phase: HashMap<&'static str, f64> = HashMap::new();
@@ -189,9 +181,9 @@ impl Profiler {
                     windows.push((ticks.start_duration_since(self.started), ticks.end_duration_since(self.started)));
                     (kernel, ticks.duration().as_secs_f64())
                 }
+                // No window: the span and idle time are then not reported (below).
                 Measurement::Read(kernel, duration, method) => {
                     host_timed |= method == TimingMethod::System;
-                    windows.clear();
                     (kernel, duration.as_secs_f64())
                 }
             };
@@ -219,9 +211,19 @@ impl Profiler {
             let span = (last - first).as_secs_f64();
             (Some(span), Some((span - busy).max(0.0)))
         };
-        let mut kernels: Vec<KernelTime> = launched
-            .iter()
-            .map(|(&name, &launches)| {
+        // Launches by kernel, and by phase in the order the phases first appear.
+        let mut by_kernel: HashMap<&'static str, usize> = HashMap::new();
+        let mut by_phase: Vec<(&'static str, usize)> = Vec::new();
+        for &(phase, kernel) in &launched {
+            *by_kernel.entry(kernel).or_default() += 1;
+            match by_phase.iter_mut().find(|(p, _)| *p == phase) {
+                Some((_, n)) => *n += 1,
+                None => by_phase.push((phase, 1)),
+            }
+        }
+        let mut kernels: Vec<KernelTime> = by_kernel
+            .into_iter()
+            .map(|(name, launches)| {
                 let seconds = per_kernel.get(name).copied().unwrap_or(0.0);
                 KernelTime { kernel: short_name(name), launches, seconds, share: seconds / kernel_seconds.max(f64::MIN_POSITIVE) }
             })
@@ -238,24 +240,14 @@ impl Profiler {
             same
         });
         kernels.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then(b.launches.cmp(&a.launches)));
-        let phases = launched_by_phase
+        let phases = by_phase
             .into_iter()
             .map(|(phase, launches)| {
                 let seconds = per_phase.get(phase).copied().unwrap_or(0.0);
                 PhaseTime { phase, launches, seconds, share: seconds / kernel_seconds.max(f64::MIN_POSITIVE) }
             })
             .collect();
-        KernelProfile {
-            timing: if host_timed { "host" } else { "device" },
-            launches: launched.values().sum(),
-            timed,
-            kernel_seconds,
-            span_seconds,
-            idle_seconds,
-            wall_seconds,
-            kernels,
-            phases,
-        }
+        KernelProfile { timing: if host_timed { "host" } else { "device" }, launches: launched.len(), timed, kernel_seconds, span_seconds, idle_seconds, wall_seconds, kernels, phases }
     }
 }
 

@@ -3,7 +3,7 @@
 //! 14 element-wise kernels per tensor and the gradient clipping one more; this launches one,
 //! which reads the parameter, its gradient, both moments and the clipping coefficient once and
 //! writes the three new tensors. The arithmetic is the reference's, operation for operation,
-//! in f32 (`tests/model.rs` compares the two).
+//! in f32 (`tests/lora.rs` compares the two).
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
@@ -39,7 +39,8 @@ pub struct AdamWSpec {
 mod gpu {
     use cubecl::prelude::*;
 
-    /// Element `i`: `g = grad·coef[0]`, `m' = m + (g − m)(1 − β₁)`, `v' = v·β₂ + (g·g)(1 − β₂)`,
+    /// Element `i`: `g = grad·coef[0]` (`grad` when not `clipped`; `coef` is then not read),
+    /// `m' = m + (g − m)(1 − β₁)`, `v' = v·β₂ + (g·g)(1 − β₂)`,
     /// `p' = p·decay − (m' / (√v' / bc2 + eps))·step_size`. Launched unchecked: the one read
     /// and write per tensor is guarded by `i < n`.
     #[cube(launch_unchecked)]
@@ -61,10 +62,14 @@ mod gpu {
         bc2_sqrt: f32,
         eps: f32,
         step_size: f32,
+        #[comptime] clipped: bool,
     ) {
         let i = ((CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X) as usize;
         if i < n as usize {
-            let gi = g[i] * coef[0];
+            let mut gi = g[i];
+            if clipped {
+                gi *= coef[0];
+            }
             let mi = m[i] + (gi - m[i]) * one_minus_beta1;
             let vi = v[i] * beta2 + (gi * gi) * one_minus_beta2;
             let denom = f32::sqrt(vi) / bc2_sqrt + eps;
@@ -80,7 +85,7 @@ mod gpu {
 #[backend_extension(Cube)]
 pub trait FusedAdamWOps: Backend {
     /// `(p', m', v')` from the parameter, its gradient, the moments (all of one shape, f32) and
-    /// the clipping coefficient `coef` [1].
+    /// the clipping coefficient `coef` [1] (read only when `clipped`).
     #[allow(clippy::type_complexity)]
     fn adamw_update(
         p: FloatTensor<Self>,
@@ -89,13 +94,14 @@ pub trait FusedAdamWOps: Backend {
         v: FloatTensor<Self>,
         coef: FloatTensor<Self>,
         spec: AdamWSpec,
+        clipped: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 type Cube = FloatTensor<CubeBackend>;
 
 impl FusedAdamWOps for CubeBackend {
-    fn adamw_update(p: Cube, g: Cube, m: Cube, v: Cube, coef: Cube, spec: AdamWSpec) -> (Cube, Cube, Cube) {
+    fn adamw_update(p: Cube, g: Cube, m: Cube, v: Cube, coef: Cube, spec: AdamWSpec, clipped: bool) -> (Cube, Cube, Cube) {
         let (p, g, m, v, coef) = (into_contiguous(p), into_contiguous(g), into_contiguous(m), into_contiguous(v), into_contiguous(coef));
         let shape = p.meta.shape().clone();
         let n = shape.num_elements();
@@ -104,7 +110,7 @@ impl FusedAdamWOps for CubeBackend {
         let groups = (n as u32).div_ceil(THREADS).max(1);
         let count = CubeCount::Static(groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS), 1);
         // SAFETY: all five inputs and three outputs are contiguous f32 buffers of `n` elements
-        // (`coef` of one), and the kernel guards its one index by `n`.
+        // (`coef` of at least one), and the kernel guards its one index by `n`.
         unsafe {
             gpu::adamw_kernel::launch_unchecked(
                 &p.client.clone(),
@@ -126,15 +132,20 @@ impl FusedAdamWOps for CubeBackend {
                 spec.bc2_sqrt,
                 spec.eps,
                 spec.step_size,
+                clipped,
             );
         }
         (p_out, m_out, v_out)
     }
 }
 
-/// `(p', m', v')` of one AdamW step in one kernel. The caller checks [`applies`].
-pub fn update(p: Tensor<2>, g: Tensor<2>, m: Tensor<2>, v: Tensor<2>, coef: Tensor<1>, spec: AdamWSpec) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
-    let (p2, m2, v2) = Dispatch::adamw_update(p.into_dispatch(), g.into_dispatch(), m.into_dispatch(), v.into_dispatch(), coef.into_dispatch(), spec);
+/// `(p', m', v')` of one AdamW step in one kernel, the gradient first multiplied by `coef` [1]
+/// when given. The caller checks [`applies`].
+pub fn update(p: Tensor<2>, g: Tensor<2>, m: Tensor<2>, v: Tensor<2>, coef: Option<Tensor<1>>, spec: AdamWSpec) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
+    // Unclipped, the kernel reads no coefficient: the gradient stands in for its binding.
+    let clipped = coef.is_some();
+    let coef = coef.unwrap_or_else(|| g.clone().flatten::<1>(0, 1));
+    let (p2, m2, v2) = Dispatch::adamw_update(p.into_dispatch(), g.into_dispatch(), m.into_dispatch(), v.into_dispatch(), coef.into_dispatch(), spec, clipped);
     (Tensor::from_dispatch(p2), Tensor::from_dispatch(m2), Tensor::from_dispatch(v2))
 }
 

@@ -73,8 +73,6 @@ impl AdamW {
             step_size: step_size as f32,
         };
         let coef = coef.map(|c| c.without_autodiff());
-        // The kernel always takes a coefficient: 1 without clipping, uploaded once.
-        let mut one: Option<Tensor<1>> = None;
         for ((p, g), st) in params.iter_mut().zip(grads).zip(self.state.iter_mut()) {
             let param = p.clone().without_autodiff();
             let g = g.without_autodiff();
@@ -83,8 +81,7 @@ impl AdamW {
                 None => (g.zeros_like(), g.zeros_like()),
             };
             let (new, m, v) = if fused && adamw_kernel::applies(&param) && g.dtype() == param.dtype() {
-                let coef = coef.clone().unwrap_or_else(|| one.get_or_insert_with(|| crate::tensor::floats(vec![1.0], [1], &param.device())).clone());
-                adamw_kernel::update(param, g, m, v, coef, spec)
+                adamw_kernel::update(param, g, m, v, coef.clone(), spec)
             } else {
                 reference(param, g, m, v, coef.clone(), spec)
             };
