@@ -81,13 +81,20 @@ export function parseData(name: string, text: string): Promise<Example[]>;
 export function parseLabeled(name: string, text: string): Promise<{ text: string; label: string }[]>;
 
 /** One matmul's measured rate (`[n, n] · [n, n]`). */
-export interface MatmulRate { kernel: 'f32' | 'f16' | 'q4_1'; n: number; seconds: number; tflops: number }
+/** `f32`: Burn's f32 matmul; `f32-ours`: webpeft's f32 kernel; `f16`: Burn's f16 matmul; `q4_1`: the dequantizing kernel. */
+export interface MatmulRate { kernel: 'f32' | 'f32-ours' | 'f16' | 'q4_1'; n: number; seconds: number; tflops: number }
 
 /**
- * The device's measured peak: the best TFLOP/s of the matmuls training uses (f32, f16 where the
- * device has shader-f16, the Q4_1 dequantizing kernel), `reps` products per kernel and size.
+ * The device's measured peak: the best TFLOP/s of the matmuls training uses (Burn's f32, our f32
+ * kernel, f16 where the device has shader-f16, the Q4_1 dequantizing kernel), `reps` products per kernel and size.
  */
 export function measurePeak(options?: { sizes?: number[]; reps?: number }): Promise<{ tflops: number; kernel: string; n: number; rates: MatmulRate[] }>;
+
+/**
+ * Which matmul runs the f32 products on the GPU (attention, LoRA, an f32 base): 'ours' (webpeft's
+ * kernel, the default in the browser) or 'burn' (Burn's). Rejects (code "config") on another name.
+ */
+export function setMatmul(kind: 'ours' | 'burn'): Promise<void>;
 
 /** One kernel (by name) of a profile. */
 export interface KernelTime {

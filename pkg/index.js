@@ -67,13 +67,23 @@ export async function parseLabeled(name, text) {
 }
 
 /**
- * The device's measured peak: the best TFLOP/s of the matmuls training uses (f32, f16 where the
- * device has shader-f16, the Q4_1 dequantizing kernel) on `[n, n] · [n, n]` for each n of
+ * The device's measured peak: the best TFLOP/s of the matmuls training uses (Burn's f32, our f32
+ * kernel, f16 where the device has shader-f16, the Q4_1 dequantizing kernel) on `[n, n] · [n, n]` for each n of
  * `sizes`, `reps` products each. `{ tflops, kernel, n, rates: [{ kernel, n, seconds, tflops }] }`.
  */
 export async function measurePeak({ sizes = [512, 1024], reps = 2 } = {}) {
   await init();
   return guard(core.measurePeak(Uint32Array.from(sizes), reps));
+}
+
+/**
+ * Which matmul runs the f32 products on the GPU (attention, LoRA, an f32 base): 'ours' (webpeft's
+ * kernel, the default) or 'burn' (Burn's). For this module's thread: a session in a worker runs
+ * its own module.
+ */
+export async function setMatmul(kind) {
+  await init();
+  core.setMatmul(kind);
 }
 
 export function startProfile() {

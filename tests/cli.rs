@@ -120,6 +120,9 @@ fn train_then_use_the_adapter() {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {json}");
     }
     assert!(v["profile"].is_null(), "no profile unless asked");
+    if std::env::var("WEBPEFT_MATMUL").is_err() {
+        assert_eq!(v["matmul"], "burn", "Burn's matmul natively unless asked");
+    }
     // --profile: one more step, its kernels by name on the device; refused on the CPU backend.
     let (ok, json, e) = webpeft(&["bench", "--model", m, "--batch", "2", "--seq-len", "16", "--steps", "1", "--gen-tokens", "2", "--profile"]);
     if v["device"].as_str().unwrap().starts_with("cpu") {
@@ -131,6 +134,13 @@ fn train_then_use_the_adapter() {
         assert!(p["launches"].as_u64().unwrap() > 0 && p["launches"].as_u64() == Some(kernels.iter().map(|k| k["launches"].as_u64().unwrap()).sum()), "{p}");
         assert!(kernels.iter().any(|k| k["kernel"].as_str().unwrap().starts_with("MatmulEntry")), "{p}");
         assert!(e.contains("one training step, by kernel:") && e.contains("| kernel | launches | ms | share |"), "{e}");
+        // --matmul ours: the products run through our f32 kernel.
+        let (ok, json, e) = webpeft(&["bench", "--model", m, "--batch", "2", "--seq-len", "16", "--steps", "1", "--gen-tokens", "2", "--profile", "--matmul", "ours"]);
+        assert!(ok, "{e}");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["matmul"], "ours");
+        assert!(v["profile"]["kernels"].as_array().unwrap().iter().any(|k| k["kernel"].as_str().unwrap().starts_with("MatmulKernel")), "{}", v["profile"]);
+        assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0, "{json}");
     }
     std::fs::remove_dir_all(&tmp).ok();
 }

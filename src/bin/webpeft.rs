@@ -53,6 +53,17 @@ struct Common {
     /// backend always runs the reference).
     #[arg(long, value_enum, default_value_t = AttentionChoice::Reference)]
     attention: AttentionChoice,
+    /// burn (Burn's matmul) | ours (webpeft's f32 matmul kernel, the browser's default) for the
+    /// f32 products on a GPU (attention, LoRA, an f32 base). Default: burn, or what
+    /// WEBPEFT_MATMUL says; Burn's CPU backend always runs Burn's.
+    #[arg(long, value_enum)]
+    matmul: Option<MatmulChoice>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum MatmulChoice {
+    Burn,
+    Ours,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -703,6 +714,9 @@ fn open_task(common: &Common, task: TaskKind) -> Result<TaskSession> {
     let files = ModelFiles::from_path(&common.model)?;
     let compute = device::select(DeviceChoice::parse(&common.device)?)?;
     eprintln!("device: {}", compute.name);
+    if let Some(m) = common.matmul {
+        webpeft::matmul::set_tiled(m == MatmulChoice::Ours);
+    }
     if common.base.is_some() {
         return Err(Error::new(ErrorCode::Unsupported, "--base applies to generation and causal-LM training; classification and embedding sessions hold the base as the device's default"));
     }
@@ -762,6 +776,9 @@ fn open(common: &Common) -> Result<Session> {
     let files = ModelFiles::from_path(&common.model)?;
     let compute = device::select(DeviceChoice::parse(&common.device)?)?;
     eprintln!("device: {}", compute.name);
+    if let Some(m) = common.matmul {
+        webpeft::matmul::set_tiled(m == MatmulChoice::Ours);
+    }
     let format = match &common.base {
         Some(b) => BaseFormat::parse(b)?,
         None => BaseFormat::default_for(&compute),
@@ -1409,6 +1426,7 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, o: &TrainOptions, gen_tokens:
         "base": s.model.base_formats(),
         "attention": if s.model.runs_fused_attention() { "fused" } else { "reference" },
         "fused_adamw": fused_adamw && s.compute.is_gpu,
+        "matmul": if webpeft::matmul::tiled() && s.compute.is_gpu { "ours" } else { "burn" },
         "base_bytes": s.model.base_memory().bytes,
         "model_parameters": s.model.num_parameters(),
         "method": s.adapters["bench"].method(),

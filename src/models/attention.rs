@@ -30,6 +30,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use cubecl::prelude::{CubeCount, CubeDim};
 
+use crate::matmul::matmul;
 use crate::quant::kernel::runs_kernel;
 use crate::tensor::floats;
 
@@ -137,8 +138,8 @@ pub fn reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4>, sca
     } else {
         (k, v)
     };
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + mask.clone();
-    softmax(scores, 3).matmul(v)
+    let scores = matmul(q, k.swap_dims(2, 3)).mul_scalar(scale) + mask.clone();
+    matmul(softmax(scores, 3), v)
 }
 
 /// The fused kernels (on a CubeCL device; under autodiff with their backward). They compute

@@ -13,6 +13,7 @@ use serde_json::Value as Json;
 
 use crate::error::{Result, bail, err};
 use crate::io::safetensors::{HostTensor, take};
+use crate::matmul::matmul;
 use crate::models::Base;
 use crate::models::hooks::{Adapter, Family, NoHook, Norm, Proj, Site, Tunable};
 use crate::models::linear::Linear;
@@ -271,11 +272,11 @@ impl Bert {
             let q = heads(lin(Proj::Q, &x));
             let k = heads(lin(Proj::K, &x));
             let v = heads(lin(Proj::V, &x));
-            let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+            let mut scores = matmul(q, k.swap_dims(2, 3)).mul_scalar(scale);
             if let Some(m) = &key_mask {
                 scores = scores + m.clone();
             }
-            let ctx = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b * t, h]);
+            let ctx = matmul(softmax(scores, 3), v).swap_dims(1, 2).reshape([b * t, h]);
             let a = layer.attn_norm.forward_with(lin(Proj::O, &ctx) + x, eps, Norm::PostAttention(l), adapter);
             let inter = gelu(lin(Proj::Up, &a));
             x = layer.out_norm.forward_with(lin(Proj::Down, &inter) + a, eps, Norm::Output(l), adapter);

@@ -8,6 +8,7 @@
 
 use burn::tensor::{FloatDType, Int, Tensor};
 
+use crate::matmul::matmul;
 use crate::quant::QuantFormat;
 use crate::quant::kernel::matmul_t;
 use crate::quant::weight::QuantWeight;
@@ -32,7 +33,7 @@ impl Weight {
     /// `x @ W` → [rows, out].
     pub fn matmul(&self, x: Tensor<2>) -> Tensor<2> {
         match self {
-            Weight::Dense(w) => x.matmul(w.clone()),
+            Weight::Dense(w) => matmul(x, w.clone()),
             Weight::Quant(q) => matmul_t(x, q),
             Weight::Half(w) => half_matmul(x, w.clone()),
         }
@@ -101,7 +102,7 @@ impl Linear {
     /// The same with trainable replacements for the weight [in, out] / bias [1, out].
     pub fn forward_with(&self, x: &Tensor<2>, weight: Option<Tensor<2>>, bias: Option<Tensor<2>>) -> Tensor<2> {
         let y = match weight {
-            Some(w) => x.clone().matmul(w),
+            Some(w) => matmul(x.clone(), w),
             None => self.weight.matmul(x.clone()),
         };
         match (bias, &self.bias) {
@@ -145,7 +146,7 @@ impl Embedding {
     /// `h @ Eᵀ` → [rows, vocab] (a tied LM head).
     pub fn logits(&self, h: Tensor<2>) -> Tensor<2> {
         match self {
-            Embedding::Dense(t) => h.matmul(t.clone().transpose()),
+            Embedding::Dense(t) => matmul(h, t.clone().transpose()),
             Embedding::Quant(q) => matmul_t(h, q),
             Embedding::Half(t) => half_matmul(h, t.clone().transpose()),
         }

@@ -523,11 +523,11 @@ impl Llama {
     /// LM head or embeddings, when it has them).
     pub fn logits_of(&self, h: Tensor<2>, adapter: &dyn Adapter) -> Tensor<2> {
         if let Some(w) = adapter.lm_head() {
-            return h.matmul(w);
+            return crate::matmul::matmul(h, w);
         }
         match (&self.lm_head, adapter.embedding()) {
             (Some(w), _) => w.forward(&h),
-            (None, Some(e)) => h.matmul(e.transpose()),
+            (None, Some(e)) => crate::matmul::matmul(h, e.transpose()),
             (None, None) => self.embed.logits(h),
         }
     }

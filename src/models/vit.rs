@@ -15,6 +15,7 @@ use serde_json::Value as Json;
 
 use crate::error::{Result, bail, err};
 use crate::io::safetensors::{HostTensor, take};
+use crate::matmul::matmul;
 use crate::models::Base;
 use crate::models::bert::LayerNorm;
 use crate::models::hooks::{Adapter, Family, Norm, Proj, Site, Tunable};
@@ -317,7 +318,7 @@ impl Vit {
             let heads = |y: Tensor<2>| y.reshape([b, t, nh, hd]).swap_dims(1, 2);
             let hx = layer.norm_before.forward_with(x.clone(), eps, Norm::Input(l), adapter);
             let (q, k, v) = (heads(lin(Proj::Q, &hx)), heads(lin(Proj::K, &hx)), heads(lin(Proj::V, &hx)));
-            let ctx = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3).matmul(v).swap_dims(1, 2).reshape([b * t, h]);
+            let ctx = matmul(softmax(matmul(q, k.swap_dims(2, 3)).mul_scalar(scale), 3), v).swap_dims(1, 2).reshape([b * t, h]);
             x = x + lin(Proj::O, &ctx);
             let hx = layer.norm_after.forward_with(x.clone(), eps, Norm::PostAttention(l), adapter);
             x = x.clone() + lin(Proj::Down, &gelu(lin(Proj::Up, &hx)));

@@ -59,7 +59,7 @@ impl Mlp {
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let last = self.layers.len() - 1;
         self.layers.iter().enumerate().fold(x, |x, (i, (_, d))| {
-            let y = x.matmul(d.w.clone()) + d.b.clone();
+            let y = crate::matmul::matmul(x, d.w.clone()) + d.b.clone();
             match (i == last, self.activation) {
                 (true, _) => y,
                 (false, Activation::Relu) => relu(y),

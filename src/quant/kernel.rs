@@ -25,34 +25,76 @@ use cubecl::prelude::{CubeCount, CubeDim};
 
 use super::QuantFormat;
 use super::weight::QuantWeight;
-
-/// Output columns of one workgroup (64 threads × 4).
-const TILE_P: usize = 256;
-
-/// Rows per workgroup: fewer for few rows (generation), so that no work goes to padding.
-fn rows_per_tile(m: usize) -> usize {
-    match m {
-        0..=1 => 1,
-        2..=4 => 4,
-        _ => 16,
-    }
-}
+use crate::matmul::TileShape;
 
 mod gpu {
     use cubecl::prelude::*;
 
+    use crate::matmul::gpu::{V4, load_a, multiply_tiles, store};
+
+    /// Four consecutive stored values from index `idx` (a multiple of 4, so one code word and
+    /// one block), decoded: Q8_0 the signed byte, Q4_0 code − 8, Q4_1 the code, NF4 the level;
+    /// times the block's scale (+ its minimum). Lanes where `valid` is false are zero.
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn decode_quad(
+        codes: &Tensor<u32>,
+        scales: &Tensor<f32>,
+        mins: &Tensor<f32>,
+        lut_s: &Shared<[f32]>,
+        idx: usize,
+        valid: Vector<bool, Const<4>>,
+        #[comptime] format: u32,
+        #[comptime] bits: u32,
+        #[comptime] block: u32,
+        #[comptime] has_min: bool,
+    ) -> V4 {
+        let mask = (1u32 << bits) - 1;
+        let mut out = V4::new(0.0);
+        if valid.extract(0usize) {
+            let bit = idx * comptime!(bits as usize);
+            let word = codes[bit / 32] >> ((bit % 32) as u32);
+            let b = idx / comptime!(block as usize);
+            let scale = scales[b];
+            let mut min = f32::new(0.0);
+            if comptime!(has_min) {
+                min = mins[b];
+            }
+            #[unroll]
+            for j in 0..4usize {
+                let code = (word >> (j as u32 * bits)) & mask;
+                let mut v = f32::cast_from(code);
+                if comptime!(format == 0) {
+                    if code >= 128u32 {
+                        v -= 256.0;
+                    }
+                } else if comptime!(format == 1) {
+                    v -= 8.0;
+                } else if comptime!(format == 3) {
+                    v = lut_s[code as usize];
+                }
+                v = v * scale + min;
+                if !valid.extract(j) {
+                    v = f32::new(0.0);
+                }
+                out.insert(j, v);
+            }
+        }
+        out
+    }
+
     /// `out[m, p] = Σ_q a[m, q] · W(p, q)`, where `W(p, q)` is the stored matrix's value at
     /// `p * wcols + q` (`transposed = false`: `W` is [P, Q]) or at `q * wcols + p`
-    /// (`transposed = true`: `W` is [Q, P]), decoded from its code (Q8_0: the signed byte;
-    /// Q4_0: code − 8; Q4_1: the code; NF4: the level) times its block's scale (+ minimum).
+    /// (`transposed = true`: `W` is [Q, P]), decoded from its block format.
     ///
-    /// A workgroup of 64 threads computes `rm` rows × 256 columns: thread `t` holds columns
-    /// `t, t + 64, t + 128, t + 192` of every row in registers. The inner dimension goes 8
-    /// values at a time through workgroup memory: the `a` tile, and the `W` tile, which the
-    /// workgroup decodes once, each thread 8 quads of 4 stored values sharing a code word and
-    /// a block. In the inner loop every thread reads the same `a` value (a broadcast) and
-    /// neighbouring threads neighbouring `W` values. Workgroup memory: (8 × 256 + 8 rm + 16)
-    /// f32, under 9 KiB (WebGPU guarantees 16 KiB). No subgroups, no f16.
+    /// The layout of our f32 kernel ([`crate::matmul`]): 64 threads, thread `t` holds `tm` rows
+    /// × 4 adjacent columns in 4-wide registers, `K` 8 at a time through workgroup memory as
+    /// 4-wide vectors, the same multiply-add ([`multiply_tiles`]). Only the `W` tile differs:
+    /// the workgroup decodes it once. Transposed, 4 stored values are 4 adjacent columns at
+    /// one k: one vector. Otherwise they are 4 k of one column, so a thread decodes a 4 × 4
+    /// patch (4 columns × 4 k) and writes it as 4 vectors of 4 columns. Workgroup memory at
+    /// most (8·(64 + 256) + 16) f32, under 11 KiB (WebGPU guarantees 16 KiB). No subgroups,
+    /// no f16.
     ///
     /// Launched unchecked: every read and write is guarded by the bounds tests here; the
     /// caller guarantees `wcols % 4 == 0`.
@@ -74,131 +116,87 @@ mod gpu {
         #[comptime] block: u32,
         #[comptime] has_min: bool,
         #[comptime] transposed: bool,
-        #[comptime] rm: usize,
+        #[comptime] tm: usize,
+        #[comptime] tx: usize,
     ) {
+        let bm = comptime!(64 / tx * tm);
+        let bn = comptime!(tx * 4);
         let t = UNIT_POS_X as usize;
-        let row0 = CUBE_POS_Y as usize * rm;
-        let col0 = CUBE_POS_X as usize * 256;
+        let row0 = CUBE_POS_Y as usize * bm;
+        let col0 = CUBE_POS_X as usize * bn;
         let (m, p, q, wcols) = (m as usize, p as usize, q as usize, wcols as usize);
-        let bits_u = bits as usize;
-        let block_u = block as usize;
-        let mask = (1u32 << bits) - 1;
 
         // NF4's code → level table, once per workgroup.
-        let mut lut_s = Shared::new_slice(16usize);
+        let mut lut_s = Shared::<[f32]>::new_slice(16usize);
         if comptime!(format == 3) {
             if t < 16 {
                 lut_s[t] = lut[t];
             }
         }
-        let mut a_s = Shared::new_slice(comptime!(rm * 8));
-        let mut w_s = Shared::new_slice(2048usize);
-        let mut acc = Array::new(comptime!(rm * 4));
+        let mut a_s = Shared::<[V4]>::new_slice(comptime!(2 * bm));
+        let mut w_s = Shared::<[V4]>::new_slice(comptime!(2 * bn));
+        let mut acc = Array::<V4>::new(tm);
         #[unroll]
-        for i in 0..comptime!(rm * 4) {
-            acc[i] = f32::new(0.0);
+        for r in 0..tm {
+            acc[r] = V4::new(0.0);
         }
         sync_cube();
 
         let mut k0 = 0usize;
         while k0 < q {
-            // The a tile [rm rows][8 k].
-            #[unroll]
-            for i in 0..comptime!((rm * 8).div_ceil(64)) {
-                let e = t + 64 * i;
-                if e < comptime!(rm * 8) {
-                    let (r, kk) = (e / 8, e % 8);
-                    let mut av = f32::new(0.0);
-                    if row0 + r < m && k0 + kk < q {
-                        av = a[(row0 + r) * q + k0 + kk];
-                    }
-                    a_s[e] = av;
-                }
-            }
-            // The W tile [8 k][256 columns], as 512 quads.
-            #[unroll]
-            for i in 0..8usize {
-                let u = t + 64 * i;
-                // Quads run along the stored rows: along k (forward), along p (transposed).
-                let mut c = u / 2;
-                let mut kq = (u % 2) * 4;
-                if comptime!(transposed) {
-                    c = (u % 64) * 4;
-                    kq = u / 64;
-                }
-                let (wp, ka) = (col0 + c, k0 + kq);
-                let mut idx = wp * wcols + ka;
-                if comptime!(transposed) {
-                    idx = ka * wcols + wp;
-                }
-                let mut word = 0u32;
-                let mut scale = f32::new(0.0);
-                let mut min = f32::new(0.0);
-                if wp < p && ka < q {
-                    let bit = idx * bits_u;
-                    word = codes[bit / 32] >> ((bit % 32) as u32);
-                    let b = idx / block_u;
-                    scale = scales[b];
-                    if comptime!(has_min) {
-                        min = mins[b];
-                    }
-                }
+            load_a(a, &mut a_s, 0usize, q, 1usize, m, q, k0, row0, bm);
+            if comptime!(transposed) {
+                // Quad `e`: k `e / tx`, columns `4·(e % tx)` .. `+ 3`, stored adjacent.
                 #[unroll]
-                for j in 0..4usize {
-                    let code = (word >> (j as u32 * bits)) & mask;
-                    let mut v = f32::cast_from(code);
-                    if comptime!(format == 0) {
-                        if code >= 128u32 {
-                            v -= 256.0;
+                for i in 0..comptime!((2 * bn).div_ceil(64)) {
+                    let e = t + 64 * i;
+                    if e < comptime!(2 * bn) {
+                        let (kk, c) = (e / tx, (e % tx) * 4);
+                        let (ka, wp) = (k0 + kk, col0 + c);
+                        let mut valid = Vector::<bool, Const<4>>::new(false);
+                        #[unroll]
+                        for j in 0..4usize {
+                            valid.insert(j, ka < q && wp + j < p);
                         }
-                    } else if comptime!(format == 1) {
-                        v -= 8.0;
-                    } else if comptime!(format == 3) {
-                        v = lut_s[code as usize];
+                        w_s[e] = decode_quad(codes, scales, mins, &lut_s, ka * wcols + wp, valid, format, bits, block, has_min);
                     }
-                    v = v * scale + min;
-                    let mut ok = ka + j < q && wp < p;
-                    let mut at = (kq + j) * 256 + c;
-                    if comptime!(transposed) {
-                        ok = ka < q && wp + j < p;
-                        at = kq * 256 + c + j;
+                }
+            } else {
+                // Patch `e`: columns `4·(e % tx)` .. `+ 3`, k `4·(e / tx)` .. `+ 3`.
+                #[unroll]
+                for i in 0..comptime!((bn / 2).div_ceil(64)) {
+                    let e = t + 64 * i;
+                    if e < comptime!(bn / 2) {
+                        let (c, kq) = ((e % tx) * 4, (e / tx) * 4);
+                        let mut cols = Array::<V4>::new(4usize);
+                        #[unroll]
+                        for cc in 0..4usize {
+                            let (wp, ka) = (col0 + c + cc, k0 + kq);
+                            let mut valid = Vector::<bool, Const<4>>::new(false);
+                            #[unroll]
+                            for j in 0..4usize {
+                                valid.insert(j, wp < p && ka + j < q);
+                            }
+                            cols[cc] = decode_quad(codes, scales, mins, &lut_s, wp * wcols + ka, valid, format, bits, block, has_min);
+                        }
+                        #[unroll]
+                        for j in 0..4usize {
+                            let mut v = V4::new(0.0);
+                            #[unroll]
+                            for cc in 0..4usize {
+                                v.insert(cc, cols[cc].extract(j));
+                            }
+                            w_s[(kq + j) * tx + e % tx] = v;
+                        }
                     }
-                    if !ok {
-                        v = f32::new(0.0);
-                    }
-                    w_s[at] = v;
                 }
             }
             sync_cube();
-            #[unroll]
-            for kk in 0..8usize {
-                let mut wr = Array::new(4usize);
-                #[unroll]
-                for j in 0..4usize {
-                    wr[j] = w_s[kk * 256 + t + 64 * j];
-                }
-                #[unroll]
-                for r in 0..rm {
-                    let av = a_s[r * 8 + kk];
-                    #[unroll]
-                    for j in 0..4usize {
-                        acc[r * 4 + j] += av * wr[j];
-                    }
-                }
-            }
+            multiply_tiles(&a_s, &w_s, &mut acc, tm, tx);
             sync_cube();
             k0 += 8usize;
         }
-        #[unroll]
-        for r in 0..rm {
-            #[unroll]
-            for j in 0..4usize {
-                let (row, col) = (row0 + r, col0 + t + 64 * j);
-                if row < m && col < p {
-                    out[row * p + col] = acc[r * 4 + j];
-                }
-            }
-        }
+        store(out, &acc, 0usize, m, p, row0, col0, tm, tx);
     }
 }
 use gpu::qmatmul_kernel;
@@ -239,8 +237,8 @@ impl QuantMatmulOps for CubeBackend {
         let (m, q) = (dims[0], dims[1]);
         let out = empty_device_dtype(a.client.clone(), a.device.clone(), Shape::new([m, p]), DType::F32);
         let client = a.client.clone();
-        let rm = rows_per_tile(m);
-        let count = CubeCount::Static(p.div_ceil(TILE_P) as u32, m.div_ceil(rm) as u32, 1);
+        let tile = TileShape::for_output(m, p);
+        let count = CubeCount::Static(p.div_ceil(tile.cols()) as u32, m.div_ceil(tile.rows()) as u32, 1);
         // SAFETY: the kernel tests every index against the sizes passed with it, and the
         // buffers are those sizes (contiguous, from the same weight).
         unsafe {
@@ -263,7 +261,8 @@ impl QuantMatmulOps for CubeBackend {
                 f.block() as u32,
                 f.has_min(),
                 spec.transposed,
-                rm,
+                tile.tm,
+                tile.tx,
             );
         }
         out

@@ -134,7 +134,7 @@ impl ClassifierHead {
     }
 
     pub fn forward(&self, features: Tensor<2>) -> Tensor<2> {
-        let y = features.matmul(self.weight.clone());
+        let y = crate::matmul::matmul(features, self.weight.clone());
         match &self.bias {
             Some(b) => y + b.clone(),
             None => y,

@@ -35,6 +35,6 @@ pub fn mnrl_loss(anchors: Tensor<2>, positives: Tensor<2>, scale: f64) -> Result
     if positives.dims()[0] != b || b < 2 {
         bail!(Shape, "MNRL needs as many positives as anchors, two at least ({b} / {})", positives.dims()[0]);
     }
-    let scores = anchors.matmul(positives.transpose()).mul_scalar(scale);
+    let scores = crate::matmul::matmul(anchors, positives.transpose()).mul_scalar(scale);
     cross_entropy(scores, &(0..b).collect::<Vec<_>>(), None, b as f64)
 }

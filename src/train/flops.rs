@@ -23,7 +23,7 @@
 //! Gradient checkpointing's recomputed forward pass is not counted: the count is the model's
 //! work, not the work done, so that a step with it shows a lower rate.
 
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 
 use crate::error::{Result, bail};
 use crate::models::linear::Weight;
@@ -100,7 +100,8 @@ pub fn training_step(model: &Llama, adapter: &mut dyn Trainable, batch: usize, s
 /// One matmul's measured rate.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MatmulRate {
-    /// `f32`, `f16` (Burn's matmul) or `q4_1` (the dequantizing kernel of [`crate::quant`]).
+    /// `f32`, `f16` (Burn's matmul), `f32-ours` (our f32 kernel, [`crate::matmul`]) or `q4_1`
+    /// (the dequantizing kernel of [`crate::quant`]).
     pub kernel: String,
     /// `[n, n] · [n, n]`.
     pub n: usize,
@@ -131,17 +132,25 @@ pub async fn matmul_peak(device: &Device, sizes: &[usize], reps: usize) -> Resul
         let values = |seed: usize| (0..n * n).map(|i| (((i * 7919 + seed) % 1009) as f32 / 1009.0 - 0.5) * 0.1).collect::<Vec<f32>>();
         let x = floats(values(1), [n, n], device);
         let w = values(2);
-        let mut weights = vec![("f32", Weight::Dense(floats(w.clone(), [n, n], device)))];
+        let dense = floats(w.clone(), [n, n], device);
+        let mut weights = vec![("f32", Weight::Dense(dense.clone()))];
         if device.supports_dtype(burn::tensor::FloatDType::F16) {
             weights.push(("f16", Weight::Half(crate::tensor::halves(&w, [n, n], device))));
         }
         if crate::quant::kernel::runs_kernel(device) && n % 32 == 0 {
             weights.push(("q4_1", Weight::Quant(crate::quant::weight::quantize_upload(crate::quant::QuantFormat::Q4_1, n, n, &w, device)?)));
         }
-        for (kernel, weight) in weights {
+        // Burn's f32 matmul and ours, whichever `matmul` would pick.
+        let ours = crate::matmul::takes(&x, &dense).then_some(("f32-ours", None));
+        for (kernel, weight) in weights.into_iter().map(|(k, w)| (k, Some(w))).chain(ours) {
+            let product = |x: Tensor<2>| match &weight {
+                Some(Weight::Dense(w)) => x.matmul(w.clone()),
+                Some(w) => w.matmul(x),
+                None => crate::matmul::kernel(x, dense.clone()),
+            };
             let run = async |k: usize| -> Result<f64> {
                 let t0 = web_time::Instant::now();
-                wait_for((0..k).map(|_| weight.matmul(x.clone())).collect()).await?;
+                wait_for((0..k).map(|_| product(x.clone())).collect()).await?;
                 Ok(t0.elapsed().as_secs_f64())
             };
             run(1).await?;

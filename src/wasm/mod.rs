@@ -141,6 +141,19 @@ pub fn measure_peak(sizes: Vec<u32>, reps: u32) -> Promise {
     })
 }
 
+/// Which matmul runs the f32 products (attention, LoRA, an f32 base) on the GPU: "ours"
+/// (webpeft's kernel, the default in the browser) or "burn" (Burn's matmul). Throws (code
+/// "config") on any other name.
+#[wasm_bindgen(js_name = setMatmul)]
+pub fn set_matmul(kind: &str) -> std::result::Result<(), JsValue> {
+    match kind {
+        "ours" => crate::matmul::set_tiled(true),
+        "burn" => crate::matmul::set_tiled(false),
+        other => return Err(js_error(&err!(Config, "setMatmul: {other:?} is not a matmul (ours | burn)"))),
+    }
+    Ok(())
+}
+
 /// Start timing every GPU kernel this module launches (WebGPU timestamp queries where the
 /// adapter has `timestamp-query`, the host clock otherwise), until [`finish_profile`]. A second
 /// call starts over.

@@ -17,6 +17,7 @@ use burn::tensor::activation::{gelu, relu, silu, tanh};
 use serde_json::{Value as Json, json};
 
 use crate::error::{Result, bail, err};
+use crate::matmul::matmul;
 use crate::models::hooks::{Adapter, Sublayer};
 use crate::models::llama::Llama;
 use crate::peft::reparam::Dense;
@@ -204,8 +205,8 @@ impl Adapter for BottleneckAdapter {
     fn sublayer_output(&self, layer: usize, which: Sublayer, normed: &Tensor<2>, out: Tensor<2>) -> Tensor<2> {
         let Some(a) = self.layers.get(&(layer, which)) else { return out };
         let run = |x: Tensor<2>| {
-            let hidden = self.act(x.matmul(a.down.w.clone()) + a.down.b.clone());
-            hidden.matmul(a.up.w.clone()) + a.up.b.clone()
+            let hidden = self.act(matmul(x, a.down.w.clone()) + a.down.b.clone());
+            matmul(hidden, a.up.w.clone()) + a.up.b.clone()
         };
         match self.config.kind {
             Kind::Serial => out.clone() + run(out),

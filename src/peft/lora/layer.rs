@@ -2,6 +2,8 @@
 
 use burn::tensor::{Distribution, Tensor};
 
+use crate::matmul::matmul;
+
 /// DoRA (Liu et al. 2024): the layer's weight is re-normalised per output unit and scaled by a
 /// learned magnitude. Holds handles to the frozen base weight/bias it needs (no copies).
 #[derive(Clone)]
@@ -50,7 +52,7 @@ impl LoraLayer {
     /// from the dropped-out input.
     pub fn apply(&self, x: &Tensor<2>, y: Tensor<2>, training: bool) -> Tensor<2> {
         let xd = self.dropped(x, training);
-        let ab = xd.clone().matmul(self.a.clone()).matmul(self.b.clone());
+        let ab = matmul(matmul(xd.clone(), self.a.clone()), self.b.clone());
         let ab = match &self.bias {
             Some(b) => ab + b.clone(),
             None => ab,
@@ -60,7 +62,7 @@ impl LoraLayer {
         let norm = weight_norm(&d.base_weight, &self.a.clone().without_autodiff(), &self.b.clone().without_autodiff(), self.scaling);
         let m = d.magnitude.clone() / norm;
         let base = if training && self.dropout > 0.0 {
-            xd.matmul(d.base_weight.clone())
+            matmul(xd, d.base_weight.clone())
         } else {
             match &d.base_bias {
                 Some(bias) => y.clone() - bias.clone().unsqueeze(),

@@ -249,7 +249,7 @@ impl Adapter for LoraAdapter {
     fn embed_output(&self, ids: &Tensor<1, Int>, x: Tensor<2>) -> Tensor<2> {
         match &self.embedding {
             // peft looks A up with the base embedding's padding_idx: no gradient for that row.
-            Some(e) => x + crate::tensor::freeze_row(e.a.clone(), e.pad).select(0, ids.clone()).matmul(e.b.clone()).mul_scalar(e.scaling),
+            Some(e) => x + crate::matmul::matmul(crate::tensor::freeze_row(e.a.clone(), e.pad).select(0, ids.clone()), e.b.clone()).mul_scalar(e.scaling),
             None => x,
         }
     }
