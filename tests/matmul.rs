@@ -229,3 +229,18 @@ fn matmul_timing() {
         eprintln!("{line}");
     }
 }
+
+/// Empty products (no rows, no columns, an empty inner size) give what Burn's give.
+#[test]
+fn empty_products_equal_burns() {
+    let device = common::compute().device;
+    for (m, k, n) in [(0, 5, 7), (3, 5, 0), (3, 0, 7)] {
+        let a: Tensor<2> = floats(common::values(m * k, 1), [m, k], &device);
+        let b: Tensor<2> = floats(common::values(k * n, 2), [k, n], &device);
+        let want = read_all(a.clone().matmul(b.clone()));
+        assert_eq!(want.len(), m * n);
+        if takes(&a, &b) {
+            assert_eq!(read_all(kernel(a, b)), want, "[{m}×{k}]·[{k}×{n}]");
+        }
+    }
+}
