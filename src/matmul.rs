@@ -3,10 +3,11 @@
 //! through their strides (a transposed view costs no copy).
 //!
 //! Why: in Chromium (SwiftShader) Burn's matmul ran the attention and LoRA products at
-//! 0.00044 TFLOP/s where our dequantizing kernel ([`crate::quant::kernel`], the same
-//! workgroup layout) reached 0.0023; the kernel profile put 27% of a LoRA step there. The
-//! kernel is on by default in the browser (wasm) and off natively, where Burn's matmul runs
-//! near the device's measured peak on lavapipe; [`set_tiled`] (CLI `--matmul`) chooses.
+//! 0.00037–0.00047 TFLOP/s, 27% of a LoRA step in the kernel profile; this kernel reaches
+//! 0.0030 there. The quantized kernel ([`crate::quant::kernel`]) shares its tile code
+//! ([`gpu::load_a`], [`gpu::multiply_tiles`], [`gpu::store`]). It is on by default in the
+//! browser (wasm) and off natively, where Burn's matmul is faster on lavapipe's large
+//! products; [`set_tiled`] (CLI `--matmul`, env `WEBPEFT_MATMUL`) chooses.
 //!
 //! [`matmul`] takes any rank ≥ 2 with equal batch dimensions; broadcast batches, other dtypes
 //! and Burn's CPU backend go to Burn's `matmul`, the reference the tests compare with. Under

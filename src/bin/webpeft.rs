@@ -710,13 +710,19 @@ fn classify(common: &Common, args: &TaskTrainArgs, flags: &ClassifyFlags, method
     Ok((j, row))
 }
 
-fn open_task(common: &Common, task: TaskKind) -> Result<TaskSession> {
-    let files = ModelFiles::from_path(&common.model)?;
+/// The device `--device` names (announced on stderr), with `--matmul` applied.
+fn select_device(common: &Common) -> Result<webpeft::device::Compute> {
     let compute = device::select(DeviceChoice::parse(&common.device)?)?;
     eprintln!("device: {}", compute.name);
     if let Some(m) = common.matmul {
         webpeft::matmul::set_tiled(m == MatmulChoice::Ours);
     }
+    Ok(compute)
+}
+
+fn open_task(common: &Common, task: TaskKind) -> Result<TaskSession> {
+    let files = ModelFiles::from_path(&common.model)?;
+    let compute = select_device(common)?;
     if common.base.is_some() {
         return Err(Error::new(ErrorCode::Unsupported, "--base applies to generation and causal-LM training; classification and embedding sessions hold the base as the device's default"));
     }
@@ -774,11 +780,7 @@ fn metrics_json(m: &Metrics) -> serde_json::Value {
 
 fn open(common: &Common) -> Result<Session> {
     let files = ModelFiles::from_path(&common.model)?;
-    let compute = device::select(DeviceChoice::parse(&common.device)?)?;
-    eprintln!("device: {}", compute.name);
-    if let Some(m) = common.matmul {
-        webpeft::matmul::set_tiled(m == MatmulChoice::Ours);
-    }
+    let compute = select_device(common)?;
     let format = match &common.base {
         Some(b) => BaseFormat::parse(b)?,
         None => BaseFormat::default_for(&compute),

@@ -132,22 +132,23 @@ pub async fn matmul_peak(device: &Device, sizes: &[usize], reps: usize) -> Resul
         let values = |seed: usize| (0..n * n).map(|i| (((i * 7919 + seed) % 1009) as f32 / 1009.0 - 0.5) * 0.1).collect::<Vec<f32>>();
         let x = floats(values(1), [n, n], device);
         let w = values(2);
+        // Each matmul training uses, as `x ↦ x · W`.
+        type Product = Box<dyn Fn(Tensor<2>) -> Tensor<2>>;
         let dense = floats(w.clone(), [n, n], device);
-        let mut weights = vec![("f32", Weight::Dense(dense.clone()))];
+        let d = dense.clone();
+        let mut products: Vec<(&str, Product)> = vec![("f32", Box::new(move |x: Tensor<2>| x.matmul(d.clone())))];
+        if crate::matmul::takes(&x, &dense) {
+            products.push(("f32-ours", Box::new(move |x| crate::matmul::kernel(x, dense.clone()))));
+        }
         if device.supports_dtype(burn::tensor::FloatDType::F16) {
-            weights.push(("f16", Weight::Half(crate::tensor::halves(&w, [n, n], device))));
+            let h = Weight::Half(crate::tensor::halves(&w, [n, n], device));
+            products.push(("f16", Box::new(move |x| h.matmul(x))));
         }
         if crate::quant::kernel::runs_kernel(device) && n % 32 == 0 {
-            weights.push(("q4_1", Weight::Quant(crate::quant::weight::quantize_upload(crate::quant::QuantFormat::Q4_1, n, n, &w, device)?)));
+            let q = Weight::Quant(crate::quant::weight::quantize_upload(crate::quant::QuantFormat::Q4_1, n, n, &w, device)?);
+            products.push(("q4_1", Box::new(move |x| q.matmul(x))));
         }
-        // Burn's f32 matmul and ours, whichever `matmul` would pick.
-        let ours = crate::matmul::takes(&x, &dense).then_some(("f32-ours", None));
-        for (kernel, weight) in weights.into_iter().map(|(k, w)| (k, Some(w))).chain(ours) {
-            let product = |x: Tensor<2>| match &weight {
-                Some(Weight::Dense(w)) => x.matmul(w.clone()),
-                Some(w) => w.matmul(x),
-                None => crate::matmul::kernel(x, dense.clone()),
-            };
+        for (kernel, product) in products {
             let run = async |k: usize| -> Result<f64> {
                 let t0 = web_time::Instant::now();
                 wait_for((0..k).map(|_| product(x.clone())).collect()).await?;
