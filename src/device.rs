@@ -154,9 +154,29 @@ fn adapter_info() -> Option<(String, bool, u64)> {
     Some((format!("{} ({:?}, {})", info.name, info.backend, info.driver), info.device_type == wgpu::DeviceType::Cpu, max_buffer))
 }
 
+/// Run the module's static constructors, once (wasm). CubeCL's IR registers its type casts
+/// through `inventory` constructors, which wasm-ld gathers into `__wasm_call_ctors`. A module
+/// that never calls it is linked "command-style", with a call to it at the top of every
+/// exported function, and JS calls into the module at every WebGPU object it creates (several
+/// per kernel launch): re-running every constructor each time was most of the main thread's
+/// time during generation in Chromium (a CPU profile: 20 of 33 s under `create_bind_group`).
+/// Calling it here turns that wrapping off; it runs at instantiation (the module's start
+/// function, `crate::wasm`) and before any GPU work ([`init_webgpu`]: a test binary links the
+/// library without running its start function).
+#[cfg(target_family = "wasm")]
+pub fn run_constructors() {
+    unsafe extern "C" {
+        fn __wasm_call_ctors();
+    }
+    static DONE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: the linker-made function, run once.
+    DONE.call_once(|| unsafe { __wasm_call_ctors() });
+}
+
 /// Browser: acquire WebGPU (once per page).
 #[cfg(target_family = "wasm")]
 pub async fn init_webgpu() -> Result<Compute> {
+    run_constructors();
     let device = Device::wgpu_options().init_async().await.map_err(|e| err!(Device, "WebGPU is not available: {e:?}"))?;
     // The browser hides whether an adapter is software (SwiftShader has no shader-f16 anyway).
     let fast_f16 = device.supports_dtype(burn::tensor::FloatDType::F16);

@@ -9,6 +9,10 @@
 //! browser (wasm) and off natively, where Burn's matmul is faster on lavapipe's large
 //! products; [`set_tiled`] (CLI `--matmul`, env `WEBPEFT_MATMUL`) chooses.
 //!
+//! Products of at most [`GEMV_ROWS`] rows (generation's one token at a time) run as
+//! matrix-vector products instead ([`gpu::gemv_kernel`]: a thread per output column, no
+//! workgroup memory, no barriers), as do the quantized ones ([`crate::quant::kernel`]).
+//!
 //! [`matmul`] takes any rank ≥ 2 with equal batch dimensions; broadcast batches, other dtypes
 //! and Burn's CPU backend go to Burn's `matmul`, the reference the tests compare with. Under
 //! autodiff the backward is the same kernel on transposed views: `da = dout · bᵀ`,
@@ -29,6 +33,9 @@ use cubecl::prelude::{CubeCount, CubeDim};
 
 /// Threads per workgroup.
 const THREADS: usize = 64;
+
+/// Up to this many rows, a product runs as matrix-vector products ([`gpu::gemv_kernel`]).
+pub const GEMV_ROWS: usize = 4;
 
 /// WebGPU's smallest guaranteed `maxComputeWorkgroupsPerDimension`.
 const MAX_GROUPS: usize = 65_535;
@@ -77,7 +84,9 @@ impl TileShape {
                 0..=1 => 1,
                 2..=4 => 4,
                 5..=8 => 8,
-                9..=16 => 16,
+                // Up to 32 rows in 16-row tiles: a 64-row tile left half of a 32-token
+                // prompt's work padding (its Q4_1 products 6.5 → 4.8 s on SwiftShader).
+                9..=32 => 16,
                 _ => 32,
             };
             // 64 × 128 tiles for many rows (the fewest reads per multiply-add that measured
@@ -176,6 +185,66 @@ pub(crate) mod gpu {
         }
     }
 
+    /// The offsets of batch `CUBE_POS_Z` (the leading dimensions flattened) in `a`, `b` and
+    /// `out`, from the last batch dimension to the first; a size-1 dimension of `a` or `b` is
+    /// broadcast.
+    #[cube]
+    fn batch_offsets(a: &Tensor<f32>, b: &Tensor<f32>, out: &mut Tensor<f32>) -> (usize, usize, usize) {
+        let mut rest = CUBE_POS_Z as usize;
+        let mut off_a = 0usize;
+        let mut off_b = 0usize;
+        let mut off_o = 0usize;
+        let mut d = out.rank() - 2;
+        while d > 0 {
+            d -= 1;
+            let i = rest % out.shape(d);
+            rest /= out.shape(d);
+            off_a += (i % a.shape(d)) * a.stride(d);
+            off_b += (i % b.shape(d)) * b.stride(d);
+            off_o += i * out.stride(d);
+        }
+        (off_a, off_b, off_o)
+    }
+
+    /// `out[z, i, j] = Σ_k a[z, i, k] · b[z, k, j]` for at most `rows` rows (generation's
+    /// matrix-vector products): thread `t` computes column `64·x + t` of batch `z =
+    /// CUBE_POS_Z` alone, k by k in order, with no workgroup memory. The tiled kernel below
+    /// needs two workgroup barriers per 8 k, and with one row that is 32 multiply-adds per
+    /// thread between barriers; SwiftShader (a CPU) pays each barrier by switching between the
+    /// workgroup's invocations.
+    ///
+    /// Launched unchecked: reads are guarded (rows clamped to `m − 1`, columns tested); `m ≥ 1`
+    /// and `out` is contiguous.
+    #[cube(launch_unchecked)]
+    pub fn gemv_kernel(a: &Tensor<f32>, b: &Tensor<f32>, out: &mut Tensor<f32>, #[comptime] rows: usize) {
+        let rank = out.rank();
+        let (m, n, k) = (out.shape(rank - 2), out.shape(rank - 1), a.shape(rank - 1));
+        let col = CUBE_POS_X as usize * 64 + UNIT_POS_X as usize;
+        let (off_a, off_b, off_o) = batch_offsets(a, b, out);
+        let (sam, sak) = (a.stride(rank - 2), a.stride(rank - 1));
+        let (sbk, sbn) = (b.stride(rank - 2), b.stride(rank - 1));
+        if col < n {
+            let mut acc = Array::<f32>::new(rows);
+            #[unroll]
+            for r in 0..rows {
+                acc[r] = f32::new(0.0);
+            }
+            for kk in 0..k {
+                let w = b[off_b + kk * sbk + col * sbn];
+                #[unroll]
+                for r in 0..rows {
+                    acc[r] += a[off_a + min(r, m - 1) * sam + kk * sak] * w;
+                }
+            }
+            #[unroll]
+            for r in 0..rows {
+                if r < m {
+                    out[off_o + r * n + col] = acc[r];
+                }
+            }
+        }
+    }
+
     /// `out[z, i, j] = Σ_k a[z, i, k] · b[z, k, j]` for the batch `z = CUBE_POS_Z` (the
     /// leading dimensions flattened; `a` and `b` index theirs through their strides, a size-1
     /// dimension broadcast). Thread `t` holds rows `row0 + t / tx + (64 / tx)·r` (r < tm) and
@@ -198,20 +267,7 @@ pub(crate) mod gpu {
         let row0 = CUBE_POS_Y as usize * bm;
         let col0 = CUBE_POS_X as usize * bn;
 
-        // This batch's offsets, from the last batch dimension to the first.
-        let mut rest = CUBE_POS_Z as usize;
-        let mut off_a = 0usize;
-        let mut off_b = 0usize;
-        let mut off_o = 0usize;
-        let mut d = rank - 2;
-        while d > 0 {
-            d -= 1;
-            let i = rest % out.shape(d);
-            rest /= out.shape(d);
-            off_a += (i % a.shape(d)) * a.stride(d);
-            off_b += (i % b.shape(d)) * b.stride(d);
-            off_o += i * out.stride(d);
-        }
+        let (off_a, off_b, off_o) = batch_offsets(a, b, out);
         let (sam, sak) = (a.stride(rank - 2), a.stride(rank - 1));
         let (sbk, sbn) = (b.stride(rank - 2), b.stride(rank - 1));
 
@@ -272,9 +328,17 @@ impl TiledMatmulOps for CubeBackend {
         let batch: usize = dims.iter().product();
         dims.extend([m, n]);
         let out = empty_device_dtype(a.client.clone(), a.device.clone(), Shape::from(dims), DType::F32);
+        let client = a.client.clone();
+        if (1..=GEMV_ROWS).contains(&m) {
+            let count = CubeCount::Static(n.div_ceil(THREADS) as u32, 1, batch as u32);
+            // SAFETY: as below; at least one row.
+            unsafe {
+                gpu::gemv_kernel::launch_unchecked(&client, count, CubeDim::new_1d(THREADS as u32), a.into_tensor_arg(), b.into_tensor_arg(), out.clone().into_tensor_arg(), m);
+            }
+            return out;
+        }
         let tile = TileShape::for_output(m, n);
         let count = CubeCount::Static(n.div_ceil(tile.cols()) as u32, m.div_ceil(tile.rows()) as u32, batch as u32);
-        let client = a.client.clone();
         // SAFETY: the kernel tests every index against the operands' shapes, read with the
         // strides they are bound with; `out` is a new contiguous buffer of the product's shape.
         unsafe {

@@ -6,7 +6,7 @@
 mod common;
 
 use burn::tensor::{Device, Tensor};
-use webpeft::matmul::{TileShape, kernel, matmul, takes};
+use webpeft::matmul::{GEMV_ROWS, TileShape, kernel, matmul, takes};
 use webpeft::quant::kernel::runs_kernel;
 use webpeft::tensor::{block_on, floats, read};
 
@@ -63,13 +63,14 @@ fn operand(x: &[f32], batch: usize, r: usize, c: usize, t: bool, device: &Device
     floats(tr, [batch, c, r], device).swap_dims(1, 2)
 }
 
-const CASES: [Case; 12] = [
-    // Wide outputs (256-column tiles): a row (generation), LoRA's up-projection, odd sizes.
+const CASES: [Case; 17] = [
+    // Wide outputs: a row (generation: the matrix-vector kernel), LoRA's up-projection, odd sizes.
     Case { batch: 1, m: 1, k: 576, n: 576, a_t: false, b_t: false },
     Case { batch: 1, m: 37, k: 100, n: 300, a_t: false, b_t: true },
     Case { batch: 1, m: 8, k: 200, n: 576, a_t: true, b_t: false },
     Case { batch: 1, m: 130, k: 8, n: 576, a_t: false, b_t: false },
-    Case { batch: 1, m: 4, k: 33, n: 100, a_t: false, b_t: false },
+    Case { batch: 1, m: 5, k: 33, n: 100, a_t: false, b_t: false },
+    Case { batch: 1, m: 20, k: 50, n: 300, a_t: false, b_t: true },
     // Head-sized outputs: attention's products, batched over (batch, heads).
     Case { batch: 6, m: 37, k: 64, n: 45, a_t: false, b_t: true },
     Case { batch: 6, m: 37, k: 45, n: 64, a_t: false, b_t: false },
@@ -79,6 +80,12 @@ const CASES: [Case; 12] = [
     Case { batch: 1, m: 576, k: 300, n: 16, a_t: true, b_t: false },
     Case { batch: 1, m: 70, k: 13, n: 1, a_t: false, b_t: true },
     Case { batch: 2, m: 3, k: 5, n: 7, a_t: true, b_t: true },
+    // Generation's matrix-vector products (at most GEMV_ROWS rows): attention against a
+    // 33-token cache, LoRA's down-projection, two rows of a wide output.
+    Case { batch: 9, m: 1, k: 64, n: 33, a_t: false, b_t: true },
+    Case { batch: 9, m: 1, k: 33, n: 64, a_t: false, b_t: false },
+    Case { batch: 1, m: 1, k: 576, n: 8, a_t: false, b_t: true },
+    Case { batch: 1, m: 2, k: 130, n: 200, a_t: true, b_t: false },
 ];
 
 #[test]
@@ -100,15 +107,15 @@ fn the_kernel_matches_f64_and_burns_matmul() {
             assert!(r < 1e-5, "case {i}: matmul (Burn's, CPU) vs f64 {r:.2e}");
             continue;
         }
-        tiles.insert(format!("{:?}", TileShape::for_output(c.m, c.n)));
+        tiles.insert(if c.m <= GEMV_ROWS { "matrix-vector".to_string() } else { format!("{:?}", TileShape::for_output(c.m, c.n)) });
         let ours = read_all(kernel(ta, tb));
         let r = rel(&ours, &want);
         eprintln!("case {i} [{}×{}×{}]×{}: kernel vs f64 {r:.2e}, Burn's vs f64 {r_burn:.2e}", c.m, c.k, c.n, c.batch);
         assert!(r < 1e-5, "case {i}: kernel vs f64 {r:.2e}");
     }
     if on_gpu {
-        // Every kind of tile the kernel picks was exercised.
-        assert!(tiles.len() >= 8, "tiles exercised: {tiles:?}");
+        // Every kind of tile the kernel picks was exercised, and the matrix-vector kernel.
+        assert!(tiles.len() >= 8 && tiles.contains("matrix-vector"), "tiles exercised: {tiles:?}");
     }
 }
 
@@ -208,6 +215,11 @@ fn matmul_timing() {
         ("q·kᵀ", Case { batch: 36, m: 128, k: 64, n: 128, a_t: false, b_t: true }),
         ("p·v", Case { batch: 36, m: 128, k: 128, n: 64, a_t: false, b_t: false }),
         ("dv = pᵀ·do", Case { batch: 36, m: 128, k: 128, n: 64, a_t: true, b_t: false }),
+        // One token of generation (a 160-token cache).
+        ("decode q_proj", Case { batch: 1, m: 1, k: 576, n: 576, a_t: false, b_t: true }),
+        ("decode x·A", Case { batch: 1, m: 1, k: 576, n: 8, a_t: false, b_t: true }),
+        ("decode q·kᵀ", Case { batch: 9, m: 1, k: 64, n: 160, a_t: false, b_t: true }),
+        ("decode p·v", Case { batch: 9, m: 1, k: 160, n: 64, a_t: false, b_t: false }),
     ];
     for (name, c) in cases {
         let (ta, tb) =

@@ -1415,12 +1415,26 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, o: &TrainOptions, gen_tokens:
         sample_mem(&mut peak);
     }
     let fwd_s = t1.elapsed().as_secs_f64() / steps as f64;
-    // Generation: 32-token prompt, greedy, KV cache.
+    // Generation: 32-token prompt, greedy, KV cache. A first run meets every shape the timed
+    // run will (each cache length's kernels compiled once; timed apart as `generate_first_s`).
     let prompt: Vec<u32> = rows[0].ids.iter().copied().cycle().take(32).collect();
     let gen_opts = GenerateOptions { max_new_tokens: gen_tokens, ..Default::default() };
+    let stack = s.stack(&["bench"])?;
     let t2 = Instant::now();
-    let out = block_on(webpeft::generate::generate(&s.model, &s.stack(&["bench"])?, &prompt, &gen_opts, |_| true))?;
+    block_on(webpeft::generate::generate(&s.model, &stack, &prompt, &gen_opts, |_| true))?;
+    let gen_first_s = t2.elapsed().as_secs_f64();
+    let t2 = Instant::now();
+    let out = block_on(webpeft::generate::generate(&s.model, &stack, &prompt, &gen_opts, |_| true))?;
     let gen_s = t2.elapsed().as_secs_f64();
+    let gen_kernels = if profile {
+        let profiler = webpeft::profile::Profiler::start();
+        block_on(webpeft::generate::generate(&s.model, &stack, &prompt, &gen_opts, |_| true))?;
+        let p = block_on(profiler.finish());
+        eprintln!("one generation ({gen_tokens} tokens after a 32-token prompt), by kernel:\n{}", p.table(20));
+        Some(p)
+    } else {
+        None
+    };
     sample_mem(&mut peak);
     let reserved = device::memory_usage(&s.compute.device).map(|m| m.1);
     Ok(serde_json::json!({
@@ -1448,11 +1462,13 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, o: &TrainOptions, gen_tokens:
         "train_tflops_per_s": flops.total() / step_s / 1e12,
         "forward_tokens_per_s": tokens as f64 / fwd_s,
         "generate_tokens_per_s": out.len() as f64 / gen_s,
+        "generate_first_s": gen_first_s,
         "generated_tokens": out.len(),
         "peak_memory_in_use_bytes": if peak > 0 { Some(peak) } else { None },
         "memory_reserved_bytes": reserved,
         "train_memory_reserved_bytes": train_reserved,
         "profile": kernels,
+        "generate_profile": gen_kernels,
     }))
 }
 

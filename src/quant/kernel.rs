@@ -25,7 +25,7 @@ use cubecl::prelude::{CubeCount, CubeDim};
 
 use super::QuantFormat;
 use super::weight::QuantWeight;
-use crate::matmul::TileShape;
+use crate::matmul::{GEMV_ROWS, TileShape};
 
 mod gpu {
     use cubecl::prelude::*;
@@ -81,6 +81,111 @@ mod gpu {
             }
         }
         out
+    }
+
+    /// `out[m, p] = Σ_q a[m, q] · W(p, q)` with `W` [P, Q] not transposed, for a few rows
+    /// (`rows` ≥ m: generation's matrix-vector products). The tiled kernel below needs two
+    /// workgroup barriers per 8 k; with one row that is 32 multiply-adds per thread between
+    /// barriers, and SwiftShader (a CPU) pays each barrier by switching between the
+    /// workgroup's invocations. Here thread `t` computes column `64·x + t` alone, with no
+    /// workgroup memory: it walks the column's row of `W` a code word (8 or 4 values of one
+    /// block) at a time, straight from the buffer into its `rows` sums, the block's scale
+    /// applied once per word and Q4_1's minimum once, times the sum of the word's inputs.
+    /// (Splitting a row between 2–16 threads measured slower on SwiftShader and no faster on
+    /// lavapipe.)
+    ///
+    /// Launched unchecked: reads are guarded (rows clamped to `m − 1`, columns tested), and
+    /// the caller guarantees that a row of `W` is whole code words and whole 4-wide vectors
+    /// of `a` (`q·bits % 32 == 0`, `q % 4 == 0`).
+    #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn qgemv_kernel(
+        a: &Tensor<V4>,
+        codes: &Tensor<u32>,
+        scales: &Tensor<f32>,
+        mins: &Tensor<f32>,
+        lut: &Tensor<f32>,
+        out: &mut Tensor<f32>,
+        m: u32,
+        p: u32,
+        q: u32,
+        #[comptime] format: u32,
+        #[comptime] bits: u32,
+        #[comptime] block: u32,
+        #[comptime] has_min: bool,
+        #[comptime] rows: usize,
+    ) {
+        let vpw = comptime!(32 / bits as usize);
+        let mask = (1u32 << bits) - 1;
+        let t = UNIT_POS_X as usize;
+        let (m, p, q) = (m as usize, p as usize, q as usize);
+        let col = CUBE_POS_X as usize * 64 + t;
+        let mut lut_s = Shared::<[f32]>::new_slice(16usize);
+        if comptime!(format == 3) {
+            if t < 16 {
+                lut_s[t] = lut[t];
+            }
+            sync_cube();
+        }
+        if col < p {
+            let mut acc = Array::<f32>::new(rows);
+            #[unroll]
+            for r in 0..rows {
+                acc[r] = f32::new(0.0);
+            }
+            let words = q / vpw;
+            for w in 0..words {
+                let word = codes[col * words + w];
+                let k = w * vpw;
+                let b = (col * q + k) / comptime!(block as usize);
+                let scale = scales[b];
+                // The word's values (Q4_1: its codes; the minimum comes with the inputs' sum).
+                let mut v = Array::<f32>::new(vpw);
+                #[unroll]
+                for j in 0..vpw {
+                    let code = (word >> (j as u32 * bits)) & mask;
+                    let mut x = f32::cast_from(code);
+                    if comptime!(format == 0) {
+                        if code >= 128u32 {
+                            x -= 256.0;
+                        }
+                    } else if comptime!(format == 1) {
+                        x -= 8.0;
+                    } else if comptime!(format == 3) {
+                        x = lut_s[code as usize];
+                    }
+                    v[j] = x;
+                }
+                #[unroll]
+                for r in 0..rows {
+                    let i = (min(r, m - 1) * q + k) / 4;
+                    let mut dot = f32::new(0.0);
+                    let mut sum = f32::new(0.0);
+                    #[unroll]
+                    for h in 0..comptime!(vpw / 4) {
+                        let x = a[i + h];
+                        #[unroll]
+                        for j in 0..4usize {
+                            dot += v[h * 4 + j] * x.extract(j);
+                        }
+                        if comptime!(has_min) {
+                            sum += x.extract(0usize) + x.extract(1usize) + x.extract(2usize) + x.extract(3usize);
+                        }
+                    }
+                    if comptime!(has_min) {
+                        acc[r] += dot * scale + sum * mins[b];
+                    } else {
+                        acc[r] += dot * scale;
+                    }
+                }
+            }
+            #[unroll]
+            for r in 0..rows {
+                if r < m {
+                    out[r * p + col] = acc[r];
+                }
+            }
+        }
     }
 
     /// `out[m, p] = Σ_q a[m, q] · W(p, q)`, where `W(p, q)` is the stored matrix's value at
@@ -199,7 +304,7 @@ mod gpu {
         store(out, &acc, 0usize, m, p, row0, col0, tm, tx);
     }
 }
-use gpu::qmatmul_kernel;
+use gpu::{qgemv_kernel, qmatmul_kernel};
 
 /// A quantized weight's device buffers, as a backend operation takes them.
 #[derive(ExtensionType, Debug, Clone)]
@@ -237,6 +342,34 @@ impl QuantMatmulOps for CubeBackend {
         let (m, q) = (dims[0], dims[1]);
         let out = empty_device_dtype(a.client.clone(), a.device.clone(), Shape::new([m, p]), DType::F32);
         let client = a.client.clone();
+        let fmt = QuantFormat::ALL.iter().position(|x| *x == f).expect("a known format") as u32;
+        if !spec.transposed && (1..=GEMV_ROWS).contains(&m) && (q * f.bits()) % 32 == 0 {
+            let count = CubeCount::Static(p.div_ceil(64) as u32, 1, 1);
+            // SAFETY: as below; `q == wcols` is a multiple of 4 (checked by the callers) and rows
+            // are whole code words (tested here).
+            unsafe {
+                qgemv_kernel::launch_unchecked(
+                    &client,
+                    count,
+                    CubeDim::new_1d(64),
+                    a.into_tensor_arg(),
+                    into_contiguous(w.codes).into_tensor_arg(),
+                    into_contiguous(w.scales).into_tensor_arg(),
+                    into_contiguous(w.mins).into_tensor_arg(),
+                    into_contiguous(w.lut).into_tensor_arg(),
+                    out.clone().into_tensor_arg(),
+                    m as u32,
+                    p as u32,
+                    q as u32,
+                    fmt,
+                    f.bits() as u32,
+                    f.block() as u32,
+                    f.has_min(),
+                    m,
+                );
+            }
+            return out;
+        }
         let tile = TileShape::for_output(m, p);
         let count = CubeCount::Static(p.div_ceil(tile.cols()) as u32, m.div_ceil(tile.rows()) as u32, 1);
         // SAFETY: the kernel tests every index against the sizes passed with it, and the
@@ -256,7 +389,7 @@ impl QuantMatmulOps for CubeBackend {
                 p as u32,
                 q as u32,
                 spec.wcols as u32,
-                QuantFormat::ALL.iter().position(|x| *x == f).expect("a known format") as u32,
+                fmt,
                 f.bits() as u32,
                 f.block() as u32,
                 f.has_min(),

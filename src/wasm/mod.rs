@@ -37,6 +37,13 @@ thread_local! {
     static PROFILER: RefCell<Option<crate::profile::Profiler>> = const { RefCell::new(None) };
 }
 
+/// Runs once, right after instantiation (wasm-bindgen's start function): the module's static
+/// constructors ([`crate::device::run_constructors`]).
+#[wasm_bindgen(start)]
+fn start() {
+    crate::device::run_constructors();
+}
+
 /// Register `callback(message)` to hear about a crash of the module: after a panic a pending
 /// promise would never settle, so the JS wrapper uses this to reject it.
 #[wasm_bindgen(js_name = onFatal)]
