@@ -26,9 +26,9 @@ fn quantized_matmul_and_its_input_gradient_match_the_dequantized_weight() {
     let c = compute();
     assert_eq!(webpeft::quant::kernel::runs_kernel(&c.device), c.is_gpu, "the kernel runs exactly on the GPU");
     assert_eq!(webpeft::quant::kernel::runs_kernel(&c.device.clone().autodiff()), c.is_gpu);
-    // Odd sizes: partial tiles everywhere (37 and 20 rows: 64- and 16-row tiles); NF4's
-    // 64-value blocks straddle rows of 80; 1 and 3 rows run the forward as matrix-vector
-    // products.
+    // Odd sizes: partial tiles everywhere (37 and 20 rows of 53 columns: both 64-row tiles;
+    // tests/matmul.rs covers the 16-row ones); NF4's 64-value blocks straddle rows of 80; 1
+    // and 3 rows run the forward as matrix-vector products.
     let n = 53;
     for (m, f) in [37, 20, 1, 3].into_iter().flat_map(|m| QuantFormat::ALL.map(|f| (m, f))) {
         for k in [96, 80] {
