@@ -36,6 +36,12 @@ export interface LoadOptions {
    * Default: 'keep-f16' where the adapter offers shader-f16, else 'keep'.
    */
   base?: 'keep' | 'f32' | 'f16' | 'keep-f16' | 'q8_0' | 'q4_0' | 'q4_1' | 'nf4';
+  /**
+   * How decoders compute attention: 'blocked' (default: query blocks through the matmul
+   * kernels with their own backward; memory linear in the sequence length), 'reference'
+   * (tensor ops with a T × S score matrix per head) or 'fused' (flash-attention-style kernels).
+   */
+  attention?: 'blocked' | 'reference' | 'fused';
 }
 
 /** Remove every cached model file; resolves to whether there was a cache. */
@@ -286,7 +292,7 @@ export interface Logits {
 export class Model {
   static load(source: ModelSource, options?: LoadOptions): Promise<Model>;
   /** `base`: the linear layers' storage ('f32', 'q4_1', ...); `baseBytes`: what the frozen base holds on the device. */
-  info(): { modelType: string; vocabSize: number; hiddenSize: number; layers: number; parameters: number; device: string; base: string; baseBytes: number };
+  info(): { modelType: string; vocabSize: number; hiddenSize: number; layers: number; parameters: number; device: string; base: string; baseBytes: number; attention: 'blocked' | 'reference' | 'fused' };
   tokenize(text: string): number[];
   addAdapter(name: string, config: LoraConfig | string, options?: { seed?: number }): Promise<void>;
   loadAdapter(name: string, source: AdapterSource, options?: LoadOptions): Promise<void>;

@@ -121,11 +121,13 @@ export class Model {
    * `signal` (an AbortSignal) cancels the download. `base`: how the frozen weights are held on
    * the GPU: 'keep' (default: a GGUF's Q8_0/Q4_0/Q4_1 stay quantized, dequantized inside the
    * matmul kernels), 'f32', or 'q8_0' | 'q4_0' | 'q4_1' | 'nf4' (quantized at load).
+   * `attention`: 'blocked' (default: query blocks through the matmul kernels, memory linear in
+   * the sequence length), 'reference' (a T × S score matrix per head) or 'fused'.
    */
-  static async load(source, { onProgress, timeoutMs, signal, cache, base } = {}) {
+  static async load(source, { onProgress, timeoutMs, signal, cache, base, attention } = {}) {
     await init();
     const files = typeof source === 'string' ? await filesFromUrl(source, { onProgress, signal, cache }) : await normaliseFiles(source);
-    return new Model(await guard(core.Model.fromFiles(files, base), timeoutMs));
+    return new Model(await guard(core.Model.fromFiles(files, base, attention), timeoutMs));
   }
 
   /** `{modelType, vocabSize, hiddenSize, layers, parameters, device, base, baseBytes}` */

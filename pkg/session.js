@@ -350,11 +350,11 @@ export class Session {
    * picked). options: {onProgress({file, loaded, total, cached}), signal, cache (default true),
    * timeoutMs}.
    */
-  async loadModel(source, { onProgress, signal, cache, timeoutMs, base } = {}) {
+  async loadModel(source, { onProgress, signal, cache, timeoutMs, base, attention } = {}) {
     const s = await sourceFor(source);
-    const { handle, info } = await this._call('loadModel', [s.source, { cache, timeoutMs, base }], { signal, transfer: s.transfer, onEvent: (n, d) => n === 'progress' && onProgress?.(d) });
+    const { handle, info } = await this._call('loadModel', [s.source, { cache, timeoutMs, base, attention }], { signal, transfer: s.transfer, onEvent: (n, d) => n === 'progress' && onProgress?.(d) });
     const m = new RemoteModel(this, handle, info);
-    this.#models.set(m, { op: 'loadModel', source: s.source, options: { timeoutMs, base } });
+    this.#models.set(m, { op: 'loadModel', source: s.source, options: { timeoutMs, base, attention } });
     return m;
   }
 

@@ -162,7 +162,7 @@ const ops = {
     await init();
     const files = await modelFiles(source, call, id, options);
     checkCancelled(call);
-    const m = await Model.load(files, { timeoutMs: options.timeoutMs, base: options.base });
+    const m = await Model.load(files, { timeoutMs: options.timeoutMs, base: options.base, attention: options.attention });
     const handle = nextHandle++;
     objects.set(handle, m);
     sources.set(handle, typeof source === 'string' ? source : null);

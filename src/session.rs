@@ -506,7 +506,7 @@ fn plan_memory(model: &Llama, compute: &Compute, adapter: &mut dyn Trainable, o:
     let prefix = adapter.virtual_tokens();
     let asked = if o.dp.is_some() { 1 } else { o.batch };
     let limits = memory::Limits { max_buffer: compute.max_buffer, budget: o.memory_budget_mib.map(|m| m << 20) };
-    memory::plan(&model.config, model.base_memory(), trainable, asked, o.grad_accum, o.seq_len + prefix, limits, o.gradient_checkpointing, model.runs_fused_attention())
+    memory::plan(&model.config, model.base_memory(), trainable, asked, o.grad_accum, o.seq_len + prefix, limits, o.gradient_checkpointing, model.runs_attention())
 }
 
 fn mib(bytes: u64) -> f64 {

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use webpeft::io::safetensors::read_all_f32;
+use webpeft::models::attention::AttentionImpl;
 use webpeft::models::llama::Inputs;
 use webpeft::peft::lora::{LoraAdapter, LoraConfig};
 use webpeft::session::Session;
@@ -118,16 +119,16 @@ fn compare_weights(s: &mut Session, prefix: &str, tol: f32) {
 
 #[test]
 fn one_adamw_step_matches_pytorch() {
-    // With either attention implementation (the fused kernels and their backward run on a
-    // GPU only; the batch has right padding).
-    for fused in [false, true] {
+    // With every attention implementation (the blocked one and the fused kernels, with
+    // their backward, run on a GPU only; the batch has right padding).
+    for imp in [AttentionImpl::Reference, AttentionImpl::Blocked, AttentionImpl::Fused] {
         let (mut s, batch, mut tr) = train_setup(1, None, Schedule::Constant, 0);
-        s.model.fused_attention = fused;
+        s.model.attention = imp;
         let fx = load("tiny-train.safetensors");
         let a = s.adapters.get_mut("qv").unwrap();
         let st = block_on(tr.step(&s.model, a, std::slice::from_ref(&batch))).unwrap();
         let want_loss = fx.f32["loss_step0"].data[0];
-        eprintln!("fused attention {fused}: loss {} vs {want_loss}; grad norm {}", st.loss, st.grad_norm);
+        eprintln!("attention {imp:?}: loss {} vs {want_loss}; grad norm {}", st.loss, st.grad_norm);
         assert!((st.loss - want_loss).abs() < 1e-5, "loss {} vs {want_loss}", st.loss);
         assert!((st.grad_norm - 2.7853563).abs() < 1e-4, "grad norm {}", st.grad_norm);
         compare_weights(&mut s, "step1", 5e-5);

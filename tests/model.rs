@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use common::*;
 use webpeft::io::source::ModelFiles;
+use webpeft::models::attention::AttentionImpl;
 use webpeft::models::hooks::NoHook;
 use webpeft::models::llama::{Inputs, Llama};
 use webpeft::session::Session;
@@ -25,10 +26,13 @@ fn logits(model: &Llama, ids: &(Vec<usize>, Vec<i64>), mask: Option<&(Vec<usize>
 #[test]
 fn tiny_llama_logits_match_transformers() {
     let fx = load("tiny-logits.safetensors");
-    // Both attention implementations (the fused kernels run on a GPU only).
-    for (dir, key, fused) in [("tiny-llama", "tiny", false), ("tiny-llama-bias", "bias", false), ("tiny-llama", "tiny", true), ("tiny-llama-bias", "bias", true)] {
+    // Every attention implementation (the blocked one and the fused kernels run on a GPU
+    // only; the blocked one here a query row per block, which only this test runs).
+    webpeft::models::attention::blocked::set_block_bytes(1);
+    let imps = [AttentionImpl::Reference, AttentionImpl::Blocked, AttentionImpl::Fused];
+    for (dir, key, imp) in [("tiny-llama", "tiny"), ("tiny-llama-bias", "bias")].into_iter().flat_map(|(d, k)| imps.map(|i| (d, k, i))) {
         let mut s = tiny(dir);
-        s.model.fused_attention = fused;
+        s.model.attention = imp;
         let got = logits(&s.model, &fx.i64[&format!("{key}.input_ids")], None);
         assert_close(&format!("{dir} logits"), &got, &fx.f32[&format!("{key}.logits")].data, 1e-4);
         // Right padding: compare only the real (unpadded) positions.

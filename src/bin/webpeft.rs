@@ -13,6 +13,7 @@ use webpeft::device::{self, DeviceChoice};
 use webpeft::error::{Error, ErrorCode, Result};
 use webpeft::generate::GenerateOptions;
 use webpeft::io::safetensors::{self as st, OutTensor};
+use webpeft::models::attention::AttentionImpl;
 use webpeft::io::source::ModelFiles;
 use webpeft::peft::lora::LoraConfig;
 use webpeft::peft::targets::Targets;
@@ -48,11 +49,12 @@ struct Common {
     /// f16 is no faster there), f32 on the CPU backend.
     #[arg(long)]
     base: Option<String>,
-    /// reference (tensor ops, a T x S score matrix per head) | fused (flash-attention-style
-    /// kernels on a GPU: memory linear in the sequence length, slower on lavapipe; Burn's CPU
-    /// backend always runs the reference).
-    #[arg(long, value_enum, default_value_t = AttentionChoice::Reference)]
-    attention: AttentionChoice,
+    /// blocked (the default: query blocks through the matmul kernels with their own backward,
+    /// on a GPU: memory linear in the sequence length) | reference (tensor ops, a T x S score
+    /// matrix per head) | fused (flash-attention-style kernels on a GPU: memory linear,
+    /// slower on lavapipe). Burn's CPU backend always runs the reference.
+    #[arg(long, value_enum)]
+    attention: Option<AttentionChoice>,
     /// burn (Burn's matmul) | ours (webpeft's f32 matmul kernel, the browser's default) for the
     /// f32 products on a GPU (attention, LoRA, an f32 base). Default: burn, or what
     /// WEBPEFT_MATMUL says; Burn's CPU backend always runs Burn's.
@@ -68,8 +70,19 @@ enum MatmulChoice {
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
 enum AttentionChoice {
+    Blocked,
     Fused,
     Reference,
+}
+
+impl AttentionChoice {
+    fn imp(self) -> AttentionImpl {
+        match self {
+            AttentionChoice::Blocked => AttentionImpl::Blocked,
+            AttentionChoice::Fused => AttentionImpl::Fused,
+            AttentionChoice::Reference => AttentionImpl::Reference,
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -727,10 +740,10 @@ fn open_task(common: &Common, task: TaskKind) -> Result<TaskSession> {
         return Err(Error::new(ErrorCode::Unsupported, "--base applies to generation and causal-LM training; classification and embedding sessions hold the base as the device's default"));
     }
     let mut s = TaskSession::load(&files, compute, task).map_err(|e| e.context(common.model.display()))?;
-    if common.attention == AttentionChoice::Fused {
+    if let Some(a) = common.attention {
         match &mut s.model {
-            Backbone::Decoder(m) => m.fused_attention = true,
-            _ => return Err(Error::new(ErrorCode::Unsupported, "--attention fused: encoder models (BERT, ViT) run the reference attention only")),
+            Backbone::Decoder(m) => m.attention = a.imp(),
+            _ => return Err(Error::new(ErrorCode::Unsupported, "--attention: encoder models (BERT, ViT) run the reference attention only")),
         }
     }
     Ok(s)
@@ -786,7 +799,9 @@ fn open(common: &Common) -> Result<Session> {
         None => BaseFormat::default_for(&compute),
     };
     let mut s = Session::load_as(&files, compute, format)?;
-    s.model.fused_attention = common.attention == AttentionChoice::Fused;
+    if let Some(a) = common.attention {
+        s.model.attention = a.imp();
+    }
     let m = s.model.base_memory();
     eprintln!("base: {} ({:.1} MiB on the device)", format.name(), m.bytes as f64 / (1u64 << 20) as f64);
     Ok(s)
@@ -1440,7 +1455,7 @@ fn bench(s: &mut Session, cfg: &serde_json::Value, o: &TrainOptions, gen_tokens:
     Ok(serde_json::json!({
         "device": s.compute.name,
         "base": s.model.base_formats(),
-        "attention": if s.model.runs_fused_attention() { "fused" } else { "reference" },
+        "attention": s.model.runs_attention().name(),
         "fused_adamw": fused_adamw && s.compute.is_gpu,
         "matmul": if webpeft::matmul::tiled() && s.compute.is_gpu { "ours" } else { "burn" },
         "base_bytes": s.model.base_memory().bytes,

@@ -14,7 +14,7 @@ use burn::tensor::{Device, Int, Tensor};
 use crate::error::{Result, bail};
 use crate::io::safetensors::{HostTensor, take};
 use crate::io::source::LoadedWeights;
-use crate::models::attention::{Mask, attention};
+use crate::models::attention::{self, AttentionImpl, Mask, attention};
 use crate::models::config::LlamaConfig;
 use crate::models::hooks::{Adapter, Family, Norm, Proj, Site, Sublayer};
 pub use crate::models::linear::{Embedding, Linear, Weight};
@@ -93,11 +93,10 @@ pub struct Llama {
     /// cos/sin for positions 0..ROPE_CACHED on the device, [positions, head_dim]: computed
     /// once at load, so a forward pass uploads no RoPE table.
     rope_cache: (Tensor<2>, Tensor<2>),
-    /// Attention through the fused kernels where they run (a WebGPU / Vulkan device; see
-    /// [`attention`](crate::models::attention)): memory linear in the sequence length, but
-    /// slower than the reference on lavapipe (see the README), so off by default; false: the
-    /// reference tensor ops.
-    pub fused_attention: bool,
+    /// How attention is computed where the device allows it ([`attention::runs`]): the
+    /// reference tensor ops, the blocked attention (the default) or the fused kernels (see
+    /// [`attention`](crate::models::attention)).
+    pub attention: AttentionImpl,
     pub device: Device,
 }
 
@@ -234,7 +233,7 @@ impl Llama {
         let (cos, sin) = rope_host(&inv_freq, 0, cached);
         let d = c.head_dim;
         let rope_cache = (floats(cos, [cached, d], device), floats(sin, [cached, d], device));
-        Ok(Llama { config: c, embed, positions: None, blocks, norm, norm_bias: None, lm_head, inv_freq, rope_cache, fused_attention: false, device: device.clone() })
+        Ok(Llama { config: c, embed, positions: None, blocks, norm, norm_bias: None, lm_head, inv_freq, rope_cache, attention: AttentionImpl::default(), device: device.clone() })
     }
 
     /// GPT-2 weights (`transformer.*`, Conv1D layers stored [in, out] as they are used).
@@ -293,7 +292,7 @@ impl Llama {
             lm_head: None,
             inv_freq: Vec::new(),
             rope_cache: (empty(), empty()),
-            fused_attention: false,
+            attention: AttentionImpl::default(),
             device: device.clone(),
         })
     }
@@ -348,10 +347,10 @@ impl Llama {
         x * cos.clone() + rot * sin.clone()
     }
 
-    /// Whether attention runs through the fused kernels: asked for (`fused_attention`) and
-    /// possible on this model's device and head size.
-    pub fn runs_fused_attention(&self) -> bool {
-        crate::models::attention::runs_fused(self.fused_attention, self.config.head_dim, &self.device)
+    /// The attention that runs: the one asked for (`attention`) where this model's device and
+    /// head size allow it, else the reference.
+    pub fn runs_attention(&self) -> AttentionImpl {
+        attention::runs(self.attention, self.config.head_dim, &self.device)
     }
 
     /// Hidden states after the final norm for the real (non-virtual) positions, [B*T, hidden].
@@ -429,7 +428,7 @@ impl Llama {
         };
         // RoPE tables, unless the positions are learned (GPT-2).
         let rope = self.positions.is_none().then(|| self.rope_tables(past, t_all));
-        let mask = Mask { batch: b, t: t_all, past, keys: mask }.prepare(self.fused_attention, hd, &self.device);
+        let mask = Mask { batch: b, t: t_all, past, keys: mask }.prepare(self.attention, nh, hd, &self.device);
         let scale = 1.0 / (hd as f64).sqrt();
         if let Some(k) = cache.as_deref_mut()
             && k.layers.len() != self.blocks.len()

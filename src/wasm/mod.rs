@@ -576,24 +576,29 @@ impl Model {
     /// Load from `{ "config.json", "model.safetensors" | shards + index, "tokenizer.json" }` or
     /// `{ "name.gguf": bytes }`. `base`: how the frozen weights are held on the GPU — "keep"
     /// (the default: a GGUF's Q8_0 / Q4_0 / Q4_1 stay quantized), "f32", or "q8_0" | "q4_0" |
-    /// "q4_1" | "nf4" (quantized at load). Resolves to a Model.
+    /// "q4_1" | "nf4" (quantized at load). `attention`: "blocked" (the default), "reference" or
+    /// "fused" (see `models::attention`). Resolves to a Model.
     #[wasm_bindgen(js_name = fromFiles)]
-    pub fn from_files(files: JsValue, base: Option<String>) -> Promise {
+    pub fn from_files(files: JsValue, base: Option<String>, attention: Option<String>) -> Promise {
         promise(async move {
+            let attention = attention.map(|a| crate::models::attention::AttentionImpl::parse(&a)).transpose()?;
             let files = ModelFiles::from_named(files_of(&files)?)?;
             let compute = compute()?;
             let format = match base {
                 Some(b) => crate::quant::BaseFormat::parse(&b)?,
                 None => crate::quant::BaseFormat::default_for(&compute),
             };
-            let s = Session::load_as(&files, compute, format)?;
+            let mut s = Session::load_as(&files, compute, format)?;
+            if let Some(a) = attention {
+                s.model.attention = a;
+            }
             Ok(Model { inner: Rc::new(RefCell::new(s)), pause: Arc::default(), training: Rc::default() })
         })
     }
 
     /// Model facts: `{ modelType, vocabSize, hiddenSize, layers, parameters, device, base,
-    /// baseBytes }` (`base`: the linear layers' formats, e.g. "q4_1"; `baseBytes`: what the
-    /// frozen base holds on the device).
+    /// baseBytes, attention }` (`base`: the linear layers' formats, e.g. "q4_1"; `baseBytes`:
+    /// what the frozen base holds on the device; `attention`: the implementation that runs).
     pub fn info(&self) -> JsValue {
         let s = self.inner.borrow();
         let c = &s.model.config;
@@ -606,6 +611,7 @@ impl Model {
         set(&o, "device", s.compute.name.clone());
         set(&o, "base", s.model.base_formats());
         set(&o, "baseBytes", s.model.base_memory().bytes as f64);
+        set(&o, "attention", s.model.runs_attention().name());
         o.into()
     }
 

@@ -1,6 +1,6 @@
 // Run tests/browser/bench.html in headless Chromium (WebGPU; SwiftShader without a GPU) and
 // print its JSON, as `webpeft bench` prints its own (scripts/bench --device browser).
-//   node tests/browser/bench.mjs --model URL_PATH [--base F] [--method lora-qv|lora-all|prompt|ia3] [--batch B] [--seq T] [--steps N] [--gen N] [--peak 512,1024] [--matmul ours|burn] [--profile] [--out FILE]
+//   node tests/browser/bench.mjs --model URL_PATH [--base F] [--method lora-qv|lora-all|prompt|ia3] [--batch B] [--seq T] [--steps N] [--gen N] [--peak 512,1024] [--matmul ours|burn] [--attention blocked|reference|fused] [--profile] [--out FILE]
 // (the page's log goes to stdout; the JSON to FILE when given)
 import fs from 'node:fs';
 import { serve, launch } from './serve.mjs';
@@ -12,6 +12,7 @@ if (arg('base')) q.set('base', arg('base'));
 if (arg('method')) q.set('method', arg('method'));
 if (arg('peak')) q.set('peak', arg('peak'));
 if (arg('matmul')) q.set('matmul', arg('matmul'));
+if (arg('attention')) q.set('attention', arg('attention'));
 if (process.argv.includes('--profile')) q.set('profile', '1');
 const server = await serve();
 const { browser, foreign, newPage } = await launch(server.origin);

@@ -4,6 +4,9 @@
 //! - [`reference`]: tensor ops, as the model is written in PyTorch: the scores `q·kᵀ·scale +
 //!   mask` as a [B, heads, T, S] tensor, softmax, times `v`. Autodiff keeps the T × S
 //!   probabilities of every layer for the backward, so memory grows with T².
+//! - [`blocked`]: the queries a block at a time through the matmul kernels, with a backward
+//!   that recomputes each block's probabilities: no T × S matrix beyond one block, on any
+//!   CubeCL device (WebGPU / Vulkan).
 //! - the fused kernels (flash-attention style, CubeCL, WebGPU / Vulkan): one pass over the keys
 //!   with an online softmax per query row, keeping only the output and one log-sum-exp per row;
 //!   the backward recomputes the probabilities tile by tile (one kernel for `dq`, one for
@@ -34,8 +37,49 @@ use crate::matmul::matmul;
 use crate::quant::kernel::runs_kernel;
 use crate::tensor::floats;
 
+pub mod blocked;
+
 /// The value a hidden key adds to its score (the reference's).
 const HIDDEN: f32 = -1e30;
+
+/// How the decoder computes attention (what runs also depends on the device: [`runs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionImpl {
+    /// [`reference`]: tensor ops with the [B, heads, T, S] scores; every device.
+    Reference,
+    /// [`blocked`]: query blocks through the matmul kernels (CubeCL devices; the default
+    /// there: within 3% of the reference's step time on lavapipe, with memory linear in the
+    /// sequence length; Burn's CPU backend runs the reference).
+    #[default]
+    Blocked,
+    /// The flash-attention-style kernels (CubeCL devices, head sizes up to 256).
+    Fused,
+}
+
+impl AttentionImpl {
+    /// Whether attention's memory is linear in the sequence length (no T × S buffer kept).
+    pub fn linear_memory(self) -> bool {
+        self != AttentionImpl::Reference
+    }
+
+    /// "blocked" | "reference" | "fused".
+    pub fn parse(name: &str) -> crate::error::Result<AttentionImpl> {
+        match name {
+            "blocked" => Ok(AttentionImpl::Blocked),
+            "reference" => Ok(AttentionImpl::Reference),
+            "fused" => Ok(AttentionImpl::Fused),
+            other => crate::error::bail!(Config, "attention {other:?} is not one of blocked | reference | fused"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionImpl::Reference => "reference",
+            AttentionImpl::Blocked => "blocked",
+            AttentionImpl::Fused => "fused",
+        }
+    }
+}
 
 /// Query (or key) rows per workgroup: one thread each.
 const ROWS: usize = 32;
@@ -93,28 +137,39 @@ impl Mask {
         (0..b * s).map(|i| if self.hidden_key(i / s, i % s) { HIDDEN } else { 0.0 }).collect()
     }
 
-    /// The mask uploaded for the implementation that will run on `device`.
-    pub fn prepare(&self, fused: bool, head_dim: usize, device: &Device) -> PreparedMask {
-        if runs_fused(fused, head_dim, device) {
-            PreparedMask::Keys { bias: floats(self.key_bias(), [self.batch, self.s()], device), past: self.past }
-        } else {
-            PreparedMask::Scores(self.scores(device))
+    /// The mask uploaded for the implementation that will run on `device`, for `heads` query
+    /// heads of `head_dim`.
+    pub fn prepare(&self, asked: AttentionImpl, heads: usize, head_dim: usize, device: &Device) -> PreparedMask {
+        match runs(asked, head_dim, device) {
+            AttentionImpl::Reference => PreparedMask::Scores(self.scores(device)),
+            AttentionImpl::Blocked => {
+                let rows = blocked::block_rows(self.batch, heads, self.s());
+                let (m, per_row) = blocked::block_masks(&self.key_bias(), self.batch, self.t, self.past, rows);
+                PreparedMask::Keys { bias: floats(m, [self.batch, per_row], device), past: self.past, blocked: Some(rows) }
+            }
+            AttentionImpl::Fused => PreparedMask::Keys { bias: floats(self.key_bias(), [self.batch, self.s()], device), past: self.past, blocked: None },
         }
     }
 }
 
-/// Whether attention asked to be `fused` runs the kernels: on a CubeCL device (WebGPU,
-/// Vulkan), for head sizes up to 256.
-pub fn runs_fused(fused: bool, head_dim: usize, device: &Device) -> bool {
-    fused && runs_kernel(device) && head_dim <= MAX_HEAD_DIM
+/// What runs when `asked` is asked for: the blocked attention and the fused kernels on a
+/// CubeCL device (WebGPU, Vulkan), the kernels for head sizes up to 256; else the reference.
+pub fn runs(asked: AttentionImpl, head_dim: usize, device: &Device) -> AttentionImpl {
+    match asked {
+        AttentionImpl::Blocked if runs_kernel(device) => asked,
+        AttentionImpl::Fused if runs_kernel(device) && head_dim <= MAX_HEAD_DIM => asked,
+        _ => AttentionImpl::Reference,
+    }
 }
 
-/// A [`Mask`] on the device: the full additive mask (reference) or the per-key padding bias
-/// (fused kernels; causality is computed in the kernel).
+/// A [`Mask`] on the device: the full additive mask [B, 1, T, S] (reference), the blocked
+/// attention's masks of its blocks of `rows` queries (`blocked: Some(rows)`, `bias`: see
+/// [`blocked::block_masks`]) or the fused kernels' per-key padding bias [B, S] (they compute
+/// causality themselves).
 #[derive(Debug, Clone)]
 pub enum PreparedMask {
     Scores(Tensor<4>),
-    Keys { bias: Tensor<2>, past: usize },
+    Keys { bias: Tensor<2>, past: usize, blocked: Option<usize> },
 }
 
 /// Attention of `q` [B, heads, T, hd] over `k`, `v` [B, kv_heads, S, hd] (grouped-query:
@@ -122,7 +177,7 @@ pub enum PreparedMask {
 /// prepared for.
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &PreparedMask, scale: f64) -> Tensor<4> {
     match mask {
-        PreparedMask::Keys { bias, past } => fused(q, k, v, bias.clone(), *past, scale as f32),
+        PreparedMask::Keys { bias, past, blocked } => fused(q, k, v, bias.clone(), AttnSpec { past: *past, scale: scale as f32, blocked: *blocked }),
         PreparedMask::Scores(m) => reference(q, k, v, m, scale),
     }
 }
@@ -142,12 +197,11 @@ pub fn reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4>, sca
     matmul(softmax(scores, 3), v)
 }
 
-/// The fused kernels (on a CubeCL device; under autodiff with their backward). They compute
-/// in f32: other inputs are widened.
-pub fn fused(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, key_bias: Tensor<2>, past: usize, scale: f32) -> Tensor<4> {
+/// The blocked attention or the fused kernels, as `spec` says (on a CubeCL device; under
+/// autodiff with their backward). They compute in f32: other inputs are widened.
+pub fn fused(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, key_bias: Tensor<2>, spec: AttnSpec) -> Tensor<4> {
     let f32 = |x: Tensor<4>| if x.dtype() == DType::F32 { x } else { x.cast(DType::F32) };
     let (q, k, v) = (f32(q), f32(k), f32(v));
-    let spec = AttnSpec { past, scale };
     Tensor::from_dispatch(Dispatch::flash_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), key_bias.into_dispatch(), spec))
 }
 
@@ -545,6 +599,9 @@ pub struct AttnSpec {
     /// Keys in front of the queries (cache, prefix).
     pub past: usize,
     pub scale: f32,
+    /// The blocked attention ([`blocked`]) in blocks of this many queries, instead of the
+    /// fused kernels.
+    pub blocked: Option<usize>,
 }
 
 /// The fused attention as a Burn backend operation (WebGPU / Vulkan through CubeCL; under
@@ -576,8 +633,22 @@ fn empty(like: &Cube, shape: Shape) -> Cube {
     empty_device_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
 }
 
-/// The forward kernel: (output, log-sum-exp).
-fn forward(q: Cube, k: Cube, v: Cube, bias: Cube, spec: AttnSpec) -> (Cube, Cube) {
+/// A CubeCL tensor as a (non-autodiff) tensor of the high-level API, and back.
+fn tensor<const D: usize>(x: Cube) -> Tensor<D> {
+    Tensor::from_primitive::<CubeBackend>(x)
+}
+
+fn cube<const D: usize>(x: Tensor<D>) -> Cube {
+    x.try_into_primitive::<CubeBackend>().expect("made from CubeCL tensors")
+}
+
+/// The forward: (output, log-sum-exp); the blocked attention computes the log-sum-exp only
+/// when it is to be kept (`keep_lse`: for the backward).
+fn forward(q: Cube, k: Cube, v: Cube, bias: Cube, spec: AttnSpec, keep_lse: bool) -> (Cube, Option<Cube>) {
+    if let Some(rows) = spec.blocked {
+        let (o, lse) = blocked::forward(tensor(q), tensor(k), tensor(v), tensor(bias), spec.past, rows, spec.scale, keep_lse);
+        return (cube(o), lse.map(cube));
+    }
     let (q, k, v, bias) = (into_contiguous(q), into_contiguous(k), into_contiguous(v), into_contiguous(bias));
     let d = dims(&q, &k);
     let o = empty(&q, Shape::new([d.b, d.nh, d.t, d.hd]));
@@ -607,7 +678,7 @@ fn forward(q: Cube, k: Cube, v: Cube, bias: Cube, spec: AttnSpec) -> (Cube, Cube
             tile(d.hd),
         );
     }
-    (o, lse)
+    (o, Some(lse))
 }
 
 /// What the backward keeps from the forward.
@@ -622,9 +693,13 @@ struct FlashState {
     spec: AttnSpec,
 }
 
-/// The backward kernels: (dq, dk, dv).
+/// The backward: (dq, dk, dv).
 fn backward(st: FlashState, dout: Cube) -> (Cube, Cube, Cube) {
     let FlashState { q, k, v, bias, o, lse, spec } = st;
+    if let Some(rows) = spec.blocked {
+        let (dq, dk, dv) = blocked::backward(tensor(q), tensor(k), tensor(v), tensor(bias), tensor(o), tensor(lse), tensor(dout), spec.past, rows, spec.scale);
+        return (cube(dq), cube(dk), cube(dv));
+    }
     let dout = into_contiguous(dout);
     let d = dims(&q, &k);
     let client = q.client.clone();
@@ -688,7 +763,7 @@ fn backward(st: FlashState, dout: Cube) -> (Cube, Cube, Cube) {
 
 impl FlashAttentionOps for CubeBackend {
     fn flash_attention(q: Cube, k: Cube, v: Cube, key_bias: Cube, spec: AttnSpec) -> Cube {
-        forward(q, k, v, key_bias, spec).0
+        forward(q, k, v, key_bias, spec, false).0
     }
 }
 
@@ -717,10 +792,11 @@ impl<C: CheckpointStrategy> FlashAttentionOps for Autodiff<CubeBackend, C> {
             OpsKind::Tracked(prep) => {
                 let (q, k, v) = (into_contiguous(q.into_primitive()), into_contiguous(k.into_primitive()), into_contiguous(v.into_primitive()));
                 let bias = into_contiguous(bias);
-                let (o, lse) = forward(q.clone(), k.clone(), v.clone(), bias.clone(), spec);
+                let (o, lse) = forward(q.clone(), k.clone(), v.clone(), bias.clone(), spec, true);
+                let lse = lse.expect("asked for");
                 prep.finish(FlashState { q, k, v, bias, o: o.clone(), lse, spec }, o)
             }
-            OpsKind::UnTracked(prep) => prep.finish(forward(q.into_primitive(), k.into_primitive(), v.into_primitive(), bias, spec).0),
+            OpsKind::UnTracked(prep) => prep.finish(forward(q.into_primitive(), k.into_primitive(), v.into_primitive(), bias, spec, false).0),
         }
     }
 }
