@@ -135,9 +135,6 @@ fn attention_timing() {
         eprintln!("skipping: the fused kernels need a GPU (WEBPEFT_TEST_DEVICE=gpu)");
         return;
     }
-    if let Ok(mib) = std::env::var("WEBPEFT_BLOCK_MIB") {
-        blocked::set_block_bytes((mib.parse::<f64>().expect("MiB") * 1048576.0) as usize);
-    }
     for t in [128, 256, 512, 1024, 2048] {
         let c = Case { b: 2, nh: 9, nkv: 3, t, past: 0, hd: 64, pad: 0 };
         let data = [common::values(2 * 9 * t * 64, 1), common::values(2 * 3 * t * 64, 2), common::values(2 * 3 * t * 64, 3), common::values(2 * 9 * t * 64, 4)];

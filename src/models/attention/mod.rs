@@ -48,7 +48,7 @@ pub enum AttentionImpl {
     /// [`reference`]: tensor ops with the [B, heads, T, S] scores; every device.
     Reference,
     /// [`blocked`]: query blocks through the matmul kernels (CubeCL devices; the default
-    /// there: within 3% of the reference's step time on lavapipe, with memory linear in the
+    /// there: the reference's step time on lavapipe, −5% to +3% across runs, with memory linear in the
     /// sequence length; Burn's CPU backend runs the reference).
     #[default]
     Blocked,
